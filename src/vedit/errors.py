@@ -29,6 +29,13 @@ class VeditError(Exception):
         }
 
 
+class UsageError(VeditError):
+    """Options that cannot go together; the same code as Typer's own usage errors."""
+
+    exit_code = 2
+    kind = "usage"
+
+
 class BadInputError(VeditError):
     """The clip, an option value or a config file cannot be used as given."""
 
@@ -83,7 +90,8 @@ EXIT_CODES: dict[int, str] = {
     0: "success",
     1: "unexpected failure (a bug: rerun with --debug and report it)",
     2: "usage error (unknown option, missing argument)",
-    BadInputError.exit_code: "bad input: unreadable clip, impossible frame or size request, bad config",
+    BadInputError.exit_code:
+        "bad input: unreadable clip, impossible frame or size request, bad config",
     ProjectError.exit_code: "project problem: not a vedit project, newer format, missing stage",
     ProjectLockedError.exit_code: "project locked by another running vedit",
     ModelNotFoundError.exit_code: "model missing and not downloadable",
@@ -106,7 +114,8 @@ def as_vedit_error(exc: BaseException) -> VeditError | None:
         )
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
         where = f" at {exc.filename}" if exc.filename else ""
-        return DiskError(f"The disk is full{where}.", "Free some space and rerun; earlier results are kept.")
+        return DiskError(f"The disk is full{where}.",
+                         "Free some space and rerun; earlier results are kept.")
     if isinstance(exc, PermissionError):
         return DiskError(
             f"No permission to write {exc.filename or 'a file'}.",

@@ -1,0 +1,5 @@
+"""`python -m vedit` runs the CLI."""
+
+from vedit.cli import main
+
+main()

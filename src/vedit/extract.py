@@ -1,0 +1,288 @@
+"""The extract stage: choose frames of a clip by time, size them, write PNGs, keep the audio.
+
+Frames are chosen by timestamp, so a variable-frame-rate clip is sampled evenly in time: with
+`stride` K the targets are K source frames apart at the clip's average rate, with `spread`
+they divide the span evenly; each target takes the frame shown nearest to it.
+"""
+
+from __future__ import annotations
+
+import bisect
+import shutil
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from vedit import audio
+from vedit.errors import BadInputError
+from vedit.progress import Reporter
+from vedit.project import FORMAT, Project, atomic_dir, atomic_file, cache_key, file_sha256
+from vedit.settings import ExtractSettings, FrameSize, as_record
+from vedit.video import VideoInfo, probe, read_frames
+
+#: Bump when frames for the same clip and settings would come out differently.
+FRAMES_VERSION = 1
+_EPSILON = 1e-6
+
+
+@dataclass(frozen=True)
+class FramePlan:
+    """Which source frames to take, and the size they are written at."""
+
+    indices: list[int]
+    times: list[float]
+    interval: float  # seconds between consecutive sampled frames
+    width: int
+    height: int
+
+
+@dataclass
+class ExtractResult:
+    """What `extract` produced; `reused` when the project already had these exact frames."""
+
+    project: Path
+    frames: list[Path]
+    width: int
+    height: int
+    times: list[float]
+    audio: Path | None
+    reused: bool
+    source: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "project": str(self.project),
+            "frames": [str(p) for p in self.frames],
+            "frame_count": len(self.frames),
+            "width": self.width,
+            "height": self.height,
+            "times": self.times,
+            "audio": str(self.audio) if self.audio else None,
+            "reused": self.reused,
+            "source": self.source,
+        }
+
+
+def select_frames(frame_times: list[float], fps: Fraction, settings: ExtractSettings,
+                  *, name: str = "the clip") -> tuple[list[int], float]:
+    """Indices into `frame_times` to take, and the sampling interval in seconds."""
+    first = bisect.bisect_left(frame_times, settings.start - _EPSILON)
+    stop = (len(frame_times) if settings.end is None
+            else bisect.bisect_left(frame_times, settings.end - _EPSILON))
+    window = frame_times[first:stop]
+    if not window:
+        raise BadInputError(
+            f"{name} has no frames between {settings.start:g} s and "
+            f"{_fmt_end(settings.end, frame_times)} (it has {len(frame_times)} frames, "
+            f"{frame_times[-1] if frame_times else 0:.2f} s).",
+            "Choose --start/--end inside the clip.")
+    if settings.spread:
+        span_end = settings.end if settings.end is not None else window[-1] + float(1 / fps)
+        interval = (span_end - window[0]) / settings.frames
+        available = len(window)
+    else:
+        interval = float(settings.stride / fps)
+        available = _available(window, interval)
+    if settings.frames > available:
+        raise BadInputError(_too_few_message(name, frame_times, window, fps, settings, available),
+                            _too_few_hint(window, fps, settings, available))
+    targets = [window[0] + i * interval for i in range(settings.frames)]
+    return [first + _nearest(window, t) for t in targets], interval
+
+
+def _nearest(times: list[float], target: float) -> int:
+    """Index of the frame shown nearest to `target`; ties go to the earlier frame."""
+    right = bisect.bisect_left(times, target)
+    if right == 0:
+        return 0
+    if right == len(times):
+        return len(times) - 1
+    return right - 1 if target - times[right - 1] <= times[right] - target else right
+
+
+def _fmt_end(end: float | None, frame_times: list[float]) -> str:
+    return f"{end:g} s" if end is not None else "its end"
+
+
+def _too_few_message(name: str, frame_times: list[float], window: list[float], fps: Fraction,
+                     settings: ExtractSettings, available: int) -> str:
+    span = f"{len(window)} frames from {window[0]:.2f} s" if window else "no frames"
+    how = "spread evenly" if settings.spread else f"at stride {settings.stride}"
+    return (f"{name} has {span} ({len(frame_times)} in all, {float(fps):.4g} fps): "
+            f"{how} that gives {available} frames, but {settings.frames} were asked.")
+
+
+def _available(window: list[float], interval: float) -> int:
+    """How many targets `interval` apart fit between the window's first and last frame."""
+    return int((window[-1] - window[0]) / interval + _EPSILON) + 1
+
+
+def _too_few_hint(window: list[float], fps: Fraction, settings: ExtractSettings,
+                  available: int) -> str:
+    options = [f"--frames {available}"]
+    if not settings.spread:
+        fitting = [s for s in range(settings.stride - 1, 0, -1)
+                   if _available(window, float(s / fps)) >= settings.frames]
+        if fitting:
+            options.append(f"--stride {fitting[0]}")
+    if settings.start > 0:
+        options.append("an earlier --start")
+    return "Use " + " or ".join(options) + "."
+
+
+def output_size(width: int, height: int, size: FrameSize, crop: bool) -> tuple[int, int]:
+    """Frame size for a source of `width` x `height`: short side kept to `size`, sides % 8."""
+    if size.short_side is None:
+        return size.width or 0, size.height or 0
+    if crop:
+        return size.short_side, size.short_side
+    short, long = sorted((width, height))
+    long_side = max(8, round(long * size.short_side / short / 8) * 8)
+    return (long_side, size.short_side) if width >= height else (size.short_side, long_side)
+
+
+def fit_frame(image: Image.Image, width: int, height: int) -> Image.Image:
+    """Scale to cover `width` x `height` keeping the aspect, then crop the centre."""
+    scale = max(width / image.width, height / image.height)
+    cover = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
+    if cover != image.size:
+        image = image.resize(cover, Image.Resampling.LANCZOS)
+    left, top = (cover[0] - width) // 2, (cover[1] - height) // 2
+    return image.crop((left, top, left + width, top + height))
+
+
+def plan_frames(info: VideoInfo, settings: ExtractSettings) -> FramePlan:
+    """Choose the frames and their size; raises BadInputError when the clip cannot give them."""
+    indices, interval = select_frames(info.frame_times, info.fps, settings, name=info.path.name)
+    width, height = output_size(info.width, info.height, settings.frame_size, settings.crop)
+    return FramePlan(indices=indices, times=[info.frame_times[i] for i in indices],
+                     interval=interval, width=width, height=height)
+
+
+def source_record(info: VideoInfo, sha256: str) -> dict[str, Any]:
+    """The clip's facts as stored in the project record."""
+    video = {"codec": info.codec, "width": info.width, "height": info.height,
+             "rotation": info.rotation, "fps": float(info.fps), "fps_exact": str(info.fps),
+             "frame_count": info.frame_count, "variable_rate": info.variable_rate}
+    audio_facts = None
+    if info.audio is not None:
+        audio_facts = {"codec": info.audio.codec, "sample_rate": info.audio.sample_rate,
+                       "channels": info.audio.channels, "offset": info.audio.offset,
+                       "duration": info.audio.duration}
+    return {"path": str(info.path.resolve()), "name": info.path.name, "sha256": sha256,
+            "size_bytes": info.path.stat().st_size, "container": info.container,
+            "duration": round(info.duration, 6), "video": video, "audio": audio_facts}
+
+
+def extract(clip: Path, project_dir: Path, settings: ExtractSettings | None = None,
+            reporter: Reporter | None = None) -> ExtractResult:
+    """Take frames of `clip` into the project at `project_dir` (made if needed), with its audio."""
+    settings = settings or ExtractSettings()
+    reporter = reporter or Reporter()
+    Project.check_usable(Path(project_dir))
+    info = probe(Path(clip))
+    plan = plan_frames(info, settings)
+    created = not (Path(project_dir) / "vedit.toml").exists()
+    project = Project.open_or_create(Path(project_dir))
+    try:
+        with project.lock("extract"):
+            return _extract_into(project, info, plan, settings, reporter)
+    except BaseException:
+        if created:
+            _remove_new_project(project)
+        raise
+
+
+def _extract_into(project: Project, info: VideoInfo, plan: FramePlan, settings: ExtractSettings,
+                  reporter: Reporter) -> ExtractResult:
+    started = time.monotonic()
+    with reporter.task("hashing the clip", total=None):
+        sha256 = file_sha256(info.path)
+    key = cache_key(FRAMES_VERSION, sha256, as_record(settings))
+    frames = project.section("frames")
+    audio_path = project.source_dir / f"audio{audio.audio_suffix(info.audio.codec)}" \
+        if info.audio else None
+    if frames and frames.get("key") == key and _outputs_present(project, frames, audio_path):
+        reporter.info(f"Frames in {project.root} are up to date; nothing to do.")
+        return _result(project, frames, info, sha256, reused=True)
+
+    with atomic_dir(project.frames_dir) as staging, ExitStack() as stack:
+        with reporter.task("decoding frames", total=len(plan.indices)) as task:
+            for position, image in _frames_in_order(info, plan):
+                fitted = fit_frame(image.convert("RGB"), plan.width, plan.height)
+                fitted.save(staging / f"{position:05d}.png", compress_level=1)
+                task.advance()
+        if audio_path is not None:
+            audio.copy_audio(info.path, stack.enter_context(atomic_file(audio_path)))
+        # The old frames are replaced as this block ends: forget them first, so a crash in
+        # between leaves a project without frames rather than new frames under an old record.
+        for name in ("frames", "source"):
+            project.record.pop(name, None)
+        project.save()
+    for stale in project.source_dir.glob("audio.*"):
+        if stale != audio_path:
+            stale.unlink()
+    if audio_path is None:
+        reporter.info(f"{info.path.name} has no audio; edits will be silent.")
+
+    project.record.update(
+        format=FORMAT,
+        source=source_record(info, sha256) | {
+            "audio_file": audio_path.relative_to(project.root).as_posix() if audio_path else None},
+        extract=as_record(settings),
+        frames={"key": key, "count": len(plan.indices), "width": plan.width,
+                "height": plan.height, "interval": plan.interval,
+                "fps": round(1 / plan.interval, 6), "times": plan.times,
+                "source_indices": plan.indices, "dir": "frames",
+                "seconds": round(time.monotonic() - started, 3)},
+    )
+    project.save()
+    return _result(project, project.record["frames"], info, sha256, reused=False)
+
+
+def _frames_in_order(info: VideoInfo, plan: FramePlan) -> list[tuple[int, Image.Image]]:
+    """Decode once per distinct source frame and hand them back in plan order."""
+    positions: dict[int, list[int]] = {}
+    for position, index in enumerate(plan.indices):
+        positions.setdefault(index, []).append(position)
+    decoded = {index: image for index, image in read_frames(info, sorted(positions))}
+    return [(position, decoded[index]) for position, index in enumerate(plan.indices)]
+
+
+def _outputs_present(project: Project, frames: dict[str, Any], audio_path: Path | None) -> bool:
+    folder = project.inside(str(frames.get("dir", "frames")))
+    audio_ok = audio_path is None or audio_path.is_file()
+    return audio_ok and len(list(folder.glob("*.png"))) == frames.get("count")
+
+
+def project_audio(project: Project) -> Path | None:
+    """The project's copy of the source audio, or None for a silent source."""
+    name = (project.section("source") or {}).get("audio_file")
+    return project.inside(name) if name else None
+
+
+def frame_paths(project: Project) -> list[Path]:
+    """The project's frames in order; raises ProjectError when extract has not run."""
+    frames = project.require("frames", "extract")
+    folder = project.inside(str(frames.get("dir", "frames")))
+    return sorted(folder.glob("*.png"))
+
+
+def _result(project: Project, frames: dict[str, Any], info: VideoInfo, sha256: str,
+            *, reused: bool) -> ExtractResult:
+    return ExtractResult(
+        project=project.root, frames=frame_paths(project), width=frames["width"],
+        height=frames["height"], times=list(frames["times"]),
+        audio=project_audio(project), reused=reused,
+        source=source_record(info, sha256),
+    )
+
+
+def _remove_new_project(project: Project) -> None:
+    """Undo a project this call created, so a failed extract leaves nothing behind."""
+    shutil.rmtree(project.root, ignore_errors=True)

@@ -1,0 +1,81 @@
+"""The remux stage: put the project's original sound back under an edit's video.
+
+The sound is taken from the time the project's first frame was taken at, for exactly as long
+as the video lasts, so it lines up with the motion it came with.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from vedit.audio import MuxResult, mux
+from vedit.errors import BadInputError, ProjectError
+from vedit.extract import project_audio
+from vedit.progress import Reporter
+from vedit.project import Project, atomic_file
+
+EDIT_VIDEO = "video.mp4"
+FINAL_VIDEO = "final.mp4"
+
+
+def edit_names(project: Project) -> list[str]:
+    """Names of the finished edits (an edit folder appears whole, with its video)."""
+    if not project.edits_dir.is_dir():
+        return []
+    return sorted(p.name for p in project.edits_dir.iterdir() if (p / EDIT_VIDEO).is_file())
+
+
+def audio_start(project: Project) -> float:
+    """Seconds into the project's audio file where its first frame's sound begins."""
+    frames = project.require("frames", "extract")
+    source = project.require("source", "extract")
+    offset = float((source.get("audio") or {}).get("offset", 0.0))
+    return float(frames["times"][0]) - offset
+
+
+def default_output(video: Path) -> Path:
+    return video.with_name(f"{video.stem}.final.mp4")
+
+
+def remux(project_dir: Path, edits: list[str] | None = None, *, video: Path | None = None,
+          output: Path | None = None, reporter: Reporter | None = None) -> list[MuxResult]:
+    """Mux the named edits (all when none are named), or any `video`, with the project's sound."""
+    reporter = reporter or Reporter()
+    project = Project.open(Path(project_dir))
+    sound = project_audio(project)
+    start = audio_start(project)
+    if sound is None:
+        reporter.info("The source clip has no audio: the result has video only.")
+    if video is not None:
+        return [_mux_one(Path(video), sound, output or default_output(Path(video)), start)]
+    if output is not None:
+        raise BadInputError("--output goes with --video only.",
+                            "Edits are written to edits/NAME/final.mp4.")
+    names = edits or edit_names(project)
+    if not names:
+        raise ProjectError(f"Project {project.root} has no edits yet.",
+                           "Run `vedit edit` first, or give any video with --video FILE.")
+    results = []
+    with project.lock("remux"):
+        with reporter.task("muxing", total=len(names)) as task:
+            for name in names:
+                folder = project.inside(f"edits/{name}")
+                if not (folder / EDIT_VIDEO).is_file():
+                    known = ", ".join(edit_names(project)) or "none"
+                    raise BadInputError(f"No edit named {name!r} in {project.root}.",
+                                        f"Known edits: {known}.")
+                results.append(_mux_one(folder / EDIT_VIDEO, sound, folder / FINAL_VIDEO, start))
+                task.advance()
+    return results
+
+
+def _mux_one(video: Path, sound: Path | None, target: Path, start: float) -> MuxResult:
+    if not video.is_file():
+        raise BadInputError(f"{video} does not exist.", "Check the --video path.")
+    if target.resolve() == video.resolve():
+        raise BadInputError(f"--output {target} would overwrite the input video.",
+                            "Choose another --output.")
+    with atomic_file(target) as temp:
+        result = mux(video, sound, temp, audio_from=start)
+    return MuxResult(target, result.video_duration, result.audio_duration,
+                     result.audio_mode, result.video_mode)

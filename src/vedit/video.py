@@ -1,0 +1,197 @@
+"""Reading clips with PyAV: probe a file's facts, then decode chosen frames upright.
+
+Times are seconds of clip time: 0 is the presentation time of the clip's first video frame,
+so the same numbers address video frames and, shifted by the audio's offset, the sound.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import av.error
+from PIL import Image
+
+from vedit.errors import BadInputError
+
+
+@dataclass(frozen=True)
+class AudioInfo:
+    """The clip's first audio stream, as found; it is copied untouched into the project."""
+
+    codec: str
+    sample_rate: int
+    channels: int
+    offset: float  # seconds from the first video frame to the audio's first sample
+    duration: float | None
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    """What `probe` learns about a clip: enough to choose frames without decoding them all."""
+
+    path: Path
+    container: str
+    codec: str
+    width: int  # as displayed, after rotation
+    height: int
+    rotation: int  # counter-clockwise degrees of the display matrix
+    fps: Fraction  # average frame rate
+    frame_times: list[float] = field(repr=False)  # clip time of every frame, in order
+    frame_pts: list[int] = field(repr=False)  # their pts, to find them while decoding
+    time_base: Fraction = Fraction(1)
+    audio: AudioInfo | None = None
+
+    @property
+    def frame_count(self) -> int:
+        return len(self.frame_times)
+
+    @property
+    def duration(self) -> float:
+        """From the first frame's start to the last frame's end."""
+        return self.frame_times[-1] + float(1 / self.fps) if self.frame_times else 0.0
+
+    @property
+    def variable_rate(self) -> bool:
+        times = self.frame_times
+        steps = {round(b - a, 4) for a, b in zip(times[:-1], times[1:], strict=True)}
+        return len(steps) > 1
+
+
+def probe(path: Path) -> VideoInfo:
+    """Read a clip's facts: streams, codecs, rotation, and every frame's timestamp."""
+    path = Path(path)
+    _check_file(path)
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                kind = "audio only" if container.streams.audio else "no video stream"
+                raise BadInputError(f"{path} has no video ({kind}).", "Give a video clip.")
+            stream = container.streams.video[0]
+            frame_pts = _video_pts(container, stream)
+            first = _first_frame(container, stream, path)
+            audio = _audio_info(container, frame_pts, stream.time_base)
+            fps = _frame_rate(stream, frame_pts)
+            return _video_info(path, container, stream, first, fps, frame_pts, audio)
+    except av.error.FFmpegError as exc:
+        raise BadInputError(f"{path} is not a video vedit can read ({_reason(exc)}).",
+                            "Check the file plays; re-encode it with ffmpeg if it does.") from None
+
+
+def _check_file(path: Path) -> None:
+    if not path.exists():
+        raise BadInputError(f"{path} does not exist.", "Check the clip's path.")
+    if path.is_dir():
+        raise BadInputError(f"{path} is a folder, not a clip.", "Give a video file.")
+    if path.stat().st_size == 0:
+        raise BadInputError(f"{path} is empty (0 bytes).",
+                            "The file was not fully written; fetch it again.")
+
+
+def _video_pts(container: av.container.InputContainer, stream: av.VideoStream) -> list[int]:
+    """Every video packet's pts in presentation order, read without decoding."""
+    pts: list[int] = []
+    for index, packet in enumerate(container.demux(stream)):
+        if packet.size == 0:
+            continue
+        pts.append(packet.pts if packet.pts is not None else index)
+    if not pts:
+        raise BadInputError(f"{container.name} has a video stream with no frames.",
+                            "The file is truncated or empty; fetch it again.")
+    return sorted(set(pts))
+
+
+def _first_frame(container: av.container.InputContainer, stream: av.VideoStream,
+                 path: Path) -> av.VideoFrame:
+    container.seek(0, stream=stream)
+    try:
+        for frame in container.decode(stream):
+            return frame
+    except av.error.FFmpegError:
+        pass
+    raise BadInputError(f"{path}: its video could not be decoded.",
+                        "The file is truncated or damaged; fetch it again.")
+
+
+def _audio_info(container: av.container.InputContainer, frame_pts: list[int],
+                video_time_base: Fraction) -> AudioInfo | None:
+    if not container.streams.audio:
+        return None
+    audio = container.streams.audio[0]
+    context = audio.codec_context
+    start = float((audio.start_time or 0) * audio.time_base) if audio.time_base else 0.0
+    video_start = float(frame_pts[0] * video_time_base)
+    duration = (float(audio.duration * audio.time_base)
+                if audio.duration and audio.time_base else None)
+    return AudioInfo(codec=context.name, sample_rate=context.sample_rate or 0,
+                     channels=context.channels or 0, offset=round(start - video_start, 6),
+                     duration=duration)
+
+
+def _frame_rate(stream: av.VideoStream, frame_pts: list[int]) -> Fraction:
+    rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+    if rate:
+        return Fraction(rate)
+    if len(frame_pts) > 1:
+        span = (frame_pts[-1] - frame_pts[0]) * stream.time_base
+        return Fraction(len(frame_pts) - 1) / span
+    return Fraction(25)
+
+
+def _video_info(path: Path, container: av.container.InputContainer, stream: av.VideoStream,
+                first: av.VideoFrame, fps: Fraction, frame_pts: list[int],
+                audio: AudioInfo | None) -> VideoInfo:
+    rotation = int(round(first.rotation or 0)) % 360
+    width, height = first.width, first.height
+    if rotation in (90, 270):
+        width, height = height, width
+    time_base = Fraction(stream.time_base)
+    origin = frame_pts[0]
+    return VideoInfo(
+        path=path, container=container.format.name, codec=stream.codec_context.name,
+        width=width, height=height, rotation=rotation, fps=fps,
+        frame_times=[float((p - origin) * time_base) for p in frame_pts],
+        frame_pts=frame_pts, time_base=time_base, audio=audio,
+    )
+
+
+def read_frames(info: VideoInfo, indices: Sequence[int]) -> Iterator[tuple[int, Image.Image]]:
+    """Decode the frames at `indices` (into `info.frame_times`), upright, in order of index.
+
+    Frames are found by pts, so variable frame rates and B-frames cannot shift them.
+    """
+    wanted: dict[int, list[int]] = {}
+    for index in indices:
+        wanted.setdefault(info.frame_pts[index], []).append(index)
+    remaining = len(indices)
+    try:
+        with av.open(str(info.path)) as container:
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            container.seek(min(wanted), stream=stream, backward=True)
+            for frame in container.decode(stream):
+                for index in wanted.pop(frame.pts, []) if frame.pts is not None else []:
+                    yield index, upright(frame.to_image(), info.rotation)
+                    remaining -= 1
+                if remaining == 0:
+                    return
+    except av.error.FFmpegError as exc:
+        raise BadInputError(f"{info.path} could not be decoded ({_reason(exc)}).",
+                            "The file is truncated or damaged; fetch it again.") from None
+    missing = sorted(i for group in wanted.values() for i in group)
+    raise BadInputError(f"{info.path}: frames {missing[:5]} could not be decoded.",
+                        "The file is truncated or damaged; fetch it again.")
+
+
+def upright(image: Image.Image, rotation: int) -> Image.Image:
+    """Apply a display rotation (counter-clockwise degrees) to the pixels."""
+    turns = {90: Image.Transpose.ROTATE_90, 180: Image.Transpose.ROTATE_180,
+             270: Image.Transpose.ROTATE_270}
+    return image.transpose(turns[rotation]) if rotation in turns else image
+
+
+def _reason(exc: av.error.FFmpegError) -> str:
+    return (exc.strerror or type(exc).__name__).rstrip(".").lower()

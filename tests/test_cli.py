@@ -1,0 +1,159 @@
+"""The CLI contract: --json alone on stdout, --quiet, errors as a sentence + hint + exit code."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from vedit import __version__
+from vedit.cli import app
+from vedit.errors import EXIT_CODES
+from vedit.project import FORMAT
+
+runner = CliRunner()
+
+
+def run(*args: str | Path, env: dict[str, str] | None = None):  # noqa: ANN201 - click Result
+    return runner.invoke(app, [str(a) for a in args], env=env)
+
+
+def test_version() -> None:
+    result = run("--version")
+    assert result.exit_code == 0
+    assert result.stdout.strip() == f"vedit {__version__}"
+
+
+def test_help_lists_the_exit_codes() -> None:
+    result = run("--help")
+    assert result.exit_code == 0
+    text = " ".join(result.stdout.split())
+    for code in EXIT_CODES:
+        assert f"{code} " in text
+
+
+def test_extract_json_is_the_only_thing_on_stdout(tmp_path: Path, clip_720p: Path) -> None:
+    result = run("extract", clip_720p, "-o", tmp_path / "p", "--frames", "12", "--json")
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["frame_count"] == 12
+    assert (data["width"], data["height"]) == (912, 512)
+    assert data["audio"].endswith("audio.m4a")
+    assert len(data["frames"]) == 12 and all(Path(p).is_file() for p in data["frames"])
+
+
+def test_quiet_success_prints_nothing(tmp_path: Path, clip_qcif: Path) -> None:
+    result = run("extract", clip_qcif, "-o", tmp_path / "p", "-n", "4", "--size", "64", "-q")
+    assert result.exit_code == 0
+    assert result.stdout == "" and result.stderr == ""
+
+
+def test_human_output_says_what_was_written(tmp_path: Path, clip_silent: Path) -> None:
+    result = run("extract", clip_silent, "-o", tmp_path / "p", "-n", "4", "--size", "64")
+    assert result.exit_code == 0
+    assert "Wrote 4 frames of 88x64" in result.stdout
+    assert "no audio" in result.stderr
+
+
+def test_default_project_folder_is_beside_the_clip(tmp_path: Path, clip_silent: Path) -> None:
+    clip = tmp_path / "walk.mp4"
+    clip.write_bytes(clip_silent.read_bytes())
+    result = run("extract", clip, "-n", "4", "--size", "64", "--json")
+    assert result.exit_code == 0
+    assert json.loads(result.stdout)["project"] == str(tmp_path / "walk.vedit")
+
+
+@pytest.mark.parametrize(("args", "code", "message"), [
+    (["extract", "MISSING.mp4"], 3, "does not exist"),
+    (["extract", "CLIP", "--frames", "0"], 3, "at least one frame"),
+    (["extract", "CLIP", "--frames", "500"], 3, "but 500 were asked"),
+    (["extract", "CLIP", "--size", "100000"], 3, "out of range"),
+    (["extract", "CLIP", "--size", "abc"], 3, "not a size"),
+    (["extract", "CLIP", "-o", "NOTPROJECT"], 4, "is not a vedit project"),
+    (["extract", "CLIP", "-o", "NEWER"], 4, "newer vedit"),
+    (["remux", "NOTPROJECT"], 4, "not a vedit project"),
+    (["extract", "CLIP", "--bogus"], 2, "No such option"),
+])
+def test_errors_are_one_sentence_a_hint_and_a_documented_code(
+        tmp_path: Path, clip_qcif: Path, args: list[str], code: int, message: str) -> None:
+    (tmp_path / "not").mkdir()
+    (tmp_path / "not" / "mine.txt").write_text("x")
+    (tmp_path / "newer").mkdir()
+    (tmp_path / "newer" / "vedit.toml").write_text(f"format = {FORMAT + 1}\n")
+    places = {"CLIP": clip_qcif, "MISSING.mp4": tmp_path / "missing.mp4",
+              "NOTPROJECT": tmp_path / "not", "NEWER": tmp_path / "newer"}
+    argv = [str(places.get(a, a)) for a in args]
+    if argv[0] == "extract" and "-o" not in argv:
+        argv += ["-o", str(tmp_path / "p")]
+    result = run(*argv)
+    assert result.exit_code == code
+    assert message in " ".join(result.stderr.split())
+    assert "Traceback" not in result.stderr
+    if code != 2:
+        lines = result.stderr.strip().splitlines()
+        assert lines[0].startswith("error: ") and lines[-1].startswith("hint: ")
+        assert not (tmp_path / "p").exists()
+
+
+def test_json_errors_are_a_json_document_too(tmp_path: Path) -> None:
+    result = run("extract", tmp_path / "missing.mp4", "-o", tmp_path / "p", "--json")
+    assert result.exit_code == 3
+    error = json.loads(result.stdout)["error"]
+    assert error["kind"] == "bad_input" and error["exit_code"] == 3 and error["hint"]
+
+
+def test_debug_shows_the_traceback(tmp_path: Path) -> None:
+    quiet = run("extract", tmp_path / "missing.mp4", "-o", tmp_path / "p")
+    assert "Traceback" not in quiet.stderr
+    loud = run("extract", tmp_path / "missing.mp4", "-o", tmp_path / "p", "--debug")
+    assert "Traceback" in loud.stderr and loud.exit_code == 3
+    env = run("extract", tmp_path / "missing.mp4", "-o", tmp_path / "p", env={"VEDIT_DEBUG": "1"})
+    assert "Traceback" in env.stderr
+
+
+def test_config_file_values_and_flags(tmp_path: Path, clip_qcif: Path) -> None:
+    config = tmp_path / "frames.toml"
+    config.write_text("[extract]\nframes = 5\nstride = 3\nsize = 64\n")
+    result = run("extract", clip_qcif, "-o", tmp_path / "p", "--config", config, "-n", "6",
+                 "--json")
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["frame_count"] == 6
+    assert data["times"][1] == pytest.approx(0.1)  # stride 3 at 30 fps
+    bad = tmp_path / "bad.toml"
+    bad.write_text("frams = 5\n")
+    result = run("extract", clip_qcif, "-o", tmp_path / "q", "--config", bad)
+    assert result.exit_code == 3 and "frams" in result.stderr
+
+
+def test_remux_json(tmp_path: Path, clip_720p: Path) -> None:
+    assert run("extract", clip_720p, "-o", tmp_path / "p", "-n", "4", "--size", "64").exit_code == 0
+    render = tmp_path / "render.mp4"
+    from vedit.synthetic import make_clip
+
+    make_clip(render, width=64, height=64, fps=25, seconds=0.5, audio=False)
+    result = run("remux", tmp_path / "p", "--video", render, "--json")
+    assert result.exit_code == 0, result.stderr
+    [output] = json.loads(result.stdout)["outputs"]
+    assert output["audio"] == "copy" and Path(output["path"]).is_file()
+    both = run("remux", tmp_path / "p", "cat", "--video", render)
+    assert both.exit_code == 2
+
+
+def test_the_installed_command_keeps_stdout_clean(tmp_path: Path, clip_qcif: Path) -> None:
+    """The real console script in a real process: JSON on stdout, notices on stderr."""
+    vedit = Path(sys.executable).with_name("vedit")
+    command = [str(vedit)] if vedit.exists() else [sys.executable, "-m", "vedit"]
+    done = subprocess.run([*command, "extract", str(clip_qcif), "-o", str(tmp_path / "p"),
+                           "-n", "4", "--size", "64", "--json"], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["frame_count"] == 4
+    failed = subprocess.run([*command, "remux", str(tmp_path / "nowhere")], capture_output=True,
+                            text=True, timeout=120)
+    assert failed.returncode == 4 and failed.stdout == ""
+    assert failed.stderr.startswith("error: ")

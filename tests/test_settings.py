@@ -1,0 +1,96 @@
+"""Settings: size parsing, validation, and defaults < config file < command-line flags."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from vedit.errors import BadInputError
+from vedit.settings import (
+    ExtractSettings,
+    FrameSize,
+    check_known,
+    load_config,
+    parse_size,
+    resolve,
+)
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("512", FrameSize(short_side=512)),
+    (768, FrameSize(short_side=768)),
+    ("768x432", FrameSize(width=768, height=432)),
+    (" 64X64 ", FrameSize(width=64, height=64)),
+])
+def test_parse_size_accepts_short_side_or_exact(text: str | int, expected: FrameSize) -> None:
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("0", "out of range"),
+    ("100000", "out of range"),
+    ("513", "not a multiple of 8"),
+    ("512x300", "not a multiple of 8"),
+    ("big", "not a size"),
+    ("-512", "not a size"),
+])
+def test_parse_size_refuses_absurd_sizes(text: str, message: str) -> None:
+    with pytest.raises(BadInputError, match=message):
+        parse_size(text)
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"frames": 0}, "at least one frame"),
+    ({"stride": 0}, "--stride 0"),
+    ({"start": -1.0}, "negative"),
+    ({"start": 2.0, "end": 1.0}, "not after"),
+    ({"size": "64x48", "crop": True}, "--crop takes a single"),
+])
+def test_extract_settings_refuse_impossible_values(kwargs: dict, message: str) -> None:
+    with pytest.raises(BadInputError, match=message):
+        ExtractSettings(**kwargs)
+
+
+def test_flags_beat_the_config_which_beats_the_defaults(tmp_path: Path) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text('frames = 8\nsize = 256\n[extract]\nstride = 3\n')
+    values = load_config(config, ["extract"])
+    check_known(values, ExtractSettings)
+    settings = resolve(ExtractSettings, values, {"frames": 12, "stride": None, "crop": None})
+    assert settings == ExtractSettings(frames=12, stride=3, size="256")
+
+
+def test_config_keys_may_be_written_with_dashes(tmp_path: Path) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text("[tune]\nlora-targets = ['to_q']\n")
+    assert load_config(config, ["tune"]) == {"lora_targets": ["to_q"]}
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("frmes = 8\n", "Unknown setting.*frmes"),
+    ("frames = 'many'\n", "frames = 'many' should be int"),
+    ("spread = 1\n", "should be bool"),
+    ("frames = [\n", "not valid TOML"),
+    ("[edit]\nsteps = 4\n", "unknown table"),
+])
+def test_bad_config_files_are_clear_errors(tmp_path: Path, text: str, message: str) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text(text)
+    with pytest.raises(BadInputError, match=message):
+        values = load_config(config, ["extract"])
+        check_known(values, ExtractSettings)
+        resolve(ExtractSettings, values)
+
+
+def test_a_missing_config_file_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(BadInputError, match="does not exist"):
+        load_config(tmp_path / "nope.toml", ["extract"])
+
+
+def test_ints_widen_to_floats_in_config(tmp_path: Path) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text("start = 1\nend = 3\n")
+    settings = resolve(ExtractSettings, load_config(config, ["extract"]))
+    assert settings.start == 1.0 and isinstance(settings.start, float)
+    assert settings.end == 3.0
