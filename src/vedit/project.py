@@ -13,22 +13,14 @@ import json
 import os
 import shutil
 import socket
-import sys
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import tomli_w
-
-from vedit import __version__
+from vedit import __version__, tomlio
 from vedit.errors import ProjectError, ProjectLockedError
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - exercised on Python 3.10 only
-    import tomli as tomllib
 
 #: Version of the folder layout and record; a project with a higher one is refused.
 FORMAT = 1
@@ -103,15 +95,6 @@ def write_text_atomic(target: Path, text: str) -> None:
 def _fsync(path: Path) -> None:
     with open(path, "rb") as handle:
         os.fsync(handle.fileno())
-
-
-def _without_none(value: Any) -> Any:
-    """TOML has no null: drop None values (an absent key reads back as None)."""
-    if isinstance(value, Mapping):
-        return {str(k): _without_none(v) for k, v in value.items() if v is not None}
-    if isinstance(value, (list, tuple)):
-        return [_without_none(v) for v in value]
-    return value
 
 
 class Project:
@@ -191,7 +174,7 @@ class Project:
         if candidate != root and root not in candidate.parents:
             raise ProjectError(f"{RECORD_NAME} names a path outside the project: {relative!r}.",
                                "The record was edited by hand; rerun the stage that wrote it.")
-        return candidate
+        return self.root / relative
 
     # -- the record ----------------------------------------------------------------------
 
@@ -212,7 +195,7 @@ class Project:
 
     def save(self) -> None:
         self.record["vedit"] = __version__
-        text = tomli_w.dumps(_without_none(self.record))
+        text = tomlio.dumps(self.record)
         write_text_atomic(self.record_path, text)
 
     # -- the lock ------------------------------------------------------------------------
@@ -241,8 +224,8 @@ class Project:
 
 def _read_record(path: Path) -> dict[str, Any]:
     try:
-        record = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        record = tomlio.loads(path.read_text(encoding="utf-8"))
+    except (tomlio.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ProjectError(
             f"{path} is not valid TOML ({exc}).",
             "Restore it from a backup or rerun `vedit extract` into a new project.") from exc

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import sys
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -17,12 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from vedit import tomlio
 from vedit.errors import BadInputError
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - exercised on Python 3.10 only
-    import tomli as tomllib
 
 T = TypeVar("T")
 
@@ -102,11 +97,11 @@ class ExtractSettings:
 def load_config(path: Path, sections: Sequence[str]) -> dict[str, Any]:
     """Read a config TOML: its top-level keys overlaid by those of the named tables, in order."""
     try:
-        data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        data = tomlio.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise BadInputError(f"Config file {path} does not exist.",
                             "Check the --config path.") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+    except (tomlio.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise BadInputError(f"Config file {path} is not valid TOML: {exc}.",
                             "See https://toml.io for the syntax.") from None
     merged = {key: value for key, value in data.items() if not isinstance(value, dict)}
