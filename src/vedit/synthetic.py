@@ -47,7 +47,7 @@ def make_clip(
             video.set_display_rotation(rotation)
         sound = container.add_stream("aac", rate=sample_rate, layout="mono") if audio else None
         for index, t in enumerate(times):
-            frame = av.VideoFrame.from_ndarray(_pattern(width, height, index, len(times)), "rgb24")
+            frame = av.VideoFrame.from_ndarray(pattern(width, height, index, len(times)), "rgb24")
             frame.pts = round(Fraction(t).limit_denominator(10**6) / time_base)
             frame.time_base = time_base
             container.mux(video.encode(frame))
@@ -58,7 +58,7 @@ def make_clip(
     return path
 
 
-def _pattern(width: int, height: int, index: int, count: int) -> np.ndarray:
+def pattern(width: int, height: int, index: int, count: int) -> np.ndarray:
     """A horizontal gradient with a white square moving left to right and a frame-coloured bar."""
     x = np.linspace(0, 255, width, dtype=np.float32)[None, :, None]
     y = np.linspace(0, 255, height, dtype=np.float32)[:, None, None]

@@ -1,0 +1,401 @@
+"""The Hugging Face hub: fetch a base model into the standard cache, list what is cached.
+
+This is the only module that talks to the network, with short timeouts and resumable
+transfers: only the pipeline's own files are downloaded (safetensors weights, configs,
+tokenizer; never pickles or the safety checker), small files first so an unusable model is
+refused before its weights. Failures become ModelNotFoundError naming the next step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from vedit.errors import BadInputError, DiskError, ModelNotFoundError
+from vedit.models import (
+    COMPONENTS,
+    DEFAULT_MODEL,
+    WEIGHT_NAME,
+    WEIGHTED_COMPONENTS,
+    CachedModel,
+    as_repo_id,
+    check_is_sd_unet,
+    choose_weight_files,
+    has_tokenizer_files,
+    hub_cache_dir,
+    inspect_model_folder,
+    resolve_model,
+)
+from vedit.progress import Reporter, Task
+from vedit.single_file import converted_models, resolve_single_file
+
+# --- environment and errors -----------------------------------------------------------------
+
+
+def hub_endpoint() -> str:
+    from huggingface_hub import constants
+
+    return (os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
+
+
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE as huggingface_hub read it at import, or as set since."""
+    from huggingface_hub import constants
+
+    flag = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    return constants.HF_HUB_OFFLINE or flag.strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def _metadata_timeout() -> float:
+    """Seconds to wait for the hub's answer to a metadata call (HF_HUB_ETAG_TIMEOUT, 10 s)."""
+    from huggingface_hub import constants
+
+    return float(os.environ.get("HF_HUB_ETAG_TIMEOUT") or constants.HF_HUB_ETAG_TIMEOUT)
+
+
+def _offline_error(repo_id: str) -> ModelNotFoundError:
+    return ModelNotFoundError(
+        f"{repo_id} is not in the Hugging Face cache and offline mode is on (HF_HUB_OFFLINE=1).",
+        f"On a machine with network run `HF_HUB_OFFLINE=0 vedit fetch-models {repo_id}`, or copy "
+        "a Hugging Face cache that has it into HF_HOME.")
+
+
+@contextmanager
+def _hub_errors(repo_id: str) -> Iterator[None]:
+    """Turn huggingface_hub and network failures into ModelNotFoundError with the next step."""
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        HTTPError,
+        OfflineModeIsEnabled,
+        RemoteEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    endpoint = hub_endpoint()
+    retry = (f"Rerun `vedit fetch-models {repo_id}`: finished files are kept and a partial one "
+             "resumes where it stopped.")
+    try:
+        yield
+    except OfflineModeIsEnabled:
+        raise _offline_error(repo_id) from None
+    except GatedRepoError:
+        raise ModelNotFoundError(f"{repo_id} is gated on {endpoint}: its license must be accepted.",
+                                 "Accept it on the model's page, then log in with `hf auth login` "
+                                 "and rerun.") from None
+    except RevisionNotFoundError:
+        raise ModelNotFoundError(f"{repo_id} has no such revision on {endpoint}.",
+                                 "Check --revision (a branch, tag or commit hash).") from None
+    except RepositoryNotFoundError:
+        raise ModelNotFoundError(f"There is no model {repo_id} on {endpoint}.",
+                                 "Check the id (`org/name`); log in with `hf auth login` if it is "
+                                 "private.") from None
+    except RemoteEntryNotFoundError as error:
+        raise ModelNotFoundError(f"A file of {repo_id} vanished from {endpoint} during the "
+                                 f"download ({error}).", retry) from None
+    except HfHubHTTPError as error:
+        status = error.response.status_code if error.response is not None else "?"
+        raise ModelNotFoundError(f"{endpoint} answered HTTP {status} while fetching {repo_id}.",
+                                 retry) from None
+    except HTTPError as error:
+        raise ModelNotFoundError(f"Could not reach {endpoint} to fetch {repo_id} "
+                                 f"({type(error).__name__}).",
+                                 f"Check the network or proxy. {retry} Without network, set "
+                                 "HF_HUB_OFFLINE=1 and use a cached model "
+                                 "(`vedit fetch-models --list`).") from None
+
+
+# --- fetching -------------------------------------------------------------------------------
+
+
+def fetch_model(model: str | Path = DEFAULT_MODEL, *, revision: str | None = None,
+                variant: str | None = None, reporter: Reporter | None = None) -> Path:
+    """Make `model` available locally and return its diffusers folder: download a hub repo's
+    pipeline files (safetensors only; the `variant` files where the repo has them) into the HF
+    cache, resuming partial files; validate a local folder; convert a single-file checkpoint."""
+    reporter = reporter or Reporter()
+    path = Path(model).expanduser()
+    if path.is_file():
+        fetch_configs = partial(_fetch_config_files, reporter=reporter)
+        return resolve_single_file(path.resolve(), variant=variant, reporter=reporter,
+                                   fetch_configs=fetch_configs).path
+    if path.is_dir():
+        return resolve_model(path, variant=variant).path
+    repo_id = as_repo_id(str(model))
+    if hub_offline():
+        try:
+            return resolve_model(repo_id, revision=revision, variant=variant).path
+        except ModelNotFoundError:
+            raise _offline_error(repo_id) from None
+    select = partial(select_pipeline_files, repo_id, variant=variant)
+    snapshot = _download_repo_files(repo_id, revision, select, reporter, check=check_is_sd_unet)
+    inspect_model_folder(snapshot, variant=variant)
+    return snapshot
+
+
+def _fetch_config_files(repo_id: str, hint: str, *, reporter: Reporter) -> Path:
+    """Download what a single-file conversion borrows from a pipeline repo (`FetchConfigs`)."""
+    if hub_offline():
+        raise ModelNotFoundError("Converting a single-file checkpoint needs diffusers configs, "
+                                 "none is cached and offline mode is on (HF_HUB_OFFLINE=1).", hint)
+    return _download_repo_files(repo_id, None, partial(_select_config_files, repo_id), reporter)
+
+
+def select_pipeline_files(repo_id: str, repo_files: Iterable[str], *,
+                          variant: str | None = None) -> list[str]:
+    """The files of a hub repo the pipeline needs: model_index.json, each component's configs
+    and tokenizer files, one set of safetensors weights; never .bin/.ckpt or the safety checker."""
+    files = set(repo_files)
+    if "model_index.json" not in files:
+        raise BadInputError(f"{repo_id} is not a diffusers pipeline repo (no model_index.json).",
+                            "Pick a Stable Diffusion 1.x/2.x repo in diffusers format.")
+    chosen = ["model_index.json"]
+    for name in COMPONENTS:
+        inside = sorted(f.split("/", 1)[1] for f in files
+                        if f.startswith(f"{name}/") and f.count("/") == 1)
+        chosen += [f"{name}/{f}" for f in inside if f.endswith((".json", ".txt"))]
+        _check_remote_component(repo_id, name, inside, variant)
+        if name in WEIGHTED_COMPONENTS:
+            chosen += [f"{name}/{f}" for f in choose_weight_files(inside, variant)[1]]
+    return chosen
+
+
+def _check_remote_component(repo_id: str, name: str, inside: list[str],
+                            variant: str | None) -> None:
+    if name == "tokenizer":
+        ok, detail = has_tokenizer_files(inside), "no tokenizer files"
+    elif name == "scheduler":
+        ok, detail = "scheduler_config.json" in inside, "no scheduler_config.json"
+    elif "config.json" not in inside:
+        ok, detail = False, "no config.json"
+    else:
+        ok = bool(choose_weight_files(inside, variant)[1])
+        detail = "no .safetensors weights (vedit loads safetensors only, never pickle)"
+    if not ok:
+        raise BadInputError(f"{repo_id} cannot be used: its {name}/ has {detail}.",
+                            "Pick a Stable Diffusion 1.x/2.x repo in diffusers format with "
+                            "safetensors weights.")
+
+
+def _select_config_files(repo_id: str, repo_files: Iterable[str]) -> list[str]:
+    """Only the configs and tokenizer of a pipeline repo: what a single-file conversion needs."""
+    return [f for f in select_pipeline_files(repo_id, repo_files) if not f.endswith(".safetensors")]
+
+
+# --- resumable downloads into the HF cache --------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _RemoteFile:
+    """A file in a hub listing: its size and content id (LFS sha256, else git blob sha1)."""
+
+    name: str
+    size: int
+    content_id: str | None
+
+
+def _download_repo_files(repo_id: str, revision: str | None,
+                         select: Callable[[Iterable[str]], list[str]], reporter: Reporter, *,
+                         check: Callable[[Path], None] | None = None) -> Path:
+    """Download the files `select` picks from the repo's listing at one commit into the HF cache,
+    small files first so `check` can refuse the model before the weights; point refs/REVISION at
+    the commit only once every file is in. Returns the snapshot folder."""
+    from huggingface_hub import HfApi
+
+    revision = revision or "main"
+    with _hub_errors(repo_id):
+        info = HfApi(endpoint=hub_endpoint()).model_info(
+            repo_id, revision=revision, files_metadata=True, timeout=_metadata_timeout())
+        listing = {s.rfilename: _remote_file(s) for s in info.siblings or []}
+        files = [listing[name] for name in select(listing)]
+        storage = hub_cache_dir() / f"models--{repo_id.replace('/', '--')}"
+        snapshot = storage / "snapshots" / info.sha
+        blobs = storage / "blobs"
+        missing = [f for f in files if not (blobs / str(f.content_id)).is_file()]
+        _check_free_space(storage, sum(f.size - _partial_size(blobs / str(f.content_id))
+                                       for f in missing))
+        with reporter.task(f"Downloading {repo_id}", total=sum(f.size for f in files)) as task:
+            task.advance(sum(f.size for f in files if f not in missing))
+            for weights in (False, True):
+                if weights and check is not None:
+                    check(snapshot)
+                for remote in files:
+                    if remote.name.endswith(".safetensors") == weights:
+                        task.update(status=remote.name)
+                        _download_file(repo_id, remote, info.sha, storage, task,
+                                       cached=remote not in missing)
+    _write_ref(storage, revision, info.sha)
+    return snapshot
+
+
+def _remote_file(sibling: Any) -> _RemoteFile:
+    content_id = sibling.lfs.sha256 if sibling.lfs is not None else sibling.blob_id
+    return _RemoteFile(sibling.rfilename, sibling.size or 0, content_id)
+
+
+def _partial(blob: Path) -> Path:
+    """Where a blob's download in progress is kept, as huggingface_hub names it."""
+    return blob.with_name(f"{blob.name}.incomplete")
+
+
+def _partial_size(blob: Path) -> int:
+    partial_blob = _partial(blob)
+    return partial_blob.stat().st_size if partial_blob.is_file() else 0
+
+
+def _check_free_space(storage: Path, needed: int) -> None:
+    storage.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(storage).free
+    if needed > free:
+        raise DiskError(f"The download needs {needed / 1e9:.1f} GB but {storage} has "
+                        f"{free / 1e9:.1f} GB free.",
+                        "Free some space or point HF_HOME to a larger disk, then rerun.")
+
+
+def _download_file(repo_id: str, remote: _RemoteFile, commit: str, storage: Path, task: Task, *,
+                   cached: bool) -> None:
+    """One file into the cache: resume its `<etag>.incomplete` blob, check it, link it."""
+    from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url
+    from huggingface_hub.utils import WeakFileLock
+
+    endpoint = hub_endpoint()
+    if not cached:
+        url = hf_hub_url(repo_id, remote.name, revision=commit, endpoint=endpoint)
+        meta = get_hf_file_metadata(url, timeout=_metadata_timeout(), endpoint=endpoint)
+        blob = storage / "blobs" / meta.etag
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        lock = storage.parent / ".locks" / storage.name / f"{meta.etag}.vedit.lock"
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        with WeakFileLock(lock):
+            if not blob.is_file():
+                _resume_blob(url, meta, blob, task, remote)
+    # huggingface_hub links the snapshot entry to the blob (or copies where links can't be made).
+    hf_hub_download(repo_id, remote.name, revision=commit, cache_dir=str(storage.parent),
+                    endpoint=endpoint, etag_timeout=_metadata_timeout())
+
+
+def _resume_blob(url: str, meta: Any, blob: Path, task: Task, remote: _RemoteFile) -> None:
+    """Download into `<blob>.incomplete`, continuing a partial one with a Range request.
+
+    huggingface_hub resumes within one call but deletes partial files when a call fails; a
+    multi-GB UNet should survive Ctrl-C and lost connections, so the partial file is ours."""
+    from huggingface_hub.file_download import http_get
+    from huggingface_hub.utils import build_hf_headers
+
+    partial_blob = _partial(blob)
+    resume_size = _partial_size(blob)
+    if meta.size is not None and resume_size > meta.size:
+        partial_blob.unlink()
+        resume_size = 0
+    headers = build_hf_headers()
+    if urlsplit(meta.location).netloc != urlsplit(url).netloc:
+        headers.pop("authorization", None)  # a signed CDN url: the token stays on the hub
+    if meta.size is None or resume_size < meta.size:
+        try:
+            with partial_blob.open("ab") as f:
+                http_get(meta.location, f, resume_size=resume_size, headers=headers,
+                         expected_size=meta.size, tqdm_class=partial(_TaskBar, task))
+        except OSError as error:
+            # huggingface_hub's size check raises a bare OSError; disk and HTTP errors are
+            # subclasses or carry an errno, and are mapped elsewhere.
+            if type(error) is not OSError or error.errno is not None:
+                raise
+            raise ModelNotFoundError(f"The download of {remote.name} stopped early ({error}).",
+                                     "Rerun `vedit fetch-models`: it resumes where it "
+                                     "stopped.") from None
+    else:
+        task.advance(resume_size)
+    if not _content_matches(partial_blob, remote.content_id):
+        partial_blob.unlink()
+        raise ModelNotFoundError(f"The downloaded {remote.name} does not match its checksum.",
+                                 "Rerun `vedit fetch-models` to download it again.")
+    os.replace(partial_blob, blob)
+
+
+def _content_matches(path: Path, content_id: str | None) -> bool:
+    """Check a file against the hub's id for it: sha256 for LFS files, git blob sha1 otherwise."""
+    if content_id is None:
+        return True  # a listing without ids (some mirrors): the size was checked
+    if len(content_id) == 64:
+        digest = hashlib.sha256()
+    else:
+        digest = hashlib.sha1(f"blob {path.stat().st_size}\0".encode(), usedforsecurity=False)
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest() == content_id
+
+
+class _TaskBar:
+    """The part of tqdm's interface huggingface_hub's `http_get` uses, feeding a Reporter task."""
+
+    def __init__(self, task: Task, *, initial: int = 0, **_: Any) -> None:
+        self._task = task
+        task.advance(initial)
+
+    def __enter__(self) -> _TaskBar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def update(self, n: float | None = 1) -> None:
+        self._task.advance(n or 0)
+
+    def close(self) -> None:
+        return None
+
+
+def _write_ref(storage: Path, revision: str, commit: str) -> None:
+    """Point refs/<revision> at `commit` (atomically), as huggingface_hub's cache layout expects."""
+    if revision == commit:
+        return
+    ref = storage / "refs" / revision
+    ref.parent.mkdir(parents=True, exist_ok=True)
+    tmp = ref.with_name(f".{ref.name}.{os.getpid()}.tmp")
+    tmp.write_text(commit, encoding="utf-8")
+    os.replace(tmp, ref)
+
+
+# --- listing --------------------------------------------------------------------------------
+
+
+def list_models() -> list[CachedModel]:
+    """The SD models on disk: complete pipeline snapshots in the HF cache, with their size, and
+    converted single-file checkpoints."""
+    return sorted(_cached_hub_models() + converted_models(), key=lambda m: (m.name, m.path))
+
+
+def _cached_hub_models() -> list[CachedModel]:
+    from huggingface_hub import scan_cache_dir
+    from huggingface_hub.errors import CacheNotFound
+
+    try:
+        cache = scan_cache_dir(hub_cache_dir())
+    except CacheNotFound:
+        return []
+    found = []
+    for repo in cache.repos:
+        if repo.repo_type != "model":
+            continue
+        for revision in repo.revisions:
+            if _is_pipeline_snapshot(revision.snapshot_path):
+                found.append(CachedModel(repo.repo_id, "hub", revision.snapshot_path,
+                                         revision.size_on_disk, revision.commit_hash,
+                                         tuple(sorted(revision.refs))))
+    return found
+
+
+def _is_pipeline_snapshot(folder: Path) -> bool:
+    unet = folder / "unet"
+    return (folder / "model_index.json").is_file() and unet.is_dir() and any(
+        WEIGHT_NAME.match(p.name) for p in unet.iterdir())

@@ -1,0 +1,71 @@
+"""Fixtures for the base model: tiny SD models built in code, and a hub that is never the real
+one (a fake one, served locally, for the tests that download)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from hub_server import CHUNK, FakeHub, closed_port_endpoint, point_hub_at
+
+from vedit.tiny_model import build_tiny_model
+
+_SCRATCH = Path(tempfile.mkdtemp(prefix="vedit-tests-"))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Before any test module imports huggingface_hub (it reads its settings once, at import),
+    point it at a closed local port and throwaway caches: no test, nor a `vedit` it starts,
+    reaches huggingface.co or touches the user's caches."""
+    os.environ.update({
+        "HF_ENDPOINT": closed_port_endpoint(),
+        "HF_HOME": str(_SCRATCH / "hf-home"),
+        "HF_HUB_CACHE": str(_SCRATCH / "hf-home" / "hub"),
+        "VEDIT_CACHE_DIR": str(_SCRATCH / "vedit-cache"),
+        "VEDIT_CONFIG": str(_SCRATCH / "no-user-config.toml"),  # the developer's own is not read
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "DISABLE_TELEMETRY": "1",
+        "DO_NOT_TRACK": "1",
+    })
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        os.environ.pop(name, None)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    shutil.rmtree(_SCRATCH, ignore_errors=True)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_hub() -> Iterator[None]:
+    """The same, for a huggingface_hub imported before pytest_configure (by a plugin)."""
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        point_hub_at(monkeypatch, os.environ["HF_ENDPOINT"], Path(os.environ["HF_HOME"]))
+        yield
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random SD 1.x model (epsilon, PNDM scheduler) in diffusers layout; 64 px native."""
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-sd1")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_v(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random SD 2.x-style model (v_prediction, DDIM, linear projections)."""
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-sd2",
+                            prediction_type="v_prediction", sd2=True)
+
+
+@pytest.fixture
+def fake_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeHub]:
+    """A running fake hub that huggingface_hub and vedit point at, with an empty HF cache."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "DOWNLOAD_CHUNK_SIZE", CHUNK)
+    with FakeHub() as hub:
+        point_hub_at(monkeypatch, hub.endpoint, tmp_path / "hf-home")
+        yield hub
