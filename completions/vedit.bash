@@ -7,8 +7,23 @@ _vedit() {
     done
     case "$cmd" in
         "")
-            if [[ $cur == -* ]]; then words="--version --install-completion --show-completion --help -h"; else words="extract remux"; fi
+            if [[ $cur == -* ]]; then words="--version --install-completion --show-completion --help -h"; else words="edit extract fetch-models remux tune"; fi
             COMPREPLY=($(compgen -W "$words" -- "$cur")) ;;
+        edit)
+            case "$prev" in
+                --prompt|-p) return ;;
+                --prompts-file) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+                --name) return ;;
+                --checkpoint) return ;;
+                --steps) return ;;
+                --guidance) return ;;
+                --negative-prompt) return ;;
+                --seed) return ;;
+                --formats) return ;;
+                --batch) return ;;
+                --config) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+            esac
+            if [[ $cur == -* ]]; then COMPREPLY=($(compgen -W "--prompt -p --prompts-file --name --checkpoint --steps --guidance --negative-prompt --seed --formats --batch --inversion --no-inversion --inversion-prompt --empty-inversion-prompt --config --json --quiet -q --debug --help -h" -- "$cur")); else COMPREPLY=($(compgen -f -- "$cur")); fi ;;
         extract)
             case "$prev" in
                 --output|-o) COMPREPLY=($(compgen -f -- "$cur")); return ;;
@@ -20,12 +35,41 @@ _vedit() {
                 --config) COMPREPLY=($(compgen -f -- "$cur")); return ;;
             esac
             if [[ $cur == -* ]]; then COMPREPLY=($(compgen -W "--output -o --frames -n --stride --start --end --spread --no-spread --size --crop --no-crop --config --json --quiet -q --debug --help -h" -- "$cur")); else COMPREPLY=($(compgen -f -- "$cur")); fi ;;
+        fetch-models)
+            case "$prev" in
+                --revision) return ;;
+                --variant) return ;;
+            esac
+            if [[ $cur == -* ]]; then COMPREPLY=($(compgen -W "--revision --variant --list --json --quiet -q --debug --help -h" -- "$cur")); else COMPREPLY=($(true)); fi ;;
         remux)
             case "$prev" in
                 --video) COMPREPLY=($(compgen -f -- "$cur")); return ;;
                 --output|-o) COMPREPLY=($(compgen -f -- "$cur")); return ;;
             esac
             if [[ $cur == -* ]]; then COMPREPLY=($(compgen -W "--video --output -o --json --quiet -q --debug --help -h" -- "$cur")); else COMPREPLY=($(compgen -f -- "$cur")); fi ;;
+        tune)
+            case "$prev" in
+                --prompt|-p) return ;;
+                --project) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+                --model|-m) return ;;
+                --steps) return ;;
+                --lr) return ;;
+                --lora-lr) return ;;
+                --rank) return ;;
+                --lora-targets) return ;;
+                --batch) return ;;
+                --grad-accum) return ;;
+                --seed) return ;;
+                --mixed-precision) return ;;
+                --checkpoint-every) return ;;
+                --frames|-n) return ;;
+                --stride) return ;;
+                --start) return ;;
+                --end) return ;;
+                --size) return ;;
+                --config) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+            esac
+            if [[ $cur == -* ]]; then COMPREPLY=($(compgen -W "--prompt -p --project --model -m --steps --lr --lora-lr --rank --lora-targets --batch --grad-accum --seed --mixed-precision --gradient-checkpointing --no-gradient-checkpointing --checkpoint-every --resume --frames -n --stride --start --end --spread --no-spread --size --crop --no-crop --config --json --quiet -q --debug --help -h" -- "$cur")); else COMPREPLY=($(compgen -f -- "$cur")); fi ;;
     esac
 }
 complete -o filenames -F _vedit vedit

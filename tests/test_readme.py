@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 from vedit.errors import EXIT_CODES
+from vedit.settings import EditSettings, ExtractSettings, TuneSettings, config_values, resolve
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text(encoding="utf-8")
@@ -22,3 +23,15 @@ def test_ci_runs_the_readme_test_command() -> None:
 def test_exit_code_table_matches_the_code() -> None:
     rows = dict(re.findall(r"^\| (\d+) \| (.+?) \|$", README, flags=re.MULTILINE))
     assert {int(code): text for code, text in rows.items()} == EXIT_CODES
+
+
+def test_the_config_example_is_valid_for_every_command(tmp_path: Path) -> None:
+    example = tmp_path / "vedit.toml"
+    example.write_text(README.split("```toml", 1)[1].split("```", 1)[0])
+    for section, classes in {"extract": [ExtractSettings],
+                             "tune": [ExtractSettings, TuneSettings],
+                             "edit": [EditSettings]}.items():
+        values = config_values(example, [section])
+        for cls in classes:
+            resolve(cls, values)
+    assert resolve(TuneSettings, config_values(example, ["tune"])).lora_targets == "q,v"

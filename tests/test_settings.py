@@ -8,10 +8,11 @@ import pytest
 
 from vedit.errors import BadInputError
 from vedit.settings import (
+    EditSettings,
     ExtractSettings,
     FrameSize,
-    check_known,
-    load_config,
+    TuneSettings,
+    config_values,
     parse_size,
     resolve,
 )
@@ -55,42 +56,64 @@ def test_extract_settings_refuse_impossible_values(kwargs: dict, message: str) -
 def test_flags_beat_the_config_which_beats_the_defaults(tmp_path: Path) -> None:
     config = tmp_path / "c.toml"
     config.write_text('frames = 8\nsize = 256\n[extract]\nstride = 3\n')
-    values = load_config(config, ["extract"])
-    check_known(values, ExtractSettings)
-    settings = resolve(ExtractSettings, values, {"frames": 12, "stride": None, "crop": None})
+    values = config_values(config, ["extract"])
+    settings = resolve(ExtractSettings, values,
+                       overrides={"frames": 12, "stride": None, "crop": None})
     assert settings == ExtractSettings(frames=12, stride=3, size="256")
+
+
+def test_the_users_defaults_file_sits_below_a_config_file(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    user = tmp_path / "user.toml"
+    user.write_text('model = "my/model"\nsteps = 100\nfuture-key = 1\n[tune]\nrank = 8\n'
+                    '[plugins]\nx = 1\n')
+    monkeypatch.setenv("VEDIT_CONFIG", str(user))
+    assert resolve(TuneSettings, config_values(None, ["tune"])) == TuneSettings(
+        model="my/model", steps=100, rank=8)
+    given = tmp_path / "c.toml"
+    given.write_text("[tune]\nsteps = 300\n")
+    assert resolve(TuneSettings, config_values(given, ["tune"])) == TuneSettings(
+        model="my/model", steps=300, rank=8)
+
+
+def test_one_file_serves_every_command(tmp_path: Path) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text('model = "m"\nframes = 8\n[tune]\nsteps = 3\n[edit]\nsteps = 9\n')
+    assert resolve(TuneSettings, config_values(config, ["extract", "tune"])).steps == 3
+    assert resolve(EditSettings, config_values(config, ["edit"])).steps == 9
+    assert resolve(ExtractSettings, config_values(config, ["extract"])).frames == 8
 
 
 def test_config_keys_may_be_written_with_dashes(tmp_path: Path) -> None:
     config = tmp_path / "c.toml"
-    config.write_text("[tune]\nlora-targets = ['to_q']\n")
-    assert load_config(config, ["tune"]) == {"lora_targets": ["to_q"]}
+    config.write_text("[tune]\nlora-targets = ['q', 'v']\n")
+    assert config_values(config, ["tune"]) == {"lora_targets": ["q", "v"]}
+    assert resolve(TuneSettings, config_values(config, ["tune"])).lora_targets == "q,v"
 
 
 @pytest.mark.parametrize(("text", "message"), [
     ("frmes = 8\n", "Unknown setting.*frmes"),
+    ("[extract]\nsteps = 8\n", r"Unknown setting.*\[extract\].*steps"),
     ("frames = 'many'\n", "frames = 'many' should be int"),
     ("spread = 1\n", "should be bool"),
     ("frames = [\n", "not valid TOML"),
-    ("[edit]\nsteps = 4\n", "unknown table"),
+    ("[edits]\nsteps = 4\n", "unknown table"),
 ])
 def test_bad_config_files_are_clear_errors(tmp_path: Path, text: str, message: str) -> None:
     config = tmp_path / "c.toml"
     config.write_text(text)
     with pytest.raises(BadInputError, match=message):
-        values = load_config(config, ["extract"])
-        check_known(values, ExtractSettings)
-        resolve(ExtractSettings, values)
+        resolve(ExtractSettings, config_values(config, ["extract"]))
 
 
 def test_a_missing_config_file_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(BadInputError, match="does not exist"):
-        load_config(tmp_path / "nope.toml", ["extract"])
+        config_values(tmp_path / "nope.toml", ["extract"])
 
 
 def test_ints_widen_to_floats_in_config(tmp_path: Path) -> None:
     config = tmp_path / "c.toml"
     config.write_text("start = 1\nend = 3\n")
-    settings = resolve(ExtractSettings, load_config(config, ["extract"]))
+    settings = resolve(ExtractSettings, config_values(config, ["extract"]))
     assert settings.start == 1.0 and isinstance(settings.start, float)
     assert settings.end == 3.0

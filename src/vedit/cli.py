@@ -10,10 +10,17 @@ import typer
 from vedit import __version__
 from vedit import extract as extract_stage
 from vedit import remux as remux_stage
-from vedit.errors import EXIT_CODES, UsageError
+from vedit.errors import EXIT_CODES, BadInputError, UsageError
+from vedit.models import DEFAULT_MODEL
 from vedit.output import command_output
 from vedit.project import default_project_dir
-from vedit.settings import ExtractSettings, check_known, load_config, resolve
+from vedit.settings import (
+    EditSettings,
+    ExtractSettings,
+    TuneSettings,
+    config_values,
+    resolve,
+)
 
 app = typer.Typer(
     name="vedit",
@@ -67,6 +74,64 @@ def main_callback(
     """Edit a video by text with Stable Diffusion (Tune-A-Video), sound included."""
 
 
+@app.command("fetch-models")
+def fetch_models(
+    model: Annotated[str | None, typer.Argument(
+        help="Hub id, local diffusers folder or single-file .safetensors.  \\[default: "
+        f"the user config's model, else {DEFAULT_MODEL}]", show_default=False)] = None,
+    revision: Annotated[str | None, typer.Option(
+        "--revision", help="Branch, tag or commit of a hub repo.  \\[default: main]",
+        show_default=False)] = None,
+    variant: Annotated[str | None, typer.Option(
+        "--variant", help="Weights variant, e.g. fp16, where the repo has it.",
+        show_default=False)] = None,
+    list_: Annotated[bool, typer.Option(
+        "--list", help="List the models present and their size; download nothing.")] = False,
+    json_: JsonOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Download a Stable Diffusion 1.x/2.x model (only what vedit needs), or check a local one."""
+    with command_output(json_mode=json_, quiet=quiet, debug=debug) as out:
+        from vedit import hub, models
+
+        if list_:
+            found = hub.list_models()
+            rows = [f"{m.name}  {human_size(m.size_bytes)}  {m.path}" for m in found]
+            out.result({"models": [_model_facts(m) for m in found]},
+                       "\n".join(rows) or "No models yet: run `vedit fetch-models`.")
+            return
+        name = model or config_values(None, []).get("model") or DEFAULT_MODEL
+        hub.fetch_model(name, revision=revision, variant=variant, reporter=out.reporter)
+        source = models.resolve_model(name, revision=revision, variant=variant)
+        parts = ", ".join(f"{c} {info.dtype} {human_size(info.size_bytes)}"
+                          for c, info in source.components.items() if info.dtype)
+        out.result(_model_facts(source) | {"fingerprint": source.fingerprint},
+                   f"{source.name} is ready in {source.path} ({parts}).")
+
+
+def human_size(size: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if size >= scale:
+            return f"{size / scale:.1f} {unit}"
+    return f"{size} B"
+
+
+def _model_facts(model: object) -> dict[str, object]:
+    """A model's facts for --json: dataclass fields, paths as text."""
+    import dataclasses
+
+    return json_ready(dataclasses.asdict(model))  # type: ignore[call-overload]
+
+
+def json_ready(value: object) -> object:
+    if isinstance(value, dict):
+        return {str(k): json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(v) for v in value]
+    return str(value) if isinstance(value, Path) else value
+
+
 @app.command()
 def extract(
     clip: Annotated[Path, typer.Argument(help="The video clip to take frames from.",
@@ -88,9 +153,8 @@ def extract(
 ) -> None:
     """Take frames of a clip into a project folder, with its audio and facts."""
     with command_output(json_mode=json_, quiet=quiet, debug=debug) as out:
-        settings_file = load_config(config, ["extract"]) if config else {}
-        check_known(settings_file, ExtractSettings)
-        settings = resolve(ExtractSettings, settings_file, dict(
+        values = config_values(config, ["extract"])
+        settings = resolve(ExtractSettings, values, overrides=dict(
             frames=frames, stride=stride, start=start, end=end, spread=spread, size=size,
             crop=crop))
         project = output or default_project_dir(clip)
@@ -99,6 +163,178 @@ def extract(
         sound = f", audio in {result.audio}" if result.audio else ", no audio"
         out.result(result.to_dict(), f"{verb} {len(result.frames)} frames of {result.width}x"
                                      f"{result.height} in {result.project}/frames{sound}.")
+
+
+_T = TuneSettings()
+
+
+@app.command()
+def tune(
+    target: Annotated[Path, typer.Argument(
+        metavar="PROJECT_OR_CLIP", help="A project folder, or a clip to extract first.",
+        show_default=False)],
+    prompt: Annotated[str | None, typer.Option(
+        "--prompt", "-p", help="What the clip shows, e.g. 'a man is skiing'.",
+        show_default=False)] = None,
+    project: Annotated[Path | None, typer.Option(
+        "--project", help="With a clip: the project folder.  \\[default: CLIP.vedit]",
+        show_default=False)] = None,
+    model: Annotated[str | None, typer.Option(
+        "--model", "-m", help=f"Base model: hub id, diffusers folder or .safetensors file.  "
+        f"\\[default: {_T.model}]", show_default=False)] = None,
+    steps: Annotated[int | None, typer.Option(
+        "--steps", help=f"Total optimizer steps.  \\[default: {_T.steps}]",
+        show_default=False)] = None,
+    lr: Annotated[float | None, typer.Option(
+        "--lr", help=f"Learning rate of the temporal attention.  \\[default: {_T.lr:g}]",
+        show_default=False)] = None,
+    lora_lr: Annotated[float | None, typer.Option(
+        "--lora-lr", help=f"Learning rate of the LoRA adapters.  \\[default: {_T.lora_lr:g}]",
+        show_default=False)] = None,
+    rank: Annotated[int | None, typer.Option(
+        "--rank", help=f"LoRA rank.  \\[default: {_T.rank}]", show_default=False)] = None,
+    lora_targets: Annotated[str | None, typer.Option(
+        "--lora-targets", help="Projections to adapt: q, k, v, out, or attn1.to_q, attn2.to_v, "
+        f"... (comma-separated).  \\[default: {_T.lora_targets}]", show_default=False)] = None,
+    batch: Annotated[int | None, typer.Option(
+        "--batch", help=f"Noise samples of the clip per step.  \\[default: {_T.batch}]",
+        show_default=False)] = None,
+    grad_accum: Annotated[int | None, typer.Option(
+        "--grad-accum", help=f"Batches per optimizer step.  \\[default: {_T.grad_accum}]",
+        show_default=False)] = None,
+    seed: Annotated[int | None, typer.Option(
+        "--seed", help=f"Random seed.  \\[default: {_T.seed}]", show_default=False)] = None,
+    mixed_precision: Annotated[str | None, typer.Option(
+        "--mixed-precision", help="auto, no, fp16 or bf16.  \\[default: auto: bf16 or fp16 "
+        "on a GPU, no on the CPU]", show_default=False)] = None,
+    gradient_checkpointing: Annotated[bool | None, typer.Option(
+        "--gradient-checkpointing/--no-gradient-checkpointing",
+        help="Recompute activations to save memory.  \\[default: on with a GPU]",
+        show_default=False)] = None,
+    checkpoint_every: Annotated[int | None, typer.Option(
+        "--checkpoint-every", help="Save a checkpoint every N steps (0: only at the end).  "
+        f"\\[default: {_T.checkpoint_every}]", show_default=False)] = None,
+    resume: Annotated[bool, typer.Option(
+        "--resume", help="Continue from the latest checkpoint, with its settings, to --steps.")
+    ] = False,
+    frames: FramesOpt = None,
+    stride: StrideOpt = None,
+    start: StartOpt = None,
+    end: EndOpt = None,
+    spread: SpreadOpt = None,
+    size: SizeOpt = None,
+    crop: CropOpt = None,
+    config: ConfigOpt = None,
+    json_: JsonOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """LoRA-tune the inflated UNet on a project's frames (or a clip's, extracting them first)."""
+    with command_output(json_mode=json_, quiet=quiet, debug=debug) as out:
+        from vedit import tune as tune_stage
+
+        values = config_values(config, ["extract", "tune"])
+        frame_flags = dict(frames=frames, stride=stride, start=start, end=end, spread=spread,
+                           size=size, crop=crop)
+        is_project = target.is_dir()
+        if is_project and (project or any(v is not None for v in frame_flags.values())):
+            raise UsageError("Frame options and --project go with a clip, not a project.",
+                             "Give the clip instead, or run `vedit extract` again.")
+        result: dict[str, object] = {}
+        if not is_project:
+            extracted = extract_stage.extract(
+                target, project or default_project_dir(target),
+                resolve(ExtractSettings, values, overrides=frame_flags), out.reporter)
+            result["extract"] = extracted.to_dict()
+            target = extracted.project
+        recorded = tune_stage.recorded_settings(target) if resume else {}
+        settings = resolve(TuneSettings, recorded, values, overrides=dict(
+            prompt=prompt, model=model, steps=steps, lr=lr, lora_lr=lora_lr, rank=rank,
+            lora_targets=lora_targets, batch=batch, grad_accum=grad_accum, seed=seed,
+            mixed_precision=mixed_precision, gradient_checkpointing=gradient_checkpointing,
+            checkpoint_every=checkpoint_every))
+        tuned = tune_stage.tune(target, settings, resume=resume, reporter=out.reporter)
+        result.update(tuned.to_dict())
+        last = tuned.checkpoints[-1] if tuned.checkpoints else None
+        out.result(result, f"Tuned {target} to step {tuned.steps} in {tuned.seconds:.1f} s"
+                           + (f"; latest checkpoint {last}." if last else "."))
+
+
+_E = EditSettings()
+
+
+@app.command()
+def edit(
+    project: Annotated[Path, typer.Argument(help="The tuned project folder.",
+                                            show_default=False)],
+    prompt: Annotated[list[str] | None, typer.Option(
+        "--prompt", "-p", help="A prompt to render; repeat for several.",
+        show_default=False)] = None,
+    prompts_file: Annotated[Path | None, typer.Option(
+        "--prompts-file", help="One prompt a line ('-': stdin); blank lines and # comments "
+        "are skipped.", show_default=False, allow_dash=True)] = None,
+    name: Annotated[str | None, typer.Option(
+        "--name", help="Edit folder name (numbered for several prompts).  \\[default: a "
+        "slug of the prompt]", show_default=False)] = None,
+    checkpoint: Annotated[str | None, typer.Option(
+        "--checkpoint", help="step-N, N or a folder.  \\[default: the latest]",
+        show_default=False)] = None,
+    steps: Annotated[int | None, typer.Option(
+        "--steps", help=f"DDIM steps, for inversion and sampling.  \\[default: {_E.steps}]",
+        show_default=False)] = None,
+    guidance: Annotated[float | None, typer.Option(
+        "--guidance", help=f"Classifier-free guidance scale.  \\[default: {_E.guidance:g}]",
+        show_default=False)] = None,
+    negative_prompt: Annotated[str | None, typer.Option(
+        "--negative-prompt", help="What to steer away from.  \\[default: none]",
+        show_default=False)] = None,
+    seed: Annotated[int | None, typer.Option(
+        "--seed", help=f"Seed of the start noise with --no-inversion.  \\[default: {_E.seed}]",
+        show_default=False)] = None,
+    formats: Annotated[str | None, typer.Option(
+        "--formats", help="mp4 (always), gif, frames (PNG), comma-separated.  "
+        f"\\[default: {_E.formats}]", show_default=False)] = None,
+    batch: Annotated[int | None, typer.Option(
+        "--batch", help=f"Prompts sampled at once.  \\[default: {_E.batch}]",
+        show_default=False)] = None,
+    inversion: Annotated[bool | None, typer.Option(
+        "--inversion/--no-inversion", help="Start from the clip's DDIM-inverted noise (or "
+        "from seeded random noise).  \\[default: inversion]", show_default=False)] = None,
+    inversion_prompt: Annotated[bool | None, typer.Option(
+        "--inversion-prompt/--empty-inversion-prompt", help="Invert with the tuning prompt "
+        "instead of the empty one.  \\[default: empty, as the original]",
+        show_default=False)] = None,
+    config: ConfigOpt = None,
+    json_: JsonOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Render the tuned clip under new prompts into edits/NAME/ (mp4, side-by-side, ...)."""
+    with command_output(json_mode=json_, quiet=quiet, debug=debug) as out:
+        from vedit import edit as edit_stage
+
+        values = config_values(config, ["edit"])
+        settings = resolve(EditSettings, values, overrides=dict(
+            checkpoint=checkpoint, steps=steps, guidance=guidance,
+            negative_prompt=negative_prompt, seed=seed, formats=formats, batch=batch,
+            inversion=inversion, inversion_prompt=inversion_prompt))
+        prompts = list(prompt or []) + (read_prompts(prompts_file) if prompts_file else [])
+        result = edit_stage.edit(project, prompts, settings, name=name, reporter=out.reporter)
+        lines = [f"{e.folder}/video.mp4  ({e.prompt})" for e in result.edits]
+        out.result(result.to_dict(), "\n".join(lines))
+
+
+def read_prompts(path: Path) -> list[str]:
+    """Prompts from a file (or stdin for '-'), one a line."""
+    import sys
+
+    try:
+        text = sys.stdin.read() if str(path) == "-" else path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise BadInputError(f"Cannot read --prompts-file {path}: {exc.strerror}.",
+                            "Check the path.") from None
+    return [line.strip() for line in text.splitlines()
+            if line.strip() and not line.lstrip().startswith("#")]
 
 
 @app.command()

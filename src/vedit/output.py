@@ -28,15 +28,23 @@ class Output:
     """One command's output mode: human, `--json` or `--quiet`."""
 
     def __init__(self, *, json_mode: bool, quiet: bool, debug: bool) -> None:
+        # Under `accelerate launch` / torchrun every process runs the command; only the first
+        # one reports, so stdout still holds one result.
+        self.secondary = os.environ.get("RANK", "0") not in ("", "0")
         self.json_mode = json_mode
-        self.quiet = quiet
+        self.quiet = quiet or self.secondary
         self.debug = debug or os.environ.get("VEDIT_DEBUG", "") not in ("", "0")
+        if not self.debug:  # the libraries' own chatter, read when they are first imported
+            for variable in ("DIFFUSERS_VERBOSITY", "TRANSFORMERS_VERBOSITY"):
+                os.environ.setdefault(variable, "error")
         self.reporter = Reporter.for_cli(quiet=quiet)
         self.stderr = self.reporter.console
         self.stdout = Console(highlight=False, soft_wrap=True)
 
     def result(self, data: dict[str, Any], human: str) -> None:
         """The command's result: `data` as one JSON document, or `human` text."""
+        if self.secondary:
+            return
         if self.json_mode:
             print(json.dumps(data, indent=2, default=str), flush=True)
         elif not self.quiet:

@@ -8,6 +8,7 @@ keys and wrong types are errors, not silently ignored.
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import types
 import typing
@@ -18,6 +19,7 @@ from typing import Any, TypeVar
 
 from vedit import tomlio
 from vedit.errors import BadInputError
+from vedit.models import DEFAULT_MODEL
 
 T = TypeVar("T")
 
@@ -94,8 +96,98 @@ class ExtractSettings:
         return parse_size(self.size)
 
 
-def load_config(path: Path, sections: Sequence[str]) -> dict[str, Any]:
-    """Read a config TOML: its top-level keys overlaid by those of the named tables, in order."""
+MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
+
+
+@dataclass(frozen=True)
+class TuneSettings:
+    """How `tune` trains. Defaults follow Tune-A-Video's configs, except where LoRA differs.
+
+    `lr` is the original's 3e-5 for the temporal attention, which is trained whole as there;
+    LoRA adapters start at zero and move only through their low-rank product, so they get the
+    usual LoRA rate `lora_lr` (1e-4, as diffusers' LoRA examples) to cover the same ground in
+    the original's 500 steps.
+    """
+
+    prompt: str = ""
+    model: str = DEFAULT_MODEL
+    steps: int = 500
+    lr: float = 3e-5
+    lora_lr: float = 1e-4
+    rank: int = 16
+    lora_targets: str = "q"
+    batch: int = 1
+    grad_accum: int = 1
+    seed: int = 33
+    mixed_precision: str = "auto"
+    gradient_checkpointing: bool | None = None  # None: on with a GPU, off on the CPU
+    checkpoint_every: int = 250
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "rank", "batch", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise BadInputError(f"--{name.replace('_', '-')} {getattr(self, name)} must be "
+                                    "1 or more.", f"The default is {getattr(TuneSettings, name)}.")
+        for name in ("lr", "lora_lr"):
+            if not getattr(self, name) > 0:
+                raise BadInputError(f"--{name.replace('_', '-')} must be above 0.",
+                                    f"The default is {getattr(TuneSettings, name):g}.")
+        if self.checkpoint_every < 0:
+            raise BadInputError("--checkpoint-every must be 0 (only at the end) or more.",
+                                "The default is 250.")
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise BadInputError(f"--mixed-precision {self.mixed_precision!r} is not one of "
+                                f"{', '.join(MIXED_PRECISION)}.",
+                                "auto picks bf16 or fp16 on a GPU.")
+
+
+FORMATS = ("mp4", "gif", "frames")
+
+
+@dataclass(frozen=True)
+class EditSettings:
+    """How `edit` renders new prompts. Defaults follow Tune-A-Video: 50 DDIM steps from 50-step
+    DDIM-inverted latents, classifier-free guidance 12.5."""
+
+    checkpoint: str | None = None  # None: the latest
+    steps: int = 50
+    guidance: float = 12.5
+    negative_prompt: str = ""
+    seed: int = 33
+    formats: str = "mp4"
+    batch: int = 1
+    inversion: bool = True
+    inversion_prompt: bool = False  # invert with the source prompt instead of the empty one
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.steps <= 1000:
+            raise BadInputError(f"--steps {self.steps} must be between 1 and 1000.",
+                                "Tune-A-Video uses 50.")
+        if self.guidance < 0:
+            raise BadInputError(f"--guidance {self.guidance} is negative.",
+                                "1 means no guidance; Tune-A-Video uses 12.5.")
+        if self.batch < 1:
+            raise BadInputError(f"--batch {self.batch} must be 1 or more.",
+                                "It is how many prompts are sampled at once.")
+        unknown = set(self.format_list) - set(FORMATS)
+        if unknown:
+            raise BadInputError(f"--formats: unknown {', '.join(sorted(unknown))}.",
+                                f"Choose from {', '.join(FORMATS)} (comma-separated).")
+
+    @property
+    def format_list(self) -> list[str]:
+        return [f.strip().lower() for f in self.formats.split(",") if f.strip()]
+
+
+#: The tables a config file may have, each with one command's settings; one file serves all.
+TABLES: dict[str, type] = {"extract": ExtractSettings, "tune": TuneSettings, "edit": EditSettings}
+
+
+def read_config(path: Path, *, strict: bool = True) -> dict[str, dict[str, Any]]:
+    """Parse a config file into its top-level keys (under "") and its tables.
+
+    Strictly (a --config file), a table's keys must be settings of its command and top-level
+    keys settings of some command; the user's own defaults file is read leniently."""
     try:
         data = tomlio.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -104,41 +196,71 @@ def load_config(path: Path, sections: Sequence[str]) -> dict[str, Any]:
     except (tomlio.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise BadInputError(f"Config file {path} is not valid TOML: {exc}.",
                             "See https://toml.io for the syntax.") from None
-    merged = {key: value for key, value in data.items() if not isinstance(value, dict)}
-    for name in sections:
-        table = data.get(name, {})
+    config = {"": {_field_name(k): v for k, v in data.items() if not isinstance(v, dict)}}
+    for name, table in data.items():
         if not isinstance(table, dict):
-            raise BadInputError(f"Config file {path}: `{name}` must be a table.",
-                                f"Write it as [{name}] followed by its keys.")
-        merged.update(table)
-    unknown_tables = [k for k, v in data.items() if isinstance(v, dict) and k not in sections]
-    if unknown_tables:
-        raise BadInputError(f"Config file {path} has unknown table(s) {', '.join(unknown_tables)}.",
-                            f"This command reads {', '.join(sections)}.")
-    return {_field_name(key): value for key, value in merged.items()}
+            continue
+        if name not in TABLES:
+            if strict:
+                raise BadInputError(f"Config file {path} has an unknown table [{name}].",
+                                    f"vedit reads the tables {', '.join(TABLES)}.")
+            continue
+        config[name] = {_field_name(k): v for k, v in table.items()}
+        if strict:
+            check_known(config[name], TABLES[name], where=f"[{name}] of {path}")
+    if strict:
+        check_known(config[""], *TABLES.values(), where=str(path))
+    return config
 
 
-def check_known(config: Mapping[str, Any], *classes: type) -> None:
-    """Refuse config keys that no settings class of the command knows."""
+def check_known(config: Mapping[str, Any], *classes: type, where: str = "the config") -> None:
+    """Refuse keys that none of the settings `classes` has."""
     known = {f.name for cls in classes for f in dataclasses.fields(cls)}
     unknown = sorted(set(config) - known)
     if unknown:
         names = ", ".join(k.replace("_", "-") for k in unknown)
-        raise BadInputError(f"Unknown setting(s) in the config: {names}.",
+        raise BadInputError(f"Unknown setting(s) in {where}: {names}.",
                             "Known: " + ", ".join(sorted(k.replace("_", "-") for k in known)) + ".")
 
 
-def resolve(cls: type[T], config: Mapping[str, Any] | None = None,
+def config_values(path: Path | None, sections: Sequence[str]) -> dict[str, Any]:
+    """The values a command reads: the user's defaults file, then a --config file; in each,
+    the top-level keys overlaid by the tables named in `sections`."""
+    layers = []
+    user = user_config_path()
+    if user.is_file():
+        layers.append(read_config(user, strict=False))
+    if path is not None:
+        layers.append(read_config(path))
+    values: dict[str, Any] = {}
+    for layer in layers:
+        values.update(layer[""])
+        for name in sections:
+            values.update(layer.get(name, {}))
+    return values
+
+
+def resolve(cls: type[T], *layers: Mapping[str, Any] | None,
             overrides: Mapping[str, Any] | None = None) -> T:
-    """Build settings from defaults, then `config` values, then non-None `overrides`."""
+    """Build settings from the defaults, then each layer of values in turn (a recorded run, the
+    user's config, a --config file), then the non-None `overrides` (command-line flags)."""
     hints = typing.get_type_hints(cls)
     values: dict[str, Any] = {}
     for field in dataclasses.fields(cls):  # type: ignore[arg-type]
-        if config and field.name in config:
-            values[field.name] = _coerce(field.name, config[field.name], hints[field.name])
+        for layer in layers:
+            if layer and field.name in layer:
+                values[field.name] = _coerce(field.name, layer[field.name], hints[field.name])
         if overrides and overrides.get(field.name) is not None:
             values[field.name] = overrides[field.name]
     return cls(**values)
+
+
+def user_config_path() -> Path:
+    """The user's own defaults: $VEDIT_CONFIG, else $XDG_CONFIG_HOME/vedit/config.toml."""
+    if os.environ.get("VEDIT_CONFIG"):
+        return Path(os.environ["VEDIT_CONFIG"]).expanduser()
+    base = os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config"
+    return Path(base) / "vedit" / "config.toml"
 
 
 def as_record(settings: object) -> dict[str, Any]:
@@ -166,6 +288,8 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
         return value
     elif isinstance(value, list) and list in allowed:
         return list(value)
+    elif isinstance(value, list) and str in allowed and all(isinstance(v, str) for v in value):
+        return ",".join(value)
     wanted = " or ".join(sorted(t.__name__ for t in allowed if t is not type(None)))
     raise BadInputError(f"Config setting {name.replace('_', '-')} = {value!r} should be {wanted}.",
                         "Fix the value in the config file.")

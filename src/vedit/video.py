@@ -13,6 +13,7 @@ from pathlib import Path
 
 import av
 import av.error
+import numpy as np
 from PIL import Image
 
 from vedit.errors import BadInputError
@@ -195,3 +196,37 @@ def upright(image: Image.Image, rotation: int) -> Image.Image:
 
 def _reason(exc: av.error.FFmpegError) -> str:
     return (exc.strerror or type(exc).__name__).rstrip(".").lower()
+
+
+# -- writing ---------------------------------------------------------------------------------
+
+
+def write_mp4(path: Path, frames: Sequence[np.ndarray], times: Sequence[float],
+              interval: float) -> None:
+    """Write RGB frames as H.264 yuv420p (plays in browsers and phones) at their timestamps.
+
+    `times` are seconds from the first frame (a variable rate is kept); `interval` is how long
+    the last frame shows, so the video lasts `times[-1] + interval`.
+    """
+    rate = Fraction(1 / interval).limit_denominator(1001)
+    time_base = Fraction(1, 90000)
+    height, width = frames[0].shape[:2]
+    with av.open(str(path), "w", format="mp4", options={"movflags": "+faststart"}) as container:
+        stream = container.add_stream("libx264", rate=rate)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.time_base = stream.codec_context.time_base = time_base
+        stream.options = {"crf": "17", "preset": "medium"}
+        origin = times[0]
+        for image, t in zip(frames, times, strict=True):
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
+            frame.pts = round((t - origin) / time_base)
+            frame.time_base = time_base
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+
+
+def write_gif(path: Path, frames: Sequence[np.ndarray], interval: float) -> None:
+    """A looping animated GIF, each frame shown for `interval` seconds."""
+    images = [Image.fromarray(frame) for frame in frames]
+    images[0].save(path, format="GIF", save_all=True, append_images=images[1:],
+                   duration=max(20, round(interval * 1000)), loop=0)

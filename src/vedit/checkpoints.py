@@ -1,0 +1,197 @@
+"""Tuning checkpoints: `checkpoints/step-N/` with the trained weights, their record and the
+optimizer state, all in safetensors (no pickle, so loading a checkpoint never runs code).
+
+    checkpoints/step-N/
+      lora.safetensors       LoRA adapters, diffusers/peft keys prefixed `unet.`
+      temporal.safetensors   the temporal attention (`...attn_temp.*`), keyed like the original
+      training.safetensors   optimizer state and random generator state, for --resume
+      checkpoint.toml        step, base model and its fingerprint, settings, frames key
+
+A folder is written whole under a temporary name and renamed, so one that exists is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import safetensors
+import safetensors.torch
+import torch
+from diffusers import UNet2DConditionModel
+
+from vedit import tomlio
+from vedit.errors import BadInputError, ProjectError
+from vedit.inflate import InflatedUNet, inflate_unet
+from vedit.lora import add_lora, load_lora_state_dict
+from vedit.project import Project, atomic_dir
+
+CHECKPOINTS = "checkpoints"
+RECORD = "checkpoint.toml"
+LORA_FILE = "lora.safetensors"
+TEMPORAL_FILE = "temporal.safetensors"
+TRAINING_FILE = "training.safetensors"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A finished checkpoint folder and its record."""
+
+    path: Path
+    step: int
+    record: dict[str, Any]
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+
+def checkpoints_dir(project: Project) -> Path:
+    return project.root / CHECKPOINTS
+
+
+def list_checkpoints(project: Project) -> list[Checkpoint]:
+    """Every complete checkpoint, by step."""
+    folder = checkpoints_dir(project)
+    if not folder.is_dir():
+        return []
+    found = []
+    for path in folder.iterdir():
+        match = _STEP_DIR.match(path.name)
+        if match and (path / RECORD).is_file():
+            found.append(read_checkpoint(path))
+    return sorted(found, key=lambda c: c.step)
+
+
+def find_checkpoint(project: Project, name: str | None = None) -> Checkpoint:
+    """The named checkpoint (`step-300`, `300` or a path), or the latest one."""
+    if name is None:
+        found = list_checkpoints(project)
+        if not found:
+            raise ProjectError(f"Project {project.root} has no checkpoint yet.",
+                               f"Run `vedit tune {project.root} --prompt ...` first.")
+        return found[-1]
+    path = Path(name)
+    if not path.is_dir():
+        step = name.removeprefix("step-")
+        path = checkpoints_dir(project) / f"step-{step}"
+    if not (path / RECORD).is_file():
+        known = ", ".join(c.name for c in list_checkpoints(project)) or "none"
+        raise BadInputError(f"No checkpoint {name!r} in {project.root}.", f"Known: {known}.")
+    return read_checkpoint(path)
+
+
+def read_checkpoint(path: Path) -> Checkpoint:
+    try:
+        record = tomlio.loads((path / RECORD).read_text(encoding="utf-8"))
+        step = int(record["step"])
+    except (OSError, ValueError, KeyError, tomlio.TOMLDecodeError) as exc:
+        raise BadInputError(
+            f"Checkpoint {path} has an unreadable {RECORD} ({exc}).",
+            "Delete that checkpoint folder and resume from an earlier one.") from None
+    return Checkpoint(path, step, record)
+
+
+def write_checkpoint(folder: Path, record: dict[str, Any], lora: dict[str, torch.Tensor],
+                     temporal: dict[str, torch.Tensor],
+                     training: dict[str, torch.Tensor] | None, metadata: dict[str, str]) -> None:
+    """Write a whole checkpoint folder atomically."""
+    with atomic_dir(folder) as staging:
+        save_tensors(staging / LORA_FILE, {f"unet.{k}": v for k, v in lora.items()}, metadata)
+        save_tensors(staging / TEMPORAL_FILE, temporal, metadata)
+        if training is not None:
+            save_tensors(staging / TRAINING_FILE, training, {"vedit": "training-state"})
+        (staging / RECORD).write_text(tomlio.dumps(record), encoding="utf-8")
+
+
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    contiguous = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    safetensors.torch.save_file(contiguous, str(path), metadata=metadata)
+
+
+def load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read a safetensors file; a truncated, corrupted or foreign file is a clear error."""
+    if not path.is_file():
+        raise BadInputError(f"{path} is missing.", "The checkpoint is incomplete; use another.")
+    try:
+        with safetensors.safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+    except (safetensors.SafetensorError, OSError, ValueError) as exc:
+        raise BadInputError(f"{path} is not a readable safetensors file ({exc}).",
+                            "The file is corrupted or truncated; use another checkpoint.") from None
+    return tensors, metadata
+
+
+# -- optimizer and generator state as plain tensors --------------------------------------------
+
+
+def training_state(optimizer: torch.optim.Optimizer,
+                   generators: dict[str, torch.Generator]) -> dict[str, torch.Tensor]:
+    """Flatten an optimizer's state and generator states into named tensors."""
+    state = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    for param_id, values in state["state"].items():
+        for key, value in values.items():
+            tensors[f"optimizer.{param_id}.{key}"] = torch.as_tensor(value)
+    groups = [{k: v for k, v in group.items()} for group in state["param_groups"]]
+    tensors["optimizer.param_groups"] = torch.tensor(list(json.dumps(groups).encode()),
+                                                     dtype=torch.uint8)
+    for name, generator in generators.items():
+        tensors[f"generator.{name}"] = generator.get_state()
+    return tensors
+
+
+def restore_training_state(tensors: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
+                           generators: dict[str, torch.Generator]) -> None:
+    """Inverse of `training_state`."""
+    groups = json.loads(bytes(tensors["optimizer.param_groups"].tolist()).decode())
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        parts = key.split(".")
+        if parts[0] == "optimizer" and len(parts) == 3:
+            state.setdefault(int(parts[1]), {})[parts[2]] = value
+    expected = sum(len(group["params"]) for group in optimizer.state_dict()["param_groups"])
+    if sum(len(group["params"]) for group in groups) != expected:
+        raise BadInputError("The checkpoint's optimizer state is for other trainable weights.",
+                            "Resume with the LoRA rank and targets it was tuned with.")
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+    for name, generator in generators.items():
+        if f"generator.{name}" in tensors:
+            generator.set_state(tensors[f"generator.{name}"])
+
+
+# -- the tuned model --------------------------------------------------------------------------
+
+
+def load_weights(checkpoint: Checkpoint, unet: InflatedUNet) -> None:
+    """Load a checkpoint's LoRA and temporal weights into an inflated UNet with LoRA added."""
+    lora, _ = load_tensors(checkpoint.path / LORA_FILE)
+    load_lora_state_dict(unet, {k.removeprefix("unet."): v for k, v in lora.items()})
+    temporal, _ = load_tensors(checkpoint.path / TEMPORAL_FILE)
+    own = unet.temporal_parameters()
+    for name, tensor in temporal.items():
+        if name not in own or own[name].shape != tensor.shape:
+            raise BadInputError(f"{checkpoint.name} does not fit this UNet ({name}).",
+                                "It was tuned on another base model.")
+        with torch.no_grad():
+            own[name].copy_(tensor)
+
+
+def tuned_unet(checkpoint: Checkpoint, base_unet: UNet2DConditionModel,
+               base_fingerprint: str) -> InflatedUNet:
+    """The base UNet inflated, with the checkpoint's LoRA and temporal weights, for sampling."""
+    if checkpoint.record.get("base_fingerprint") != base_fingerprint:
+        raise BadInputError(
+            f"{checkpoint.name} was tuned on {checkpoint.record.get('base_model')}, "
+            "not on the model loaded now.",
+            f"Load {checkpoint.record.get('base_model')} (it is what the checkpoint records).")
+    unet = inflate_unet(base_unet)
+    add_lora(unet, rank=int(checkpoint.record["settings"]["rank"]),
+             targets=checkpoint.record["lora_targets"])
+    load_weights(checkpoint, unet)
+    return unet.to(base_unet.device, base_unet.dtype).eval().requires_grad_(False)

@@ -1,0 +1,439 @@
+"""The tune stage: LoRA-tune the inflated UNet on one clip under accelerate.
+
+As Tune-A-Video: the clip's latents are noised at a random timestep, the inflated UNet predicts
+the noise (or the velocity, for v-prediction bases) under the clip's prompt, and the mean
+squared error trains the temporal attention and, instead of full query projections, LoRA
+adapters on them. Unlike it, the clip is encoded by the VAE once (latents.py), the frozen
+weights stay in half precision on a GPU, and only the trained weights are checkpointed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from vedit import __version__
+from vedit.checkpoints import (
+    TRAINING_FILE,
+    Checkpoint,
+    checkpoints_dir,
+    list_checkpoints,
+    load_tensors,
+    load_weights,
+    restore_training_state,
+    training_state,
+    write_checkpoint,
+)
+from vedit.errors import BadInputError, Interrupted, OutOfMemoryError, ProjectError
+from vedit.inflate import InflatedUNet, inflate_unet
+from vedit.latents import FrameLatents, frame_latents
+from vedit.lora import (
+    add_lora,
+    lora_state_dict,
+    parse_targets,
+    temporal_state_dict,
+    trainable_parameters,
+)
+from vedit.models import Components, load_components
+from vedit.progress import Reporter
+from vedit.project import Project
+from vedit.prompts import encode_prompts
+from vedit.settings import TuneSettings, as_record
+
+LOSS_LOG = "logs/tune.jsonl"
+MAX_GRAD_NORM = 1.0  # as the original's configs
+ADAM_WEIGHT_DECAY = 1e-2
+EVAL_DRAWS = 8  # fixed noise/timestep draws on which the loss is reported before and after
+_SMOOTHING = 0.9
+
+
+@dataclass
+class TuneResult:
+    """What a `tune` call did."""
+
+    project: Path
+    steps: int
+    start_step: int
+    checkpoints: list[Path]
+    loss_log: Path
+    device: str
+    mixed_precision: str
+    seconds: float
+    latents_reused: bool
+    eval_loss_before: float | None = None
+    eval_loss_after: float | None = None
+    smoothed_loss: float | None = None
+    peak_memory_gb: float | None = None
+    processes: int = 1
+
+    def to_dict(self) -> dict[str, Any]:
+        trained = self.steps - self.start_step
+        return {
+            "project": str(self.project), "steps": self.steps, "start_step": self.start_step,
+            "checkpoints": [str(p) for p in self.checkpoints], "loss_log": str(self.loss_log),
+            "device": self.device, "mixed_precision": self.mixed_precision,
+            "seconds": round(self.seconds, 3),
+            "seconds_per_step": round(self.seconds / trained, 4) if trained else None,
+            "latents_reused": self.latents_reused,
+            "eval_loss_before": self.eval_loss_before, "eval_loss_after": self.eval_loss_after,
+            "smoothed_loss": self.smoothed_loss, "peak_memory_gb": self.peak_memory_gb,
+            "processes": self.processes,
+        }
+
+
+@dataclass
+class _Run:
+    """Everything the loop needs, built once."""
+
+    unet: InflatedUNet
+    components: Components
+    latents: FrameLatents
+    prompt_embeds: torch.Tensor
+    optimizer: torch.optim.Optimizer
+    generator: torch.Generator
+    accelerator: Any
+    settings: TuneSettings
+    record: dict[str, Any]
+
+
+def mixed_precision_for(setting: str, device: torch.device) -> str:
+    """`auto`: bf16 where the GPU has it, else fp16; no mixed precision on the CPU."""
+    if device.type != "cuda":
+        return "no"
+    if setting != "auto":
+        return setting
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def weight_dtype(mixed_precision: str) -> torch.dtype:
+    """Frozen weights live in the compute dtype; trained ones stay fp32."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision, torch.float32)
+
+
+def make_accelerator(settings: TuneSettings) -> Any:
+    from accelerate import Accelerator
+
+    cuda = torch.cuda.is_available()
+    precision = mixed_precision_for(settings.mixed_precision,
+                                    torch.device("cuda" if cuda else "cpu"))
+    return Accelerator(mixed_precision=precision, cpu=not cuda,
+                       gradient_accumulation_steps=settings.grad_accum)
+
+
+def tune(project_dir: Path, settings: TuneSettings, *, resume: bool = False,
+         reporter: Reporter | None = None) -> TuneResult:
+    """Tune the inflated UNet on the project's frames; checkpoints go to `checkpoints/step-N/`."""
+    reporter = reporter or Reporter()
+    if not settings.prompt.strip():
+        raise BadInputError("tune needs the prompt that describes the clip.",
+                            'Add --prompt "a man is skiing" (what the clip shows).')
+    accelerator = make_accelerator(settings)
+    project = Project.open(Path(project_dir))
+    project.require("frames", "extract")
+    with _main_process_lock(project, accelerator):
+        return _tune_locked(project, settings, resume, accelerator, reporter)
+
+
+@contextmanager
+def _main_process_lock(project: Project, accelerator: Any) -> Iterator[None]:
+    """Under `accelerate launch`, the main process holds the project lock for all of them."""
+    if accelerator.is_main_process:
+        with project.lock("tune"):
+            yield
+    else:
+        yield
+
+
+def _tune_locked(project: Project, settings: TuneSettings, resume: bool, accelerator: Any,
+                 reporter: Reporter) -> TuneResult:
+    started = time.monotonic()
+    device = accelerator.device
+    precision = accelerator.mixed_precision
+    try:
+        run = _prepare(project, settings, accelerator, reporter)
+        start_step = _resume_from(project, run, reporter) if resume else 0
+        if not resume and accelerator.is_main_process:
+            _start_fresh(project, reporter)
+        before = fixed_draw_loss(run) if start_step == 0 else None
+        written, smoothed = _loop(project, run, start_step, reporter)
+        after = fixed_draw_loss(run)
+    except torch.OutOfMemoryError:
+        raise OutOfMemoryError(
+            f"Tuning ran out of GPU memory ({_memory_summary(device)}).",
+            "Try fewer frames (vedit extract --frames), a smaller --size, "
+            "--gradient-checkpointing, or a lower --rank.") from None
+    result = TuneResult(
+        project=project.root, steps=settings.steps, start_step=start_step,
+        checkpoints=written, loss_log=project.root / LOSS_LOG, device=str(device),
+        mixed_precision=precision, seconds=time.monotonic() - started,
+        latents_reused=run.latents.reused, eval_loss_before=before, eval_loss_after=after,
+        smoothed_loss=smoothed, peak_memory_gb=_peak_memory_gb(device),
+        processes=accelerator.num_processes)
+    if accelerator.is_main_process:
+        project.record["tune"] = run.record | {"last_step": settings.steps,
+                                               "checkpoint": written[-1].name if written else None}
+        project.save()
+    return result
+
+
+def _prepare(project: Project, settings: TuneSettings, accelerator: Any,
+             reporter: Reporter) -> _Run:
+    """Load the base model, cache the latents and prompt, inflate, add LoRA, build the optimizer."""
+    targets = parse_targets([settings.lora_targets])
+    dtype = weight_dtype(accelerator.mixed_precision)
+    components = load_components(settings.model, device=accelerator.device, dtype=dtype,
+                                 reporter=reporter)
+    with accelerator.main_process_first():
+        latents = frame_latents(project, components.vae, components.fingerprint, reporter)
+    latents = latents.to(accelerator.device)
+    prompt_embeds = encode_prompts(components, [settings.prompt], reporter)
+    components.vae.to("cpu")
+    components.text_encoder.to("cpu")
+
+    # The new layers' random initial weights follow --seed, so a run is reproducible.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(settings.seed)
+        unet = inflate_unet(components.unet)
+        add_lora(unet, rank=settings.rank, targets=targets)
+    params = trainable_parameters(unet)
+    for param in params:
+        param.data = param.data.float()  # trained in fp32, the frozen rest in `dtype`
+    gradient_checkpointing = settings.gradient_checkpointing
+    if gradient_checkpointing is None:
+        gradient_checkpointing = accelerator.device.type == "cuda"
+    if gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    unet.train()
+    optimizer = torch.optim.AdamW(_param_groups(unet, settings), weight_decay=ADAM_WEIGHT_DECAY,
+                                  fused=accelerator.device.type == "cuda")
+    unet, optimizer = accelerator.prepare(unet, optimizer)
+    generator = torch.Generator(accelerator.device).manual_seed(
+        settings.seed + accelerator.process_index)
+    record = {"settings": as_record(settings), "lora_targets": list(targets),
+              "base_model": components.model_id, "base_fingerprint": components.fingerprint,
+              "prediction_type": components.prediction_type,
+              "frames_key": project.require("frames", "extract")["key"],
+              "gradient_checkpointing": gradient_checkpointing, "vedit": __version__}
+    return _Run(unet, components, latents, prompt_embeds, optimizer, generator, accelerator,
+                settings, record)
+
+
+def _param_groups(unet: InflatedUNet, settings: TuneSettings) -> list[dict[str, Any]]:
+    lora = [p for n, p in unet.unet.named_parameters() if p.requires_grad and ".lora_" in n]
+    temporal = [p for n, p in unet.unet.named_parameters()
+                if p.requires_grad and ".attn_temp." in n]
+    return [{"params": temporal, "lr": settings.lr}, {"params": lora, "lr": settings.lora_lr}]
+
+
+def _unwrapped(run: _Run) -> InflatedUNet:
+    return run.accelerator.unwrap_model(run.unet)
+
+
+def noisy_batch(run: _Run, generator: torch.Generator, batch: int
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Latents of the clip noised at random timesteps, and the target the UNet should predict."""
+    scheduler = run.components.scheduler
+    latents = torch.cat([run.latents.sample(generator) for _ in range(batch)])
+    noise = torch.randn(latents.shape, generator=generator, device=latents.device)
+    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch,),
+                              generator=generator, device=latents.device)
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    if run.components.prediction_type == "v_prediction":
+        target = scheduler.get_velocity(latents, noise, timesteps)
+    else:
+        target = noise
+    return noisy, timesteps, target
+
+
+def training_loss(run: _Run, generator: torch.Generator, batch: int) -> torch.Tensor:
+    noisy, timesteps, target = noisy_batch(run, generator, batch)
+    prompts = run.prompt_embeds.expand(batch, -1, -1)
+    prediction = run.unet(noisy, timesteps, prompts)
+    return F.mse_loss(prediction.float(), target.float())
+
+
+@torch.no_grad()
+def fixed_draw_loss(run: _Run, draws: int = EVAL_DRAWS) -> float:
+    """The loss on the same noise and timestep draws every time: a number to compare before and
+    after tuning (the training loss itself jumps with each step's random timestep)."""
+    generator = torch.Generator(run.accelerator.device).manual_seed(1234)
+    was_training = run.unet.training
+    run.unet.eval()
+    with run.accelerator.autocast():
+        losses = [training_loss(run, generator, 1).item() for _ in range(draws)]
+    run.unet.train(was_training)
+    return round(sum(losses) / len(losses), 6)
+
+
+def _loop(project: Project, run: _Run, start_step: int,
+          reporter: Reporter) -> tuple[list[Path], float | None]:
+    accelerator, settings = run.accelerator, run.settings
+    params = [p for p in run.unet.parameters() if p.requires_grad]
+    step, smoothed, written = start_step, None, []
+    log = _LossLog(project.root / LOSS_LOG, start_step, accelerator.is_main_process)
+    tick = time.monotonic()
+    try:
+        with reporter.task("tuning", total=settings.steps) as task:
+            task.update(completed=start_step)
+            while step < settings.steps:
+                with accelerator.accumulate(run.unet):
+                    loss = training_loss(run, run.generator, settings.batch)
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients:
+                        accelerator.clip_grad_norm_(params, MAX_GRAD_NORM)
+                    run.optimizer.step()
+                    run.optimizer.zero_grad(set_to_none=True)
+                if not accelerator.sync_gradients:
+                    continue
+                step += 1
+                value = accelerator.gather(loss.detach()).mean().item()
+                if not math.isfinite(value):
+                    raise BadInputError(f"The loss became {value} at step {step}.",
+                                        "Lower --lr/--lora-lr, or use --mixed-precision bf16.")
+                smoothed = value if smoothed is None else _smooth(smoothed, value)
+                log.write(step, value, smoothed)
+                rate = (step - start_step) / max(time.monotonic() - tick, 1e-9)
+                task.update(completed=step, status=_status(smoothed, rate, accelerator.device))
+                if step == settings.steps or (settings.checkpoint_every
+                                              and step % settings.checkpoint_every == 0):
+                    written.append(save(project, run, step))
+    except KeyboardInterrupt:
+        saved = save(project, run, step) if step > start_step else None
+        where = f"; saved {saved.relative_to(project.root)}" if saved else ""
+        raise Interrupted(f"Tuning interrupted at step {step}{where}.",
+                          f"Continue with `vedit tune {project.root} --resume`.") from None
+    finally:
+        log.close()
+    return written, smoothed
+
+
+def _smooth(smoothed: float, value: float) -> float:
+    return _SMOOTHING * smoothed + (1 - _SMOOTHING) * value
+
+
+def _status(smoothed: float, rate: float, device: torch.device) -> str:
+    memory = _peak_memory_gb(device)
+    text = f"loss {smoothed:.4f} · {rate:.2f} it/s"
+    return text + (f" · {memory:.1f} GB" if memory is not None else "")
+
+
+class _LossLog:
+    """`logs/tune.jsonl`: one JSON line per step, for plotting; a resume cuts it at its step."""
+
+    def __init__(self, path: Path, start_step: int, enabled: bool) -> None:
+        self.handle = None
+        if not enabled:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        kept = []
+        if start_step and path.exists():
+            kept = [line for line in path.read_text().splitlines()
+                    if line and json.loads(line)["step"] <= start_step]
+        path.write_text("".join(line + "\n" for line in kept))
+        self.handle = path.open("a", encoding="utf-8")
+
+    def write(self, step: int, loss: float, smoothed: float) -> None:
+        if self.handle is not None:
+            self.handle.write(json.dumps({"step": step, "loss": round(loss, 6),
+                                          "smoothed": round(smoothed, 6),
+                                          "time": round(time.time(), 3)}) + "\n")
+            self.handle.flush()
+
+    def close(self) -> None:
+        if self.handle is not None:
+            self.handle.close()
+
+
+def save(project: Project, run: _Run, step: int) -> Path:
+    """Write `checkpoints/step-N/` (main process only; the others wait)."""
+    folder = checkpoints_dir(project) / f"step-{step}"
+    if run.accelerator.is_main_process:
+        unet = _unwrapped(run)
+        metadata = {"base_model": run.record["base_model"],
+                    "base_fingerprint": run.record["base_fingerprint"],
+                    "rank": str(run.settings.rank), "lora_alpha": str(run.settings.rank),
+                    "lora_targets": ",".join(run.record["lora_targets"]), "step": str(step),
+                    "vedit": __version__}
+        record = run.record | {"step": step, "id": uuid.uuid4().hex}
+        write_checkpoint(folder, record, lora_state_dict(unet),
+                         temporal_state_dict(unet),
+                         training_state(run.optimizer, {"noise": run.generator}), metadata)
+    run.accelerator.wait_for_everyone()
+    return folder
+
+
+def _start_fresh(project: Project, reporter: Reporter) -> None:
+    """A new tuning run replaces the checkpoints of an earlier one (--resume continues it)."""
+    old = list_checkpoints(project)
+    if old:
+        reporter.info(f"Replacing the {len(old)} checkpoint(s) of an earlier tuning run "
+                      "(--resume would have continued it).")
+    for checkpoint in old:
+        shutil.rmtree(checkpoint.path)
+
+
+def _resume_from(project: Project, run: _Run, reporter: Reporter) -> int:
+    """Load the latest checkpoint's weights and optimizer state; returns its step."""
+    found = list_checkpoints(project)
+    if not found:
+        raise ProjectError(f"Project {project.root} has no checkpoint to resume from.",
+                           "Run tune without --resume first.")
+    checkpoint = found[-1]
+    check_compatible(checkpoint, run.record)
+    load_weights(checkpoint, _unwrapped(run))
+    tensors, _ = load_tensors(checkpoint.path / TRAINING_FILE)
+    restore_training_state(tensors, run.optimizer, {"noise": run.generator})
+    if checkpoint.step >= run.settings.steps:
+        reporter.info(f"Already tuned to step {checkpoint.step}; raise --steps to go on.")
+    else:
+        reporter.info(f"Resuming from {checkpoint.name}.")
+    return checkpoint.step
+
+
+def recorded_settings(project_dir: Path) -> dict[str, Any]:
+    """The settings of the run that the latest checkpoint belongs to, for --resume."""
+    found = list_checkpoints(Project.open(Path(project_dir)))
+    return dict(found[-1].record.get("settings", {})) if found else {}
+
+
+def check_compatible(checkpoint: Checkpoint, record: dict[str, Any]) -> None:
+    """Refuse a checkpoint tuned on another base model, other frames or another LoRA shape."""
+    mine = checkpoint.record
+    if mine.get("base_fingerprint") != record["base_fingerprint"]:
+        raise BadInputError(
+            f"{checkpoint.name} was tuned on {mine.get('base_model', 'another model')}, "
+            f"not on {record['base_model']}.",
+            f"Use --model {mine.get('base_model')} or tune again from the start.")
+    if mine.get("frames_key") != record["frames_key"]:
+        raise BadInputError(f"{checkpoint.name} was tuned on other frames of this project.",
+                            "The frames were extracted again since; tune from the start.")
+    ours = (record["settings"]["rank"], record["lora_targets"])
+    theirs = (mine.get("settings", {}).get("rank"), mine.get("lora_targets"))
+    if ours != theirs:
+        raise BadInputError(f"{checkpoint.name} has LoRA rank {theirs[0]} on {theirs[1]}, "
+                            f"not rank {ours[0]} on {ours[1]}.",
+                            "Resume with the --rank and --lora-targets it was tuned with.")
+
+
+def _peak_memory_gb(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    return round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+
+
+def _memory_summary(device: torch.device) -> str:
+    if device.type != "cuda":
+        return "CPU"
+    free, total = torch.cuda.mem_get_info(device)
+    return f"{(total - free) / 2**30:.1f} of {total / 2**30:.1f} GB in use"
