@@ -7,8 +7,18 @@ _vedit() {
     done
     case "$cmd" in
         "")
-            if [[ $cur == -* ]]; then words="--version --install-completion --show-completion --help -h"; else words="edit extract fetch-models remux tune"; fi
+            if [[ $cur == -* ]]; then words="--version --install-completion --show-completion --help -h"; else words="demo doctor edit extract fetch-models remux tune"; fi
             COMPREPLY=($(compgen -W "$words" -- "$cur")) ;;
+        demo)
+            case "$prev" in
+                --output|-o) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+                --model|-m) return ;;
+            esac
+            if [[ $cur == -* ]]; then COMPREPLY=($(compgen -W "--output -o --model -m --json --quiet -q --debug --help -h" -- "$cur")); else COMPREPLY=($(true)); fi ;;
+        doctor)
+            case "$prev" in
+            esac
+            if [[ $cur == -* ]]; then COMPREPLY=($(compgen -W "--json --quiet -q --debug --help -h" -- "$cur")); else COMPREPLY=($(true)); fi ;;
         edit)
             case "$prev" in
                 --prompt|-p) return ;;

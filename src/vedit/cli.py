@@ -10,7 +10,7 @@ import typer
 from vedit import __version__
 from vedit import extract as extract_stage
 from vedit import remux as remux_stage
-from vedit.errors import EXIT_CODES, BadInputError, UsageError
+from vedit.errors import EXIT_CODES, BadInputError, EnvironmentProblem, UsageError
 from vedit.models import DEFAULT_MODEL
 from vedit.output import command_output
 from vedit.project import default_project_dir
@@ -72,6 +72,53 @@ def main_callback(
                                           help="Show the version and exit.")] = False,
 ) -> None:
     """Edit a video by text with Stable Diffusion (Tune-A-Video), sound included."""
+
+
+@app.command()
+def demo(
+    output: Annotated[Path, typer.Option(
+        "--output", "-o", help="A new folder for the demo's files.")] = Path("vedit-demo"),
+    model: Annotated[str | None, typer.Option(
+        "--model", "-m", help="Run the chain on a real base model instead of the tiny one.  "
+        "\\[default: a tiny random model built here]", show_default=False)] = None,
+    json_: JsonOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Run extract, tune, edit and remux on a clip made here, offline: does it work here?"""
+    with command_output(json_mode=json_, quiet=quiet, debug=debug) as out:
+        from vedit.demo import run_demo
+
+        result = run_demo(output, model=model, reporter=out.reporter)
+        total = sum(result.seconds.values())
+        lines = [f"Done in {total:.0f} s. Watch, with sound:"]
+        lines += [f"  {path}" for path in result.final_videos]
+        lines += ["Side by side:"] + [f"  {path}" for path in result.compare_videos]
+        out.result(result.to_dict(), "\n".join(lines))
+
+
+@app.command()
+def doctor(
+    json_: JsonOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Say what this machine can do for vedit: versions, device, kernels, encoders, models."""
+    with command_output(json_mode=json_, quiet=quiet, debug=debug) as out:
+        from vedit.doctor import device_name, run_checks
+
+        checks = run_checks()
+        lines = []
+        for check in checks:
+            lines.append(f"{check.status:8}{check.name:18}{check.detail}")
+            if check.hint:
+                lines.append(f"{'':26}{check.hint}")
+        ok = all(check.status != "error" for check in checks)
+        out.result({"ok": ok, "device": device_name() if ok else None,
+                    "checks": [c.to_dict() for c in checks]},
+                   "\n".join(lines))
+    if not ok:
+        raise typer.Exit(EnvironmentProblem.exit_code)
 
 
 @app.command("fetch-models")

@@ -78,6 +78,13 @@ class DiskError(VeditError):
     kind = "disk"
 
 
+class EnvironmentProblem(VeditError):
+    """This machine lacks something vedit needs (a library, an encoder): `vedit doctor` says."""
+
+    exit_code = 9
+    kind = "environment"
+
+
 class Interrupted(VeditError):
     """The user pressed Ctrl-C or the process got SIGTERM; finished work was kept."""
 
@@ -97,6 +104,7 @@ EXIT_CODES: dict[int, str] = {
     ModelNotFoundError.exit_code: "model missing and not downloadable",
     OutOfMemoryError.exit_code: "out of GPU memory",
     DiskError.exit_code: "could not write: disk full or no permission",
+    EnvironmentProblem.exit_code: "this machine lacks something vedit needs (see vedit doctor)",
     Interrupted.exit_code: "interrupted (Ctrl-C or SIGTERM); finished work was kept",
 }
 
