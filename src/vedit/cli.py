@@ -15,6 +15,7 @@ from vedit.models import DEFAULT_MODEL
 from vedit.output import command_output
 from vedit.project import default_project_dir
 from vedit.settings import (
+    DEFAULT_SIZE,
     EditSettings,
     ExtractSettings,
     TuneSettings,
@@ -54,8 +55,8 @@ SpreadOpt = Annotated[bool | None, typer.Option(
     "--spread/--no-spread", help="Spread the frames evenly from --start to --end instead of "
     "every --stride frames.", show_default=False)]
 SizeOpt = Annotated[str | None, typer.Option(
-    "--size", help=f"Short side in pixels (aspect kept), or WxH exact.  \\[default: {_D.size}]",
-    show_default=False)]
+    "--size", help="Short side in pixels (aspect kept), or WxH exact.  \\[default: the base "
+    f"model's native size with tune, else {DEFAULT_SIZE}]", show_default=False)]
 CropOpt = Annotated[bool | None, typer.Option(
     "--crop/--no-crop", help="Take the centre square.", show_default=False)]
 
@@ -287,19 +288,20 @@ def tune(
         if is_project and (project or any(v is not None for v in frame_flags.values())):
             raise UsageError("Frame options and --project go with a clip, not a project.",
                              "Give the clip instead, or run `vedit extract` again.")
-        result: dict[str, object] = {}
-        if not is_project:
-            extracted = extract_stage.extract(
-                target, project or default_project_dir(target),
-                resolve(ExtractSettings, values, overrides=frame_flags), out.reporter)
-            result["extract"] = extracted.to_dict()
-            target = extracted.project
-        recorded = tune_stage.recorded_settings(target) if resume else {}
+        recorded = tune_stage.recorded_settings(target) if resume and is_project else {}
         settings = resolve(TuneSettings, recorded, values, overrides=dict(
             prompt=prompt, model=model, steps=steps, lr=lr, lora_lr=lora_lr, rank=rank,
             lora_targets=lora_targets, batch=batch, grad_accum=grad_accum, seed=seed,
             mixed_precision=mixed_precision, gradient_checkpointing=gradient_checkpointing,
             checkpoint_every=checkpoint_every))
+        result: dict[str, object] = {}
+        if not is_project:
+            extracted = tune_stage.extract_for(
+                target, project or default_project_dir(target),
+                resolve(ExtractSettings, values, overrides=frame_flags), settings.model,
+                out.reporter)
+            result["extract"] = extracted.to_dict()
+            target = extracted.project
         tuned = tune_stage.tune(target, settings, resume=resume, reporter=out.reporter)
         result.update(tuned.to_dict())
         last = tuned.checkpoints[-1] if tuned.checkpoints else None

@@ -416,7 +416,15 @@ def load_components(model_spec: str | Path = DEFAULT_MODEL, *, device: str | tor
         unet=models["unet"], vae=models["vae"], text_encoder=models["text_encoder"],
         tokenizer=tokenizer, scheduler=scheduler, source=source, device=device, dtype=dtype,
         prediction_type=scheduler.config.prediction_type, vae_scale_factor=vae_scale_factor,
-        native_resolution=models["unet"].config.sample_size * vae_scale_factor)
+        native_resolution=native_resolution(source))
+
+
+def native_resolution(source: ModelSource) -> int:
+    """The frame side a base model was trained at (512 for SD 1.x, 768 for SD 2.x-768), from
+    its configs alone: `unet.sample_size` times the VAE's downscaling."""
+    unet = _read_json(source.path / "unet" / "config.json")
+    vae = _read_json(source.path / "vae" / "config.json")
+    return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
 
 
 def ddim_scheduler(model_folder: Path) -> DDIMScheduler:

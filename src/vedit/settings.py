@@ -23,6 +23,8 @@ from vedit.models import DEFAULT_MODEL
 
 T = TypeVar("T")
 
+#: The short side of frames when neither --size nor a base model says otherwise (SD 1.x's).
+DEFAULT_SIZE = 512
 #: Largest frame side vedit accepts; beyond it Stable Diffusion is both useless and out of memory.
 MAX_SIDE = 4096
 MIN_SIDE = 16
@@ -71,7 +73,7 @@ class ExtractSettings:
     start: float = 0.0
     end: float | None = None
     spread: bool = False
-    size: str = "512"
+    size: str | None = None  # None: the base model's native size with tune, else DEFAULT_SIZE
     crop: bool = False
 
     def __post_init__(self) -> None:
@@ -86,14 +88,14 @@ class ExtractSettings:
         if self.end is not None and self.end <= self.start:
             raise BadInputError(f"--end {self.end} is not after --start {self.start}.",
                                 "Give an end time in seconds after the start.")
-        size = parse_size(self.size)
+        size = self.frame_size
         if self.crop and size.short_side is None:
             raise BadInputError("--crop takes a single --size (the square's side), not WxH.",
                                 "Use --crop --size 512, or --size 768x432 without --crop.")
 
     @property
     def frame_size(self) -> FrameSize:
-        return parse_size(self.size)
+        return parse_size(self.size or DEFAULT_SIZE)
 
 
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")

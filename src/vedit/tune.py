@@ -9,6 +9,7 @@ weights stay in half precision on a GPU, and only the trained weights are checkp
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -36,6 +37,7 @@ from vedit.checkpoints import (
     write_checkpoint,
 )
 from vedit.errors import BadInputError, Interrupted, OutOfMemoryError, ProjectError
+from vedit.extract import ExtractResult, extract
 from vedit.inflate import InflatedUNet, inflate_unet
 from vedit.latents import FrameLatents, frame_latents
 from vedit.lora import (
@@ -45,11 +47,11 @@ from vedit.lora import (
     temporal_state_dict,
     trainable_parameters,
 )
-from vedit.models import Components, load_components
+from vedit.models import Components, load_components, native_resolution, resolve_model
 from vedit.progress import Reporter
 from vedit.project import Project
 from vedit.prompts import encode_prompts
-from vedit.settings import TuneSettings, as_record
+from vedit.settings import ExtractSettings, TuneSettings, as_record
 
 LOSS_LOG = "logs/tune.jsonl"
 MAX_GRAD_NORM = 1.0  # as the original's configs
@@ -131,6 +133,15 @@ def make_accelerator(settings: TuneSettings) -> Any:
                        gradient_accumulation_steps=settings.grad_accum)
 
 
+def extract_for(clip: Path, project_dir: Path, settings: ExtractSettings, model: str,
+                reporter: Reporter | None = None) -> ExtractResult:
+    """The one-shot form's extract: frames at the base model's native size unless --size."""
+    if settings.size is None:
+        size = native_resolution(resolve_model(model))
+        settings = dataclasses.replace(settings, size=str(size))
+    return extract(clip, project_dir, settings, reporter)
+
+
 def tune(project_dir: Path, settings: TuneSettings, *, resume: bool = False,
          reporter: Reporter | None = None) -> TuneResult:
     """Tune the inflated UNet on the project's frames; checkpoints go to `checkpoints/step-N/`."""
@@ -194,6 +205,10 @@ def _prepare(project: Project, settings: TuneSettings, accelerator: Any,
     dtype = weight_dtype(accelerator.mixed_precision)
     components = load_components(settings.model, device=accelerator.device, dtype=dtype,
                                  reporter=reporter)
+    frames = project.require("frames", "extract")
+    if min(frames["width"], frames["height"]) != components.native_resolution:
+        reporter.info(f"The frames are {frames['width']}x{frames['height']}; "
+                      f"{components.model_id} was trained at {components.native_resolution} px.")
     with accelerator.main_process_first():
         latents = frame_latents(project, components.vae, components.fingerprint, reporter)
     latents = latents.to(accelerator.device)
