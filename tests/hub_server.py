@@ -13,6 +13,7 @@ import hashlib
 import json
 import socket
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -87,6 +88,7 @@ class FakeHub:
         self.repos: dict[str, tuple[str, dict[str, HubFile]]] = {}
         self.requests: list[LoggedRequest] = []
         self._cut_offs: dict[str, _CutOff] = {}
+        self._slow: dict[str, int] = {}
         self._lock = threading.Lock()
         self._servers: list[ThreadingHTTPServer] = []
 
@@ -105,6 +107,10 @@ class FakeHub:
         files = {p.relative_to(folder).as_posix(): p.read_bytes()
                  for p in sorted(folder.rglob("*")) if p.is_file()}
         return self.add_repo(repo_id, {**files, **(extra or {})})
+
+    def slow_down(self, filename: str, bytes_per_second: int) -> None:
+        """Send `filename` at about this rate, so a test can interrupt a transfer midway."""
+        self._slow[filename] = bytes_per_second
 
     def cut_off(self, filename: str, after_bytes: int, *, then_fail: int = 0) -> None:
         """The next transfer of `filename` stops after `after_bytes` bytes and the connection
@@ -305,10 +311,29 @@ class _HubHandler(BaseHTTPRequestHandler):
             status, body = 206, content[start:]
             span = f"bytes {start}-{len(content) - 1}/{len(content)}"
             headers = {**headers, "Content-Range": span}
-        if cut_after is None:
+        rate = self.hub._slow.get(filename)
+        if rate:
+            self._trickle(status, body, headers, rate, start)
+        elif cut_after is None:
             self._answer(status, body, headers, range_start=start)
         else:
             self._drop_after(status, body, headers, cut_after, start)
+
+    def _trickle(self, status: int, body: bytes, headers: dict[str, str], rate: int,
+                 range_start: int | None) -> None:
+        """Send the body in small pieces at about `rate` bytes a second."""
+        self._headers(status, {**headers, "Content-Length": str(len(body))})
+        piece = max(1, rate // 20)
+        sent = 0
+        try:
+            for offset in range(0, len(body), piece):
+                self.wfile.write(body[offset:offset + piece])
+                self.wfile.flush()
+                sent += len(body[offset:offset + piece])
+                time.sleep(0.05)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client went away mid-transfer, as the test wants
+        self._record(status, range_start, sent, headers)
 
     def _drop_after(self, status: int, body: bytes, headers: dict[str, str], after: int,
                     range_start: int | None) -> None:

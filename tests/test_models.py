@@ -11,7 +11,7 @@ import torch
 from pipeline_files import NEEDED, UNET_FILE, snapshot_files
 
 from vedit import models
-from vedit.errors import BadInputError
+from vedit.errors import BadInputError, ModelNotFoundError
 from vedit.models import inspect_model_folder, load_components, resolve_model
 from vedit.tiny_model import build_tiny_model
 
@@ -118,7 +118,7 @@ def test_pickle_only_and_truncated_weights_are_refused(tiny_model: Path, tmp_pat
 def test_a_path_that_is_not_a_model_is_bad_input(tmp_path: Path) -> None:
     with pytest.raises(BadInputError, match="model_index.json"):
         resolve_model(tmp_path)
-    with pytest.raises(BadInputError, match="does not exist"):
+    with pytest.raises(ModelNotFoundError, match="does not exist"):
         resolve_model(tmp_path / "missing.safetensors")
     with pytest.raises(BadInputError):
         resolve_model("not a model id!")

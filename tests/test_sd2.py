@@ -33,7 +33,8 @@ def test_the_tuning_target_follows_the_prediction_type(fixture: str,
     components = load_components(request.getfixturevalue(fixture), device="cpu")
     clean = torch.randn(1, 4, 3, 8, 8, generator=torch.Generator().manual_seed(1))
     latents = FrameLatents(clean, torch.zeros_like(clean), Path("unused"), reused=True)
-    run = SimpleNamespace(components=components, latents=latents)
+    run = SimpleNamespace(scheduler=components.scheduler,
+                          prediction_type=components.prediction_type, latents=latents)
     noisy, timesteps, target = noisy_batch(run, torch.Generator().manual_seed(7), batch=2)
 
     replay = torch.Generator().manual_seed(7)  # the same draws, in the same order

@@ -1,5 +1,37 @@
-"""`python -m vedit` runs the CLI."""
+"""`vedit` and `python -m vedit`: run the CLI.
 
-from vedit.cli import main
+Commands map Ctrl-C and SIGTERM to a clean exit themselves (output.py); this covers the moments
+around them too (importing torch takes seconds), so no interrupt ever ends in a traceback.
+"""
 
-main()
+from __future__ import annotations
+
+import signal
+import sys
+from types import FrameType
+
+INTERRUPTED = 130  # errors.Interrupted.exit_code, without importing anything heavy first
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def main() -> None:
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        from vedit.cli import app
+
+        app()
+    except KeyboardInterrupt:
+        sys.stderr.write("error: Interrupted.\nhint: Nothing was changed; rerun the command.\n")
+        sys.exit(INTERRUPTED)
+    finally:
+        # The command has ended (app() always exits): a Ctrl-C from now on changes nothing,
+        # so it must not change the exit code either.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+if __name__ == "__main__":
+    main()

@@ -7,6 +7,7 @@ video; otherwise it re-encodes to AAC, trimmed and padded with silence to the sa
 
 from __future__ import annotations
 
+import errno
 import heapq
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ import av.error
 import numpy as np
 
 from vedit.errors import BadInputError
-from vedit.video import probe
+from vedit.video import open_input, probe
 
 #: Codecs the mp4 muxer takes as they are; others are re-encoded.
 MP4_AUDIO = {"aac", "mp3", "alac", "ac3", "eac3", "opus", "flac"}
@@ -50,19 +51,31 @@ def audio_suffix(codec: str) -> str:
     return ".m4a" if codec in MP4_AUDIO else ".mka"
 
 
-def copy_audio(source: Path, target: Path) -> None:
-    """Copy the first audio stream's packets of `source` into `target`, bytes unchanged."""
+def copy_audio(source: Path, target: Path) -> int:
+    """Copy the first audio stream's packets of `source` into `target`, bytes unchanged;
+    returns how many. An audio stream with no readable packet is a BadInputError."""
     container_format = "ipod" if target.suffix == ".m4a" else "matroska"
-    with av.open(str(source)) as inp, av.open(str(target), "w", format=container_format) as out:
-        in_stream = inp.streams.audio[0]
-        out_stream = out.add_stream_from_template(in_stream)
-        for packet in inp.demux(in_stream):
-            if packet.size == 0:  # the demuxer's end-of-stream marker
-                continue
-            if packet.dts is None:
-                packet.dts = packet.pts
-            packet.stream = out_stream
-            out.mux(packet)
+    copied = 0
+    try:
+        with open_input(source) as inp, \
+                av.open(str(target), "w", format=container_format) as out:
+            in_stream = inp.streams.audio[0]
+            out_stream = out.add_stream_from_template(in_stream)
+            for packet in inp.demux(in_stream):
+                if packet.size == 0:  # the demuxer's end-of-stream marker
+                    continue
+                if packet.dts is None:
+                    packet.dts = packet.pts
+                packet.stream = out_stream
+                out.mux(packet)
+                copied += 1
+    except av.error.FFmpegError as exc:
+        raise BadInputError(f"The audio of {source.name} could not be read ({exc.strerror}).",
+                            "Re-encode the clip's sound with ffmpeg.") from None
+    if not copied or not target.is_file():
+        raise BadInputError(f"The audio stream of {source.name} has no readable sound.",
+                            "Re-encode the clip's sound with ffmpeg.")
+    return copied
 
 
 def mux(video: Path, audio: Path | None, target: Path, *, audio_from: float = 0.0) -> MuxResult:
@@ -73,18 +86,20 @@ def mux(video: Path, audio: Path | None, target: Path, *, audio_from: float = 0.
     """
     duration = probe(video).duration
     try:
-        with av.open(str(video)) as video_in, \
+        with open_input(video) as video_in, \
                 av.open(str(target), "w", format="mp4", options={"movflags": "+faststart"}) as out:
             video_packets, video_mode = _video_packets(video_in, out)
             if audio is None:
                 for _, packet in video_packets:
                     out.mux(packet)
                 return MuxResult(target, duration, None, "none", video_mode)
-            with av.open(str(audio)) as audio_in:
+            with open_input(audio) as audio_in:
                 audio_packets, audio_mode = _audio_packets(audio_in, out, audio_from, duration)
                 for _, packet in heapq.merge(video_packets, audio_packets, key=lambda x: x[0]):
                     out.mux(packet)
     except av.error.FFmpegError as exc:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise  # a full disk, not a bad video: errors.py says so
         raise BadInputError(
             f"Could not mux {video.name}: {exc.strerror or exc}.",
             "Check that the video plays; re-encode it with ffmpeg if not.") from None
@@ -251,7 +266,7 @@ def _blocks(chunks: Iterator[np.ndarray], total: int,
 
 def _audio_duration(path: Path) -> float | None:
     """The sound's playing time, as the container states it (after AAC priming is skipped)."""
-    with av.open(str(path)) as container:
+    with open_input(path) as container:
         if not container.streams.audio:
             return None
         stream = container.streams.audio[0]

@@ -109,8 +109,12 @@ def write_checkpoint(folder: Path, record: dict[str, Any], lora: dict[str, torch
 
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Write a safetensors file through Python's own file layer, so that a full disk surfaces
+    as the OSError (ENOSPC) every other write gives."""
     contiguous = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    safetensors.torch.save_file(contiguous, str(path), metadata=metadata)
+    data = safetensors.torch.save(contiguous, metadata=metadata)
+    with open(path, "wb") as handle:
+        handle.write(data)
 
 
 def load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -175,10 +179,20 @@ def load_weights(checkpoint: Checkpoint, unet: InflatedUNet) -> None:
     temporal, _ = load_tensors(checkpoint.path / TEMPORAL_FILE)
     own = unet.temporal_parameters()
     for name, tensor in temporal.items():
-        if name not in own or own[name].shape != tensor.shape:
+        if name not in own:
+            raise BadInputError(f"{checkpoint.name}/{TEMPORAL_FILE} holds a weight vedit does "
+                                f"not know ({name}): it is not a vedit checkpoint.",
+                                "Use a checkpoint written by `vedit tune`.")
+        if own[name].shape != tensor.shape:
             raise BadInputError(f"{checkpoint.name} does not fit this UNet ({name}).",
                                 "It was tuned on another base model.")
-        with torch.no_grad():
+    missing = sorted(k for k in own if k not in temporal and ".attn_temp." in k)
+    if missing:
+        raise BadInputError(f"{checkpoint.name}/{TEMPORAL_FILE} lacks {len(missing)} weights "
+                            f"(e.g. {missing[0]}).",
+                            "The file is incomplete; use another checkpoint.")
+    with torch.no_grad():
+        for name, tensor in temporal.items():
             own[name].copy_(tensor)
 
 

@@ -288,7 +288,7 @@ def tune(
         if is_project and (project or any(v is not None for v in frame_flags.values())):
             raise UsageError("Frame options and --project go with a clip, not a project.",
                              "Give the clip instead, or run `vedit extract` again.")
-        recorded = tune_stage.recorded_settings(target) if resume and is_project else {}
+        recorded = tune_stage.recorded_settings(target, resume=resume) if is_project else {}
         settings = resolve(TuneSettings, recorded, values, overrides=dict(
             prompt=prompt, model=model, steps=steps, lr=lr, lora_lr=lora_lr, rank=rank,
             lora_targets=lora_targets, batch=batch, grad_accum=grad_accum, seed=seed,
@@ -353,6 +353,16 @@ def edit(
         "--inversion-prompt/--empty-inversion-prompt", help="Invert with the tuning prompt "
         "instead of the empty one.  \\[default: empty, as the original]",
         show_default=False)] = None,
+    full: Annotated[bool | None, typer.Option(
+        "--full/--tuned-frames", help="Edit every frame of the clip's span (extract's "
+        "--start/--end) at the source frame rate, in overlapping windows, not only the tuned "
+        "frames.  \\[default: the tuned frames]", show_default=False)] = None,
+    window: Annotated[int | None, typer.Option(
+        "--window", help="With --full: frames the UNet sees at once.  \\[default: the tuned "
+        "frame count]", show_default=False)] = None,
+    overlap: Annotated[int | None, typer.Option(
+        "--overlap", help="With --full: frames neighbouring windows share.  \\[default: a "
+        "quarter of the window]", show_default=False)] = None,
     config: ConfigOpt = None,
     json_: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -366,10 +376,11 @@ def edit(
         settings = resolve(EditSettings, values, overrides=dict(
             checkpoint=checkpoint, steps=steps, guidance=guidance,
             negative_prompt=negative_prompt, seed=seed, formats=formats, batch=batch,
-            inversion=inversion, inversion_prompt=inversion_prompt))
+            inversion=inversion, inversion_prompt=inversion_prompt, full=full, window=window,
+            overlap=overlap))
         prompts = list(prompt or []) + (read_prompts(prompts_file) if prompts_file else [])
         result = edit_stage.edit(project, prompts, settings, name=name, reporter=out.reporter)
-        lines = [f"{e.folder}/video.mp4  ({e.prompt})" for e in result.edits]
+        lines = [f"{e.folder}/video.mp4  ({e.prompt}, {e.frames} frames)" for e in result.edits]
         out.result(result.to_dict(), "\n".join(lines))
 
 
@@ -409,8 +420,3 @@ def remux(
                                     reporter=out.reporter)
         lines = [f"{r.path} ({r.video_duration:.2f} s, audio: {r.audio_mode})" for r in results]
         out.result({"outputs": [r.to_dict() for r in results]}, "\n".join(lines))
-
-
-def main() -> None:
-    """Console-script entry point."""
-    app()

@@ -4,13 +4,18 @@ As a diffusers pipeline, in small named steps: load the tuned model, encode the 
 invert the clip's latents (cached, invert.py), sample each prompt with classifier-free
 guidance, decode in slices, write `edits/NAME/` (video.mp4, compare.mp4, optional gif and
 PNG frames, edit.toml). Under `accelerate launch` the prompts are split across processes.
+
+The clip is the tuned frames, or with `full` every frame of the source's span at its own
+frame rate. Both go through the same code: the tuned frames are one window of all frames,
+the span overlapping windows blended at every step (windows.py). The clip's latents and
+noise stay on the CPU, in fp16 as stored; only one window at a time visits the GPU.
 """
 
 from __future__ import annotations
 
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,14 +29,29 @@ from vedit import __version__, tomlio
 from vedit.checkpoints import Checkpoint, find_checkpoint, tuned_unet
 from vedit.errors import BadInputError, OutOfMemoryError
 from vedit.extract import frame_paths
-from vedit.invert import Inversion, cached_inversion, ddim_invert, inversion_key, predict
-from vedit.latents import frame_latents, latents_key
+from vedit.invert import (
+    Inversion,
+    cached_inversion,
+    ddim_invert,
+    inversion_key,
+    predict,
+    unet_device,
+)
+from vedit.latents import clip_span, frame_latents, latents_key, span_images, span_latents
 from vedit.models import Components, load_components
 from vedit.progress import Reporter
 from vedit.project import Project, atomic_dir
 from vedit.prompts import encode_prompts
 from vedit.settings import EditSettings, as_record
-from vedit.video import write_gif, write_mp4
+from vedit.video import Mp4Writer, write_gif
+from vedit.windows import (
+    ResumeFile,
+    WindowPlan,
+    WindowSettings,
+    denoise_in_windows,
+    plan_windows,
+    single_window,
+)
 
 EDITS_DIR = "edits"
 DECODE_SLICE = 8  # frames the VAE decodes at once: bounded memory for long clips
@@ -48,11 +68,31 @@ class EditOutput:
     seed: int
     checkpoint: str
     inversion: dict[str, Any] | None
+    frames: int
+    full: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "prompt": self.prompt, "folder": str(self.folder),
                 "files": self.files, "seed": self.seed, "checkpoint": self.checkpoint,
-                "inversion": self.inversion}
+                "inversion": self.inversion, "frames": self.frames, "full": self.full}
+
+
+@dataclass(frozen=True)
+class EditClip:
+    """What an edit renders: the clip's latents, its frames' times, the windows it is denoised
+    in, and a way to read its source frames again (for the side-by-side)."""
+
+    latents: torch.Tensor  # (1, c, f, h, w), fp16 as stored, on the CPU
+    latents_key: str
+    times: list[float]
+    interval: float
+    plan: WindowPlan
+    sources: Callable[[], Iterator[np.ndarray]]
+    full: dict[str, Any] | None  # --full's facts; None for the tuned frames
+
+    @property
+    def num_frames(self) -> int:
+        return len(self.times)
 
 
 @dataclass
@@ -92,10 +132,12 @@ def unique_names(project: Project, prompts: Sequence[str], name: str | None) -> 
 
 def edit(project_dir: Path, prompts: Sequence[str], settings: EditSettings | None = None, *,
          name: str | None = None, reporter: Reporter | None = None) -> EditResult:
-    """Render each prompt from the project's latest (or chosen) checkpoint."""
+    """Render each prompt from the project's latest (or chosen) checkpoint: the tuned frames,
+    or with `settings.full` every frame of the clip's span, in windows."""
     from accelerate import PartialState
 
     settings = settings or EditSettings()
+    full = settings.windows
     reporter = reporter or Reporter()
     prompts = [p.strip() for p in prompts if p.strip()]
     if not prompts:
@@ -106,40 +148,78 @@ def edit(project_dir: Path, prompts: Sequence[str], settings: EditSettings | Non
     project = Project.open(Path(project_dir))
     checkpoint = find_checkpoint(project, settings.checkpoint)
     names = unique_names(project, prompts, name)
+    jobs = list(zip(prompts, names, strict=True))
     try:
         if state.is_main_process:
             with project.lock("edit"):
-                outputs = _render(project, checkpoint, list(zip(prompts, names, strict=True)),
-                                  settings, state, reporter)
+                outputs = _render(project, checkpoint, jobs, settings, full, state, reporter)
         else:
-            outputs = _render(project, checkpoint, list(zip(prompts, names, strict=True)),
-                              settings, state, reporter)
+            outputs = _render(project, checkpoint, jobs, settings, full, state, reporter)
     except torch.OutOfMemoryError:
         raise OutOfMemoryError(
             "Editing ran out of GPU memory.",
+            "Try a smaller --window (or --batch 1)." if full else
             "Try --batch 1, fewer frames (vedit extract --frames) or a smaller --size.") from None
     return EditResult(project.root, outputs, time.monotonic() - started, str(state.device))
 
 
 def _render(project: Project, checkpoint: Checkpoint, jobs: list[tuple[str, str]],
-            settings: EditSettings, state: Any, reporter: Reporter) -> list[EditOutput]:
+            settings: EditSettings, full: WindowSettings | None, state: Any,
+            reporter: Reporter) -> list[EditOutput]:
     components = load_components(checkpoint.record["base_model"], device=state.device,
                                  reporter=reporter)
     unet = tuned_unet(checkpoint, components.unet, components.fingerprint)
     with state.main_process_first():
-        latents = frame_latents(project, components.vae, components.fingerprint, reporter)
-        inversion = _inversion(project, checkpoint, components, unet, latents.mean, settings,
+        clip = (span_clip(project, components, full, reporter) if full is not None
+                else tuned_clip(project, components, reporter))
+        inversion = _inversion(project, checkpoint, components, unet, clip, settings,
                                reporter) if settings.inversion else None
     outputs = []
     with state.split_between_processes(jobs) as mine:
         for start in range(0, len(mine), settings.batch):
             batch = mine[start:start + settings.batch]
-            frames = _sample_and_decode(components, unet, latents.mean.shape, inversion,
-                                        [p for p, _ in batch], settings, reporter)
-            for (prompt, edit_name), video in zip(batch, frames, strict=True):
-                outputs.append(write_edit(project, edit_name, prompt, video, checkpoint,
-                                          inversion, settings))
+            latents = _sample(components, unet, clip, inversion, [p for p, _ in batch],
+                              settings, reporter)
+            for (prompt, edit_name), video in zip(batch, latents, strict=True):
+                frames = decode_frames(components.vae, video, reporter=reporter)
+                outputs.append(write_edit(project, edit_name, prompt, frames, checkpoint,
+                                          inversion, settings, clip))
     return _gather(outputs, state)
+
+
+def tuned_clip(project: Project, components: Components, reporter: Reporter) -> EditClip:
+    """The tuned frames, all in one window. Their latents are rounded to fp16, as a span's are
+    stored, so that a span of the same frames gives exactly this edit (the UNet reads fp16 on
+    a GPU anyway)."""
+    latents = frame_latents(project, components.vae, components.fingerprint, reporter)
+    frames = project.require("frames", "extract")
+    paths = frame_paths(project)
+    return EditClip(
+        latents=latents.mean.half().cpu(),
+        latents_key=latents_key(project, components.fingerprint),
+        times=[float(t) for t in frames["times"]], interval=float(frames["interval"]),
+        plan=single_window(latents.num_frames),
+        sources=lambda: (np.asarray(Image.open(p).convert("RGB")) for p in paths),
+        full=None)
+
+
+def span_clip(project: Project, components: Components, settings: WindowSettings,
+              reporter: Reporter) -> EditClip:
+    """Every frame of the clip's span at the source's rate, in windows of the tuned frame count
+    (or `settings`)."""
+    span = clip_span(project, reporter)
+    tuned_frames = int(project.require("frames", "extract")["count"])
+    plan = plan_windows(span.num_frames, settings, tuned_frames)
+    latents = span_latents(project, span, components.vae, components.fingerprint, reporter)
+    facts = {"window": plan.window, "overlap": plan.overlap, "windows": len(plan),
+             "span_frames": span.num_frames, "start": round(span.times[0], 6),
+             "end": round(span.times[-1] + span.interval, 6), "fps": float(span.info.fps)}
+    how = (f"{len(plan)} windows of {plan.window} frames (overlap {plan.overlap})"
+           if len(plan) > 1 else "one window")
+    reporter.info(f"Editing all {span.num_frames} frames of the clip in {how}.")
+    return EditClip(latents=latents.mean, latents_key=latents.key, times=span.times,
+                    interval=span.interval, plan=plan, sources=lambda: span_images(span),
+                    full=facts)
 
 
 def _gather(outputs: list[EditOutput], state: Any) -> list[EditOutput]:
@@ -151,125 +231,153 @@ def _gather(outputs: list[EditOutput], state: Any) -> list[EditOutput]:
 
 
 def _inversion(project: Project, checkpoint: Checkpoint, components: Components, unet: Any,
-               latents: torch.Tensor, settings: EditSettings, reporter: Reporter) -> Inversion:
+               clip: EditClip, settings: EditSettings, reporter: Reporter) -> Inversion:
     prompt = checkpoint.record["settings"]["prompt"] if settings.inversion_prompt else ""
-    key = inversion_key(checkpoint, latents_key(project, components.fingerprint),
-                        settings.steps, prompt, components.scheduler.config)
+    key = inversion_key(checkpoint, clip.latents_key, settings.steps, prompt,
+                        components.scheduler.config, clip.plan)
 
-    def compute() -> torch.Tensor:
+    def compute(resume: ResumeFile) -> torch.Tensor:
         embeds = encode_prompts(components, [prompt], reporter)
-        return ddim_invert(unet, components.scheduler.config, latents, embeds, settings.steps,
-                           reporter)
+        return ddim_invert(unet, components.scheduler.config, clip.latents.float(), embeds,
+                           settings.steps, reporter, plan=clip.plan, resume=resume)
 
     return cached_inversion(project, key, compute, reporter)
 
 
-def _start_noise(shape: torch.Size, inversion: Inversion | None, count: int, seed: int,
-                 device: torch.device) -> torch.Tensor:
-    """Each prompt starts from the inverted noise, or (with --no-inversion) seeded noise."""
+def _start_noise(shape: torch.Size, inversion: Inversion | None, count: int,
+                 seed: int) -> torch.Tensor:
+    """Each prompt starts from the inverted noise, or (with --no-inversion) noise seeded on the
+    CPU: the same seed gives the same noise on every device, and a whole clip's noise never
+    sits on the GPU."""
     if inversion is not None:
-        return inversion.noise.to(device).expand(count, *shape[1:]).clone()
-    generator = torch.Generator(device).manual_seed(seed)
-    return torch.randn((count, *shape[1:]), generator=generator, device=device)
+        return inversion.noise.float().expand(count, *shape[1:]).clone()
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn((count, *shape[1:]), generator=generator)
 
 
 @torch.no_grad()
 def ddim_sample(unet: Any, scheduler: Any, noise: torch.Tensor, cond: torch.Tensor,
                 uncond: torch.Tensor, guidance: float, steps: int,
-                reporter: Reporter | None = None, label: str = "sampling") -> torch.Tensor:
+                reporter: Reporter | None = None, label: str = "sampling", *,
+                plan: WindowPlan | None = None) -> torch.Tensor:
     """DDIM from `noise` `(b, c, f, h, w)` with classifier-free guidance (one batched call for
-    the unconditional and conditional halves; guidance 1 needs only the conditional one)."""
-    reporter = reporter or Reporter()
-    scheduler.set_timesteps(steps, device=noise.device)
-    sample = noise.float()
-    with reporter.task(label, total=len(scheduler.timesteps)) as task:
-        for timestep in scheduler.timesteps:
-            if guidance == 1.0:
-                model_output = predict(unet, sample, timestep, cond)
-            else:
-                both = predict(unet, torch.cat([sample, sample]), timestep,
-                               torch.cat([uncond, cond]))
-                unconditional, conditional = both.chunk(2)
-                model_output = unconditional + guidance * (conditional - unconditional)
-            sample = scheduler.step(model_output, timestep, sample).prev_sample
-            task.advance()
-    return sample
+    the unconditional and conditional halves; guidance 1 needs only the conditional one), in
+    the windows of `plan` (default: all frames at once). The result stays on the noise's
+    device; each window runs on the UNet's."""
+    device = unet_device(unet, noise.device)
+    scheduler.set_timesteps(steps, device=device)
+    step = guided_step(unet, scheduler, cond.to(device), uncond.to(device), guidance)
+    return denoise_in_windows(noise, scheduler.timesteps, step,
+                              plan or single_window(noise.shape[2]), device=device,
+                              label=label, reporter=reporter)
 
 
-@torch.no_grad()
-def decode_latents(vae: Any, latents: torch.Tensor, slice_size: int = DECODE_SLICE,
-                   reporter: Reporter | None = None) -> np.ndarray:
-    """Latents `(c, f, h, w)` to RGB frames `(f, H, W, 3)` uint8, a slice of frames at a time."""
+def guided_step(unet: Any, scheduler: Any, cond: torch.Tensor, uncond: torch.Tensor,
+                guidance: float) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """One DDIM step of a window's latents under classifier-free guidance."""
+
+    def step(sample: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        if guidance == 1.0:
+            model_output = predict(unet, sample, timestep, cond)
+        else:
+            both = predict(unet, torch.cat([sample, sample]), timestep,
+                           torch.cat([uncond, cond]))
+            unconditional, conditional = both.chunk(2)
+            model_output = unconditional + guidance * (conditional - unconditional)
+        return scheduler.step(model_output, timestep, sample).prev_sample
+
+    return step
+
+
+def decode_frames(vae: Any, latents: torch.Tensor, slice_size: int = DECODE_SLICE,
+                  reporter: Reporter | None = None) -> Iterator[np.ndarray]:
+    """Latents `(c, f, h, w)` to RGB frames `(H, W, 3)` uint8, one at a time, the VAE decoding a
+    slice of frames at once: memory holds a slice, not the clip."""
     reporter = reporter or Reporter()
     if next(vae.parameters()).dtype == torch.float16 and vae.config.get("force_upcast", False):
         vae.to(torch.float32)  # as diffusers' pipelines: this VAE overflows in fp16
     weight = next(vae.parameters())
     frames = rearrange(latents, "c f h w -> f c h w") / vae.config.scaling_factor
-    images = []
     with reporter.task("decoding", total=len(frames)) as task:
         for start in range(0, len(frames), slice_size):
             chunk = frames[start:start + slice_size].to(weight.device, weight.dtype)
-            image = vae.decode(chunk).sample.float()
-            images.append(((image / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).cpu())
+            with torch.no_grad():
+                image = vae.decode(chunk).sample.float()
+            pixels = ((image / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+            yield from rearrange(pixels, "f c h w -> f h w c").numpy()
             task.advance(len(chunk))
-    return rearrange(torch.cat(images), "f c h w -> f h w c").numpy()
 
 
-def _sample_and_decode(components: Components, unet: Any, shape: torch.Size,
-                       inversion: Inversion | None, prompts: list[str], settings: EditSettings,
-                       reporter: Reporter) -> list[np.ndarray]:
-    device = components.device
+def decode_latents(vae: Any, latents: torch.Tensor, slice_size: int = DECODE_SLICE,
+                   reporter: Reporter | None = None) -> np.ndarray:
+    """All frames of `decode_frames` as one array `(f, H, W, 3)`."""
+    return np.stack(list(decode_frames(vae, latents, slice_size, reporter)))
+
+
+def _sample(components: Components, unet: Any, clip: EditClip, inversion: Inversion | None,
+            prompts: list[str], settings: EditSettings, reporter: Reporter) -> torch.Tensor:
+    """The edited latents `(b, c, f, h, w)` of a batch of prompts, on the CPU."""
     cond = encode_prompts(components, prompts, reporter)
     uncond = encode_prompts(components, [settings.negative_prompt] * len(prompts), reporter)
-    noise = _start_noise(shape, inversion, len(prompts), settings.seed, device)
+    noise = _start_noise(clip.latents.shape, inversion, len(prompts), settings.seed)
     label = f"sampling {prompts[0][:40]!r}" + (f" (+{len(prompts) - 1})" if len(prompts) > 1
                                                 else "")
-    latents = ddim_sample(unet, components.scheduler, noise, cond, uncond, settings.guidance,
-                          settings.steps, reporter, label)
-    return [decode_latents(components.vae, clip, reporter=reporter) for clip in latents]
+    return ddim_sample(unet, components.scheduler, noise, cond, uncond, settings.guidance,
+                       settings.steps, reporter, label, plan=clip.plan)
 
 
-def write_edit(project: Project, name: str, prompt: str, frames: np.ndarray,
-               checkpoint: Checkpoint, inversion: Inversion | None,
-               settings: EditSettings) -> EditOutput:
-    """Write `edits/NAME/` whole (a folder that exists is complete)."""
-    record = project.require("frames", "extract")
-    times, interval = list(record["times"]), float(record["interval"])
+def write_edit(project: Project, name: str, prompt: str, frames: Iterable[np.ndarray],
+               checkpoint: Checkpoint, inversion: Inversion | None, settings: EditSettings,
+               clip: EditClip) -> EditOutput:
+    """Write `edits/NAME/` whole (a folder that exists is complete), streaming `frames` into
+    every output at once, so a long clip never waits whole in memory."""
     folder = project.root / EDITS_DIR / name
     files = {"video": "video.mp4", "compare": "compare.mp4", "settings": "edit.toml"}
+    wanted = settings.format_list
+    gif_frames: list[np.ndarray] = []
+    count = 0
     with atomic_dir(folder) as staging:
-        write_mp4(staging / "video.mp4", list(frames), times, interval)
-        sources = [np.asarray(Image.open(p).convert("RGB")) for p in frame_paths(project)]
-        write_mp4(staging / "compare.mp4", side_by_side(sources, list(frames), prompt), times,
-                  interval)
-        if "gif" in settings.format_list:
-            write_gif(staging / "video.gif", list(frames), interval)
-            files["gif"] = "video.gif"
-        if "frames" in settings.format_list:
+        if "frames" in wanted:
             (staging / "frames").mkdir()
-            for index, frame in enumerate(frames):
-                Image.fromarray(frame).save(staging / "frames" / f"{index:05d}.png")
             files["frames"] = "frames"
+        with Mp4Writer(staging / "video.mp4", clip.times, clip.interval) as video, \
+                Mp4Writer(staging / "compare.mp4", clip.times, clip.interval) as compare:
+            bar = None
+            for source, frame in zip(clip.sources(), frames, strict=True):
+                video.add(frame)
+                bar = bar if bar is not None else caption_bar(prompt, frame)
+                compare.add(side_by_side(source, frame, bar))
+                if "frames" in wanted:
+                    Image.fromarray(frame).save(staging / "frames" / f"{count:05d}.png")
+                if "gif" in wanted:
+                    gif_frames.append(frame)
+                count += 1
+        if gif_frames:
+            write_gif(staging / "video.gif", gif_frames, clip.interval)
+            files["gif"] = "video.gif"
         inversion_facts = inversion.to_dict() if inversion else None
-        (staging / "edit.toml").write_text(tomlio.dumps({
-            "prompt": prompt, "checkpoint": checkpoint.name, "settings": as_record(settings),
-            "inversion": inversion_facts, "frames": len(frames), "vedit": __version__,
-        }), encoding="utf-8")
+        record = {"prompt": prompt, "checkpoint": checkpoint.name,
+                  "settings": as_record(settings), "inversion": inversion_facts,
+                  "frames": count, "vedit": __version__}
+        if clip.full is not None:
+            record["full"] = clip.full
+        (staging / "edit.toml").write_text(tomlio.dumps(record), encoding="utf-8")
     return EditOutput(name, prompt, folder, {k: str(folder / v) for k, v in files.items()},
-                      settings.seed, checkpoint.name, inversion_facts)
+                      settings.seed, checkpoint.name, inversion_facts, count, clip.full)
 
 
-def side_by_side(sources: Sequence[np.ndarray], edits: Sequence[np.ndarray],
-                 caption: str) -> list[np.ndarray]:
-    """Source | edit, with the prompt written under them."""
-    height, width = edits[0].shape[:2]
-    bar = _caption_bar(caption, 2 * width, max(16, height // 8))
-    joined = []
-    for source, edited in zip(sources, edits, strict=True):
-        if source.shape != edited.shape:
-            source = np.asarray(Image.fromarray(source).resize((width, height)))
-        joined.append(np.concatenate([np.concatenate([source, edited], axis=1), bar]))
-    return joined
+def side_by_side(source: np.ndarray, edited: np.ndarray, bar: np.ndarray) -> np.ndarray:
+    """Source | edit, with the caption bar under them."""
+    if source.shape != edited.shape:
+        height, width = edited.shape[:2]
+        source = np.asarray(Image.fromarray(source).resize((width, height)))
+    return np.concatenate([np.concatenate([source, edited], axis=1), bar])
+
+
+def caption_bar(text: str, frame: np.ndarray) -> np.ndarray:
+    """The prompt, written under a side-by-side of two frames like `frame`."""
+    height, width = frame.shape[:2]
+    return _caption_bar(text, 2 * width, max(16, height // 8))
 
 
 def _caption_bar(text: str, width: int, height: int) -> np.ndarray:

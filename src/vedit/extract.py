@@ -8,9 +8,9 @@ they divide the span evenly; each target takes the frame shown nearest to it.
 from __future__ import annotations
 
 import bisect
+import os
 import shutil
 import time
-from contextlib import ExitStack
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -21,7 +21,7 @@ from PIL import Image
 from vedit import audio
 from vedit.errors import BadInputError
 from vedit.progress import Reporter
-from vedit.project import FORMAT, Project, atomic_dir, atomic_file, cache_key, file_sha256
+from vedit.project import FORMAT, Project, atomic_dir, cache_key, file_sha256, temp_beside
 from vedit.settings import ExtractSettings, FrameSize, as_record
 from vedit.video import VideoInfo, probe, read_frames
 
@@ -211,19 +211,26 @@ def _extract_into(project: Project, info: VideoInfo, plan: FramePlan, settings: 
         reporter.info(f"Frames in {project.root} are up to date; nothing to do.")
         return _result(project, frames, info, sha256, reused=True)
 
-    with atomic_dir(project.frames_dir) as staging, ExitStack() as stack:
-        with reporter.task("decoding frames", total=len(plan.indices)) as task:
-            for position, image in _frames_in_order(info, plan):
-                fitted = fit_frame(image.convert("RGB"), plan.width, plan.height)
-                fitted.save(staging / f"{position:05d}.png", compress_level=1)
-                task.advance()
-        if audio_path is not None:
-            audio.copy_audio(info.path, stack.enter_context(atomic_file(audio_path)))
-        # The old frames are replaced as this block ends: forget them first, so a crash in
-        # between leaves a project without frames rather than new frames under an old record.
-        for name in ("frames", "source"):
-            project.record.pop(name, None)
-        project.save()
+    audio_temp = _copy_audio(info, audio_path, reporter) if audio_path else None
+    if audio_temp is None:
+        audio_path = None
+    try:
+        with atomic_dir(project.frames_dir) as staging:
+            with reporter.task("decoding frames", total=len(plan.indices)) as task:
+                for position, image in _frames_in_order(info, plan):
+                    fitted = fit_frame(image.convert("RGB"), plan.width, plan.height)
+                    fitted.save(staging / f"{position:05d}.png", compress_level=1)
+                    task.advance()
+            # The old frames are replaced as this block ends: forget them first, so a crash in
+            # between leaves a project without frames rather than new frames under an old record.
+            for name in ("frames", "source"):
+                project.record.pop(name, None)
+            project.save()
+        if audio_temp is not None and audio_path is not None:
+            os.replace(audio_temp, audio_path)
+    finally:
+        if audio_temp is not None:
+            audio_temp.unlink(missing_ok=True)
     for stale in project.source_dir.glob("audio.*"):
         if stale != audio_path:
             stale.unlink()
@@ -243,6 +250,19 @@ def _extract_into(project: Project, info: VideoInfo, plan: FramePlan, settings: 
     )
     project.save()
     return _result(project, project.record["frames"], info, sha256, reused=False)
+
+
+def _copy_audio(info: VideoInfo, audio_path: Path, reporter: Reporter) -> Path | None:
+    """The clip's audio packets copied beside their final place; None (and a warning) when the
+    audio stream cannot be read, so a clip with broken sound still gives a (silent) project."""
+    temp = temp_beside(audio_path)
+    try:
+        audio.copy_audio(info.path, temp)
+    except BadInputError as exc:
+        temp.unlink(missing_ok=True)
+        reporter.warn(f"{exc.message} The project will be silent.")
+        return None
+    return temp
 
 
 def _frames_in_order(info: VideoInfo, plan: FramePlan) -> list[tuple[int, Image.Image]]:

@@ -5,11 +5,16 @@ same model turns back into the clip; sampling from it under a new prompt keeps t
 structure and motion (Tune-A-Video, section 3.3). The original inverts with the empty prompt
 and no guidance; `prompt` may be the source prompt instead. diffusers' `DDIMInverseScheduler`
 does each step, so v-prediction bases invert correctly too.
+
+A long clip is inverted in overlapping windows (windows.py); the tuned frames are one window.
+The noise is stored in fp16 (the dtype the UNet reads it in on a GPU), half the disk of fp32
+for a whole clip; an interrupted inversion keeps its progress beside it and a rerun continues.
 """
 
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,17 +23,19 @@ import torch
 from diffusers import DDIMInverseScheduler
 
 from vedit.checkpoints import Checkpoint, load_tensors, save_tensors
+from vedit.errors import Interrupted
 from vedit.progress import Reporter
 from vedit.project import Project, atomic_file, cache_key
+from vedit.windows import ResumeFile, WindowPlan, denoise_in_windows, single_window
 
 #: Bump when an inversion for the same inputs would come out differently.
-INVERSION_VERSION = 1
+INVERSION_VERSION = 2  # 2: fp16 noise, windowed plans
 INVERSIONS_DIR = "inversions"
 
 
 @dataclass(frozen=True)
 class Inversion:
-    """Inverted noise `(1, c, f, h, w)` for the clip, and where it is cached."""
+    """Inverted noise `(1, c, f, h, w)` for the clip (fp16, as stored), and where it is cached."""
 
     noise: torch.Tensor
     key: str
@@ -54,38 +61,48 @@ def inverse_scheduler(scheduler_config: Any) -> DDIMInverseScheduler:
         {k: v for k, v in scheduler_config.items() if k in accepted})
 
 
+def unet_device(unet: Any, fallback: torch.device) -> torch.device:
+    """Where the UNet runs; a plain callable (a test's exact denoiser) runs at `fallback`."""
+    return getattr(unet, "device", fallback)
+
+
 @torch.no_grad()
 def ddim_invert(unet: Any, scheduler_config: Any, latents: torch.Tensor,
-                prompt_embeds: torch.Tensor, steps: int, reporter: Reporter | None = None
+                prompt_embeds: torch.Tensor, steps: int, reporter: Reporter | None = None, *,
+                plan: WindowPlan | None = None, resume: ResumeFile | None = None
                 ) -> torch.Tensor:
-    """Latents `(b, c, f, h, w)` to the noise DDIM sampling in `steps` steps would start from."""
-    reporter = reporter or Reporter()
+    """Latents `(b, c, f, h, w)` to the noise DDIM sampling in `steps` steps would start from,
+    in the windows of `plan` (default: all frames at once). The result stays on the latents'
+    device; each window runs on the UNet's."""
+    device = unet_device(unet, latents.device)
     inverse = inverse_scheduler(scheduler_config)
-    inverse.set_timesteps(steps, device=latents.device)
-    sample = latents.float()
-    with reporter.task("inverting", total=len(inverse.timesteps)) as task:
-        for timestep in inverse.timesteps:
-            model_output = predict(unet, sample, timestep, prompt_embeds)
-            sample = inverse.step(model_output, timestep, sample).prev_sample
-            task.advance()
-    return sample
+    inverse.set_timesteps(steps, device=device)
+    embeds = prompt_embeds.to(device)
+
+    def step(sample: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        return inverse.step(predict(unet, sample, timestep, embeds), timestep, sample).prev_sample
+
+    return denoise_in_windows(latents, inverse.timesteps, step,
+                              plan or single_window(latents.shape[2]), device=device,
+                              label="inverting", reporter=reporter, resume=resume)
 
 
 def inversion_key(checkpoint: Checkpoint, latents_key: str, steps: int, prompt: str,
-                  scheduler_config: Any) -> str:
-    """What an inversion depends on: the tuned weights, the clip, the steps, the prompt and the
-    noise schedule."""
+                  scheduler_config: Any, plan: WindowPlan) -> str:
+    """What an inversion depends on: the tuned weights, the clip, the steps, the prompt, the
+    noise schedule and the windows."""
     schedule = {k: scheduler_config.get(k) for k in (
         "num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type",
         "timestep_spacing", "steps_offset", "set_alpha_to_one")}
     return cache_key("inversion", INVERSION_VERSION, checkpoint.record.get("id", checkpoint.name),
-                     latents_key, steps, prompt, schedule)
+                     latents_key, steps, prompt, schedule, plan.describe())
 
 
-def cached_inversion(project: Project, key: str, compute: Any,
+def cached_inversion(project: Project, key: str, compute: Callable[[ResumeFile], torch.Tensor],
                      reporter: Reporter | None = None) -> Inversion:
-    """The inversion stored under `key`, or `compute()` now and stored (the caller holds the
-    project lock)."""
+    """The inversion stored under `key`, or `compute(resume_file)` now and stored (the caller
+    holds the project lock). Interrupted, the finished work stays in `KEY.partial.safetensors`
+    and the same call continues from it."""
     reporter = reporter or Reporter()
     path = project.root / INVERSIONS_DIR / f"{key}.safetensors"
     if path.is_file():
@@ -93,7 +110,29 @@ def cached_inversion(project: Project, key: str, compute: Any,
         reporter.info(f"Reusing the cached inversion {path.name} (same checkpoint, steps and "
                       "prompt).")
         return Inversion(tensors["noise"], key, path, reused=True)
-    noise = compute()
+    resume = ResumeFile(path.with_name(f"{key}.partial.safetensors"), key)
+    try:
+        noise = compute(resume).half()
+    except KeyboardInterrupt:
+        raise _interrupted(project, resume) from None
     with atomic_file(path) as temp:
-        save_tensors(temp, {"noise": noise.float()}, {"key": key})
+        save_tensors(temp, {"noise": noise}, {"key": key})
+    resume.clear()
     return Inversion(noise, key, path, reused=False)
+
+
+def _interrupted(project: Project, resume: ResumeFile) -> Interrupted:
+    """Say how far the inversion got and that a rerun continues from there."""
+    saved = resume.saved
+    if saved is None:
+        return Interrupted("Inversion interrupted before its first window finished.",
+                           "Rerun the same command to start it again.")
+    where = f"after {_count(saved.step, 'step')}" + (
+        f" and {_count(len(saved.outputs), 'window')} of the next" if saved.outputs else "")
+    return Interrupted(f"Inversion interrupted {where}; that work is kept in "
+                       f"{resume.path.relative_to(project.root)}.",
+                       "Rerun the same command to continue from there.")
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}{'' if number == 1 else 's'}"

@@ -4,11 +4,19 @@ The original Tune-A-Video re-encodes the clip with the VAE at every training ste
 encoder's output is a Gaussian per pixel of latent; vedit caches its mean and standard
 deviation, so training still draws a fresh latent sample each step (`FrameLatents.sample`)
 without running the VAE, and inversion uses the mean.
+
+`edit --full` renders every frame of the clip's span instead: those frames are decoded from
+the source clip on demand, in order, sized exactly as extract sized the tuned ones, encoded a
+slice at a time, and their means cached in fp16 (a whole clip's worth), keyed by the span and
+the model.
 """
 
 from __future__ import annotations
 
+import bisect
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -17,13 +25,17 @@ from einops import rearrange
 from PIL import Image
 
 from vedit.checkpoints import load_tensors, save_tensors
-from vedit.extract import frame_paths
+from vedit.errors import BadInputError
+from vedit.extract import FRAMES_VERSION, fit_frame, frame_paths
 from vedit.progress import Reporter
-from vedit.project import Project, atomic_file, cache_key
+from vedit.project import Project, atomic_file, cache_key, file_sha256
+from vedit.video import VideoInfo, probe, read_span
 
 #: Bump when latents for the same frames and model would come out differently.
 LATENTS_VERSION = 1
 LATENTS_DIR = "latents"
+ENCODE_SLICE = 8  # frames the VAE encodes at once: bounded memory for long clips
+_EPSILON = 1e-6  # as extract's frame choice: a frame exactly at --end is past the span
 
 
 @dataclass(frozen=True)
@@ -51,13 +63,17 @@ class FrameLatents:
 
 def load_frames(paths: list[Path]) -> torch.Tensor:
     """PNG frames as one float tensor `(f, 3, h, w)` in [-1, 1], the VAE's input range."""
-    images = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths])
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    return images_to_tensor([np.asarray(Image.open(p).convert("RGB")) for p in paths])
+
+
+def images_to_tensor(images: Sequence[np.ndarray]) -> torch.Tensor:
+    """RGB frames `(h, w, 3)` uint8 as one float tensor `(f, 3, h, w)` in [-1, 1]."""
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
 @torch.no_grad()
 def encode_frames(vae: torch.nn.Module, frames: torch.Tensor, *,
-                  slice_size: int = 8, reporter: Reporter | None = None
+                  slice_size: int = ENCODE_SLICE, reporter: Reporter | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Encode `(f, 3, h, w)` frames a slice at a time; scaled mean and std, `(f, c, h, w)`."""
     reporter = reporter or Reporter()
@@ -96,3 +112,107 @@ def frame_latents(project: Project, vae: torch.nn.Module, model_fingerprint: str
                      {"frames_key": project.require("frames", "extract")["key"],
                       "model": model_fingerprint})
     return FrameLatents(mean, std, path, reused=False)
+
+
+# -- the whole span, for edit --full ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Span:
+    """The stretch of the source clip that `edit --full` renders: its frames `first` to
+    `stop - 1` (from the first tuned frame to extract's --end), at the project's frame size."""
+
+    info: VideoInfo
+    first: int
+    stop: int
+    width: int
+    height: int
+    key: str
+
+    @property
+    def num_frames(self) -> int:
+        return self.stop - self.first
+
+    @property
+    def times(self) -> list[float]:
+        """Each frame's time in the source clip, seconds (a variable rate is kept)."""
+        return self.info.frame_times[self.first:self.stop]
+
+    @property
+    def interval(self) -> float:
+        """How long the last frame shows: one frame at the source's average rate."""
+        return float(1 / self.info.fps)
+
+
+def clip_span(project: Project, reporter: Reporter | None = None) -> Span:
+    """The span of the project's source clip, checked to be the clip extract read."""
+    reporter = reporter or Reporter()
+    source = project.require("source", "extract")
+    frames = project.require("frames", "extract")
+    path = Path(source["path"])
+    if not path.is_file():
+        raise BadInputError(f"The source clip {path} is gone; --full reads every frame from it.",
+                            "Put the clip back there, or run `vedit extract` on it where it is.")
+    with reporter.task("checking the source clip", total=None):
+        if file_sha256(path) != source["sha256"]:
+            raise BadInputError(f"{path} has changed since `vedit extract` read it.",
+                                "Restore the original clip, or extract and tune again.")
+    info = probe(path)
+    # The span starts at the first tuned frame (where remux starts the sound) and ends where
+    # extract's --end does.
+    first = int(frames["source_indices"][0])
+    end = (project.section("extract") or {}).get("end")
+    stop = (info.frame_count if end is None
+            else bisect.bisect_left(info.frame_times, float(end) - _EPSILON))
+    key = cache_key("span", FRAMES_VERSION, source["sha256"], first, stop, frames["width"],
+                    frames["height"])
+    return Span(info, first, stop, int(frames["width"]), int(frames["height"]), key)
+
+
+def span_images(span: Span) -> Iterator[np.ndarray]:
+    """The span's frames, decoded in order and sized exactly as extract sized the tuned ones."""
+    for image in read_span(span.info, span.first, span.stop):
+        yield np.asarray(fit_frame(image.convert("RGB"), span.width, span.height))
+
+
+@dataclass(frozen=True)
+class SpanLatents:
+    """Scaled latent means of the whole span, `(1, c, f, h, w)` fp16 on the CPU."""
+
+    mean: torch.Tensor
+    key: str
+    path: Path
+    reused: bool
+
+
+def span_latents_key(span: Span, model_fingerprint: str) -> str:
+    return cache_key("span-latents", LATENTS_VERSION, span.key, model_fingerprint)
+
+
+def span_latents(project: Project, span: Span, vae: torch.nn.Module, model_fingerprint: str,
+                 reporter: Reporter | None = None) -> SpanLatents:
+    """The span's latents from the cache, or encoded a slice at a time now and cached (the
+    caller holds the lock); only a slice of frames is ever in memory at once."""
+    reporter = reporter or Reporter()
+    key = span_latents_key(span, model_fingerprint)
+    path = project.root / LATENTS_DIR / f"{key}.safetensors"
+    if path.is_file():
+        tensors, _ = load_tensors(path)
+        reporter.info(f"Reusing the cached latents {path.name} ({span.num_frames} frames).")
+        return SpanLatents(tensors["mean"], key, path, reused=True)
+    means = []
+    with reporter.task(f"encoding {span.num_frames} frames", total=span.num_frames) as task:
+        for chunk in _slices(span_images(span), ENCODE_SLICE):
+            mean, _ = encode_frames(vae, images_to_tensor(chunk), slice_size=ENCODE_SLICE)
+            means.append(mean.half().cpu())
+            task.advance(len(chunk))
+    mean = rearrange(torch.cat(means), "f c h w -> 1 c f h w").contiguous()
+    with atomic_file(path) as temp:
+        save_tensors(temp, {"mean": mean}, {"span_key": span.key, "model": model_fingerprint})
+    return SpanLatents(mean, key, path, reused=False)
+
+
+def _slices(items: Iterable[np.ndarray], size: int) -> Iterator[list[np.ndarray]]:
+    iterator = iter(items)
+    while chunk := list(islice(iterator, size)):
+        yield chunk

@@ -145,9 +145,11 @@ def resolve_model(spec: str | Path = DEFAULT_MODEL, *, revision: str | None = No
 
 
 def as_repo_id(spec: str) -> str:
-    """`spec` if it can be a hub repo id; a path-like or malformed one raises BadInputError."""
+    """`spec` if it can be a hub repo id; a missing path is a missing model, a malformed id
+    bad input."""
     if spec.endswith((".safetensors", ".ckpt")) or spec.startswith(("/", ".", "~")):
-        raise BadInputError(f"{spec} does not exist.", "Check the path to the model.")
+        raise ModelNotFoundError(f"The model {spec} does not exist.",
+                                 "Check the path, or give a hub id (vedit fetch-models --list).")
     if spec.count("/") > 1 or not _REPO_ID.match(spec):
         raise BadInputError(f"{spec!r} is neither a folder, a .safetensors file nor a hub id.",
                             "Give a hub id like CompVis/stable-diffusion-v1-4, a diffusers folder "

@@ -48,8 +48,9 @@ def default_project_dir(clip: Path) -> Path:
     return Path(clip).with_suffix(".vedit")
 
 
-def _temp_name(target: Path) -> Path:
+def temp_beside(target: Path) -> Path:
     """A hidden name beside `target`, so the final rename stays on one file system."""
+    target.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(prefix=f".{target.name}{_TMP_MARK}", dir=target.parent)
     os.close(fd)
     os.unlink(name)
@@ -60,7 +61,7 @@ def _temp_name(target: Path) -> Path:
 def atomic_file(target: Path) -> Iterator[Path]:
     """Yield a temporary path to write; it replaces `target` only if the block succeeds."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    temp = _temp_name(target)
+    temp = temp_beside(target)
     try:
         yield temp
         _fsync(temp)
@@ -73,11 +74,11 @@ def atomic_file(target: Path) -> Iterator[Path]:
 def atomic_dir(target: Path) -> Iterator[Path]:
     """Yield a fresh temporary folder; it replaces folder `target` only if the block succeeds."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    temp = _temp_name(target)
+    temp = temp_beside(target)
     temp.mkdir()
     try:
         yield temp
-        old = _temp_name(target) if target.exists() else None
+        old = temp_beside(target) if target.exists() else None
         if old is not None:
             os.replace(target, old)
         os.replace(temp, target)

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from vedit import tomlio
-from vedit.errors import BadInputError
+from vedit.errors import BadInputError, UsageError
 from vedit.models import DEFAULT_MODEL
 
 T = TypeVar("T")
@@ -144,6 +144,9 @@ class TuneSettings:
 
 
 FORMATS = ("mp4", "gif", "frames")
+#: DDIM steps past half the 1000 training timesteps gain nothing and, with SD's offset of 1,
+#: would step past the last timestep.
+MAX_EDIT_STEPS = 500
 
 
 @dataclass(frozen=True)
@@ -160,10 +163,13 @@ class EditSettings:
     batch: int = 1
     inversion: bool = True
     inversion_prompt: bool = False  # invert with the source prompt instead of the empty one
+    full: bool = False  # every frame of the clip's span, in windows, not only the tuned frames
+    window: int | None = None  # with full: frames per UNet call (None: the tuned frame count)
+    overlap: int | None = None  # with full: frames neighbouring windows share (None: a quarter)
 
     def __post_init__(self) -> None:
-        if not 1 <= self.steps <= 1000:
-            raise BadInputError(f"--steps {self.steps} must be between 1 and 1000.",
+        if not 1 <= self.steps <= MAX_EDIT_STEPS:
+            raise BadInputError(f"--steps {self.steps} must be between 1 and {MAX_EDIT_STEPS}.",
                                 "Tune-A-Video uses 50.")
         if self.guidance < 0:
             raise BadInputError(f"--guidance {self.guidance} is negative.",
@@ -171,10 +177,20 @@ class EditSettings:
         if self.batch < 1:
             raise BadInputError(f"--batch {self.batch} must be 1 or more.",
                                 "It is how many prompts are sampled at once.")
+        if not self.full and (self.window is not None or self.overlap is not None):
+            raise UsageError("--window and --overlap go with --full.",
+                             "Add --full to edit every frame of the clip in windows.")
         unknown = set(self.format_list) - set(FORMATS)
         if unknown:
             raise BadInputError(f"--formats: unknown {', '.join(sorted(unknown))}.",
                                 f"Choose from {', '.join(FORMATS)} (comma-separated).")
+
+    @property
+    def windows(self) -> Any:
+        """`--full`'s windows as `vedit.windows.WindowSettings`, or None for the tuned frames."""
+        from vedit.windows import WindowSettings
+
+        return WindowSettings(self.window, self.overlap) if self.full else None
 
     @property
     def format_list(self) -> list[str]:

@@ -47,7 +47,7 @@ from vedit.lora import (
     temporal_state_dict,
     trainable_parameters,
 )
-from vedit.models import Components, load_components, native_resolution, resolve_model
+from vedit.models import load_components, native_resolution, resolve_model
 from vedit.progress import Reporter
 from vedit.project import Project
 from vedit.prompts import encode_prompts
@@ -95,11 +95,13 @@ class TuneResult:
 
 
 @dataclass
-class _Run:
-    """Everything the loop needs, built once."""
+class TrainingRun:
+    """Everything a training step needs, built once by `build_run` (the benchmarks build it on
+    random full-size shapes, so they time exactly what `vedit tune` runs)."""
 
-    unet: InflatedUNet
-    components: Components
+    unet: Any  # the InflatedUNet, as accelerate prepared it
+    scheduler: Any
+    prediction_type: str
     latents: FrameLatents
     prompt_embeds: torch.Tensor
     optimizer: torch.optim.Optimizer
@@ -107,6 +109,7 @@ class _Run:
     accelerator: Any
     settings: TuneSettings
     record: dict[str, Any]
+    trained: list[torch.nn.Parameter]
 
 
 def mixed_precision_for(setting: str, device: torch.device) -> str:
@@ -172,8 +175,9 @@ def _tune_locked(project: Project, settings: TuneSettings, resume: bool, acceler
     device = accelerator.device
     precision = accelerator.mixed_precision
     try:
-        run = _prepare(project, settings, accelerator, reporter)
-        start_step = _resume_from(project, run, reporter) if resume else 0
+        checkpoint = _latest_checkpoint(project) if resume else None
+        run = _prepare(project, settings, accelerator, reporter, checkpoint)
+        start_step = _resume_from(checkpoint, run, reporter) if checkpoint else 0
         if not resume and accelerator.is_main_process:
             _start_fresh(project, reporter)
         before = fixed_draw_loss(run) if start_step == 0 else None
@@ -198,14 +202,22 @@ def _tune_locked(project: Project, settings: TuneSettings, resume: bool, acceler
     return result
 
 
-def _prepare(project: Project, settings: TuneSettings, accelerator: Any,
-             reporter: Reporter) -> _Run:
-    """Load the base model, cache the latents and prompt, inflate, add LoRA, build the optimizer."""
+def _prepare(project: Project, settings: TuneSettings, accelerator: Any, reporter: Reporter,
+             resuming: Checkpoint | None) -> TrainingRun:
+    """Load the base model, cache the latents and prompt, inflate, add LoRA, build the optimizer.
+
+    A checkpoint to resume is checked against the model and frames before any work is done."""
     targets = parse_targets([settings.lora_targets])
     dtype = weight_dtype(accelerator.mixed_precision)
     components = load_components(settings.model, device=accelerator.device, dtype=dtype,
                                  reporter=reporter)
     frames = project.require("frames", "extract")
+    record = {"settings": as_record(settings), "lora_targets": list(targets),
+              "base_model": components.model_id, "base_fingerprint": components.fingerprint,
+              "prediction_type": components.prediction_type, "frames_key": frames["key"],
+              "vedit": __version__}
+    if resuming is not None:
+        check_compatible(resuming, record)
     if min(frames["width"], frames["height"]) != components.native_resolution:
         reporter.info(f"The frames are {frames['width']}x{frames['height']}; "
                       f"{components.model_id} was trained at {components.native_resolution} px.")
@@ -215,33 +227,54 @@ def _prepare(project: Project, settings: TuneSettings, accelerator: Any,
     prompt_embeds = encode_prompts(components, [settings.prompt], reporter)
     components.vae.to("cpu")
     components.text_encoder.to("cpu")
+    return build_run(components.unet, components.scheduler, components.prediction_type,
+                     latents, prompt_embeds, settings, accelerator, record)
 
+
+def build_run(unet2d: Any, scheduler: Any, prediction_type: str, latents: FrameLatents,
+              prompt_embeds: torch.Tensor, settings: TuneSettings, accelerator: Any,
+              record: dict[str, Any] | None = None, *, fused: bool | None = None) -> TrainingRun:
+    """Inflate the base UNet, add LoRA, keep the trained weights in fp32 (the frozen rest stays
+    in its dtype), set checkpointing, build AdamW (`fused`: default on a GPU) and let
+    accelerate prepare it all."""
     # The new layers' random initial weights follow --seed, so a run is reproducible.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(settings.seed)
-        unet = inflate_unet(components.unet)
-        add_lora(unet, rank=settings.rank, targets=targets)
-    params = trainable_parameters(unet)
-    for param in params:
-        param.data = param.data.float()  # trained in fp32, the frozen rest in `dtype`
+        unet = inflate_unet(unet2d)
+        add_lora(unet, rank=settings.rank, targets=parse_targets([settings.lora_targets]))
+    trained = trainable_parameters(unet)
+    for param in trained:
+        param.data = param.data.float()
     gradient_checkpointing = settings.gradient_checkpointing
     if gradient_checkpointing is None:
         gradient_checkpointing = accelerator.device.type == "cuda"
     if gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     unet.train()
+    if fused is None:
+        fused = accelerator.device.type == "cuda"
     optimizer = torch.optim.AdamW(_param_groups(unet, settings), weight_decay=ADAM_WEIGHT_DECAY,
-                                  fused=accelerator.device.type == "cuda")
-    unet, optimizer = accelerator.prepare(unet, optimizer)
+                                  fused=fused)
+    prepared, optimizer = accelerator.prepare(unet, optimizer)
     generator = torch.Generator(accelerator.device).manual_seed(
         settings.seed + accelerator.process_index)
-    record = {"settings": as_record(settings), "lora_targets": list(targets),
-              "base_model": components.model_id, "base_fingerprint": components.fingerprint,
-              "prediction_type": components.prediction_type,
-              "frames_key": project.require("frames", "extract")["key"],
-              "gradient_checkpointing": gradient_checkpointing, "vedit": __version__}
-    return _Run(unet, components, latents, prompt_embeds, optimizer, generator, accelerator,
-                settings, record)
+    record = (record or {}) | {"gradient_checkpointing": gradient_checkpointing}
+    return TrainingRun(prepared, scheduler, prediction_type, latents, prompt_embeds, optimizer,
+                       generator, accelerator, settings, record, trained)
+
+
+def train_step(run: TrainingRun) -> torch.Tensor:
+    """One batch: loss, backward, clipping and the optimizer step once gradients are accumulated.
+    Returns the (detached) loss."""
+    accelerator = run.accelerator
+    with accelerator.accumulate(run.unet):
+        loss = training_loss(run, run.generator, run.settings.batch)
+        accelerator.backward(loss)
+        if accelerator.sync_gradients:
+            accelerator.clip_grad_norm_(run.trained, MAX_GRAD_NORM)
+        run.optimizer.step()
+        run.optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
 
 
 def _param_groups(unet: InflatedUNet, settings: TuneSettings) -> list[dict[str, Any]]:
@@ -251,27 +284,27 @@ def _param_groups(unet: InflatedUNet, settings: TuneSettings) -> list[dict[str, 
     return [{"params": temporal, "lr": settings.lr}, {"params": lora, "lr": settings.lora_lr}]
 
 
-def _unwrapped(run: _Run) -> InflatedUNet:
+def _unwrapped(run: TrainingRun) -> InflatedUNet:
     return run.accelerator.unwrap_model(run.unet)
 
 
-def noisy_batch(run: _Run, generator: torch.Generator, batch: int
+def noisy_batch(run: TrainingRun, generator: torch.Generator, batch: int
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Latents of the clip noised at random timesteps, and the target the UNet should predict."""
-    scheduler = run.components.scheduler
+    scheduler = run.scheduler
     latents = torch.cat([run.latents.sample(generator) for _ in range(batch)])
     noise = torch.randn(latents.shape, generator=generator, device=latents.device)
     timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch,),
                               generator=generator, device=latents.device)
     noisy = scheduler.add_noise(latents, noise, timesteps)
-    if run.components.prediction_type == "v_prediction":
+    if run.prediction_type == "v_prediction":
         target = scheduler.get_velocity(latents, noise, timesteps)
     else:
         target = noise
     return noisy, timesteps, target
 
 
-def training_loss(run: _Run, generator: torch.Generator, batch: int) -> torch.Tensor:
+def training_loss(run: TrainingRun, generator: torch.Generator, batch: int) -> torch.Tensor:
     noisy, timesteps, target = noisy_batch(run, generator, batch)
     prompts = run.prompt_embeds.expand(batch, -1, -1)
     prediction = run.unet(noisy, timesteps, prompts)
@@ -279,7 +312,7 @@ def training_loss(run: _Run, generator: torch.Generator, batch: int) -> torch.Te
 
 
 @torch.no_grad()
-def fixed_draw_loss(run: _Run, draws: int = EVAL_DRAWS) -> float:
+def fixed_draw_loss(run: TrainingRun, draws: int = EVAL_DRAWS) -> float:
     """The loss on the same noise and timestep draws every time: a number to compare before and
     after tuning (the training loss itself jumps with each step's random timestep)."""
     generator = torch.Generator(run.accelerator.device).manual_seed(1234)
@@ -291,10 +324,9 @@ def fixed_draw_loss(run: _Run, draws: int = EVAL_DRAWS) -> float:
     return round(sum(losses) / len(losses), 6)
 
 
-def _loop(project: Project, run: _Run, start_step: int,
+def _loop(project: Project, run: TrainingRun, start_step: int,
           reporter: Reporter) -> tuple[list[Path], float | None]:
     accelerator, settings = run.accelerator, run.settings
-    params = [p for p in run.unet.parameters() if p.requires_grad]
     step, smoothed, written = start_step, None, []
     log = _LossLog(project.root / LOSS_LOG, start_step, accelerator.is_main_process)
     tick = time.monotonic()
@@ -302,17 +334,11 @@ def _loop(project: Project, run: _Run, start_step: int,
         with reporter.task("tuning", total=settings.steps) as task:
             task.update(completed=start_step)
             while step < settings.steps:
-                with accelerator.accumulate(run.unet):
-                    loss = training_loss(run, run.generator, settings.batch)
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients:
-                        accelerator.clip_grad_norm_(params, MAX_GRAD_NORM)
-                    run.optimizer.step()
-                    run.optimizer.zero_grad(set_to_none=True)
+                loss = train_step(run)
                 if not accelerator.sync_gradients:
                     continue
                 step += 1
-                value = accelerator.gather(loss.detach()).mean().item()
+                value = accelerator.gather(loss).mean().item()
                 if not math.isfinite(value):
                     raise BadInputError(f"The loss became {value} at step {step}.",
                                         "Lower --lr/--lora-lr, or use --mixed-precision bf16.")
@@ -370,7 +396,7 @@ class _LossLog:
             self.handle.close()
 
 
-def save(project: Project, run: _Run, step: int) -> Path:
+def save(project: Project, run: TrainingRun, step: int) -> Path:
     """Write `checkpoints/step-N/` (main process only; the others wait)."""
     folder = checkpoints_dir(project) / f"step-{step}"
     if run.accelerator.is_main_process:
@@ -398,14 +424,16 @@ def _start_fresh(project: Project, reporter: Reporter) -> None:
         shutil.rmtree(checkpoint.path)
 
 
-def _resume_from(project: Project, run: _Run, reporter: Reporter) -> int:
-    """Load the latest checkpoint's weights and optimizer state; returns its step."""
+def _latest_checkpoint(project: Project) -> Checkpoint:
     found = list_checkpoints(project)
     if not found:
         raise ProjectError(f"Project {project.root} has no checkpoint to resume from.",
                            "Run tune without --resume first.")
-    checkpoint = found[-1]
-    check_compatible(checkpoint, run.record)
+    return found[-1]
+
+
+def _resume_from(checkpoint: Checkpoint, run: TrainingRun, reporter: Reporter) -> int:
+    """Load a checkpoint's weights and optimizer state; returns its step."""
     load_weights(checkpoint, _unwrapped(run))
     tensors, _ = load_tensors(checkpoint.path / TRAINING_FILE)
     restore_training_state(tensors, run.optimizer, {"noise": run.generator})
@@ -416,10 +444,16 @@ def _resume_from(project: Project, run: _Run, reporter: Reporter) -> int:
     return checkpoint.step
 
 
-def recorded_settings(project_dir: Path) -> dict[str, Any]:
-    """The settings of the run that the latest checkpoint belongs to, for --resume."""
-    found = list_checkpoints(Project.open(Path(project_dir)))
-    return dict(found[-1].record.get("settings", {})) if found else {}
+def recorded_settings(project_dir: Path, *, resume: bool) -> dict[str, Any]:
+    """Defaults from the project's last tuning run: all its settings for --resume, else only its
+    base model (a project keeps its base model unless --model says otherwise)."""
+    project = Project.open(Path(project_dir))
+    found = list_checkpoints(project)
+    if found:
+        settings = dict(found[-1].record.get("settings", {}))
+    else:
+        settings = dict((project.section("tune") or {}).get("settings", {}))
+    return settings if resume else {k: v for k, v in settings.items() if k == "model"}
 
 
 def check_compatible(checkpoint: Checkpoint, record: dict[str, Any]) -> None:

@@ -6,10 +6,11 @@ so the same numbers address video frames and, shifted by the audio's offset, the
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
+from typing import Any
 
 import av
 import av.error
@@ -62,12 +63,17 @@ class VideoInfo:
         return len(steps) > 1
 
 
+def open_input(path: Path) -> av.container.InputContainer:
+    """Open a media file for reading; tags that are not UTF-8 are read leniently, not fatally."""
+    return av.open(str(path), metadata_errors="replace")
+
+
 def probe(path: Path) -> VideoInfo:
     """Read a clip's facts: streams, codecs, rotation, and every frame's timestamp."""
     path = Path(path)
     _check_file(path)
     try:
-        with av.open(str(path)) as container:
+        with open_input(path) as container:
             if not container.streams.video:
                 kind = "audio only" if container.streams.audio else "no video stream"
                 raise BadInputError(f"{path} has no video ({kind}).", "Give a video clip.")
@@ -123,11 +129,13 @@ def _audio_info(container: av.container.InputContainer, frame_pts: list[int],
         return None
     audio = container.streams.audio[0]
     context = audio.codec_context
+    if context is None:  # a stream whose codec FFmpeg does not know: nothing to keep
+        return None
     start = float((audio.start_time or 0) * audio.time_base) if audio.time_base else 0.0
     video_start = float(frame_pts[0] * video_time_base)
     duration = (float(audio.duration * audio.time_base)
                 if audio.duration and audio.time_base else None)
-    return AudioInfo(codec=context.name, sample_rate=context.sample_rate or 0,
+    return AudioInfo(codec=context.name or "unknown", sample_rate=context.sample_rate or 0,
                      channels=context.channels or 0, offset=round(start - video_start, 6),
                      duration=duration)
 
@@ -169,7 +177,7 @@ def read_frames(info: VideoInfo, indices: Sequence[int]) -> Iterator[tuple[int, 
         wanted.setdefault(info.frame_pts[index], []).append(index)
     remaining = len(indices)
     try:
-        with av.open(str(info.path)) as container:
+        with open_input(info.path) as container:
             stream = container.streams.video[0]
             stream.thread_type = "AUTO"
             container.seek(min(wanted), stream=stream, backward=True)
@@ -187,6 +195,13 @@ def read_frames(info: VideoInfo, indices: Sequence[int]) -> Iterator[tuple[int, 
                         "The file is truncated or damaged; fetch it again.")
 
 
+def read_span(info: VideoInfo, first: int, stop: int) -> Iterator[Image.Image]:
+    """Frames `first` to `stop - 1`, upright, one at a time in order: one decoding pass that
+    holds a single frame, however long the span."""
+    for _, image in read_frames(info, range(first, stop)):
+        yield image
+
+
 def upright(image: Image.Image, rotation: int) -> Image.Image:
     """Apply a display rotation (counter-clockwise degrees) to the pixels."""
     turns = {90: Image.Transpose.ROTATE_90, 180: Image.Transpose.ROTATE_180,
@@ -201,28 +216,52 @@ def _reason(exc: av.error.FFmpegError) -> str:
 # -- writing ---------------------------------------------------------------------------------
 
 
-def write_mp4(path: Path, frames: Sequence[np.ndarray], times: Sequence[float],
-              interval: float) -> None:
-    """Write RGB frames as H.264 yuv420p (plays in browsers and phones) at their timestamps.
+class Mp4Writer:
+    """H.264 yuv420p mp4 (plays in browsers and phones) written a frame at a time, each at its
+    timestamp, so a long edit streams to disk instead of waiting whole in memory.
 
-    `times` are seconds from the first frame (a variable rate is kept); `interval` is how long
-    the last frame shows, so the video lasts `times[-1] + interval`.
-    """
-    rate = Fraction(1 / interval).limit_denominator(1001)
-    time_base = Fraction(1, 90000)
-    height, width = frames[0].shape[:2]
-    with av.open(str(path), "w", format="mp4", options={"movflags": "+faststart"}) as container:
-        stream = container.add_stream("libx264", rate=rate)
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        stream.time_base = stream.codec_context.time_base = time_base
-        stream.options = {"crf": "17", "preset": "medium"}
-        origin = times[0]
-        for image, t in zip(frames, times, strict=True):
-            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
-            frame.pts = round((t - origin) / time_base)
-            frame.time_base = time_base
-            container.mux(stream.encode(frame))
-        container.mux(stream.encode())
+    `times` are seconds (a variable rate is kept; the first frame starts the video);
+    `interval` is how long the last frame shows, so the video lasts `times[-1] - times[0] +
+    interval`. Use as a context manager; `add` the frames in order."""
+
+    def __init__(self, path: Path, times: Sequence[float], interval: float) -> None:
+        self.times, self.count = list(times), 0
+        self.rate = Fraction(1 / interval).limit_denominator(1001)
+        self.time_base = Fraction(1, 90000)
+        self.container = av.open(str(path), "w", format="mp4",
+                                 options={"movflags": "+faststart"})
+        self.stream: Any = None
+
+    def add(self, image: np.ndarray) -> None:
+        if self.stream is None:
+            self.stream = self.container.add_stream("libx264", rate=self.rate)
+            self.stream.height, self.stream.width = image.shape[:2]
+            self.stream.pix_fmt = "yuv420p"
+            self.stream.time_base = self.stream.codec_context.time_base = self.time_base
+            self.stream.options = {"crf": "17", "preset": "medium"}
+        frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
+        frame.pts = round((self.times[self.count] - self.times[0]) / self.time_base)
+        frame.time_base = self.time_base
+        self.container.mux(self.stream.encode(frame))
+        self.count += 1
+
+    def __enter__(self) -> Mp4Writer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            if self.stream is not None and exc[0] is None:
+                self.container.mux(self.stream.encode())
+        finally:
+            self.container.close()
+
+
+def write_mp4(path: Path, frames: Iterable[np.ndarray], times: Sequence[float],
+              interval: float) -> None:
+    """Write RGB frames as an H.264 mp4 at their timestamps (see `Mp4Writer`)."""
+    with Mp4Writer(path, times, interval) as writer:
+        for image in frames:
+            writer.add(image)
 
 
 def write_gif(path: Path, frames: Sequence[np.ndarray], interval: float) -> None:

@@ -1,0 +1,169 @@
+"""Stable Diffusion 1.5's shapes with random weights, built in code, for the benchmarks.
+
+Speed and memory do not depend on weight values, so the benchmarks build the real SD 1.5 UNet
+(320/640/1280/1280, cross-attention 768), VAE (128/256/512/512) and CLIP text encoder
+(768 wide, 12 layers) from their configs, seeded, straight on the device: no download, no
+disk. `TINY` has the shapes of `vedit.tiny_model`, so every benchmark also runs on a CPU in
+seconds.
+
+    python benchmarks/shapes.py            # SD 1.5: parameter counts and build time
+    python benchmarks/shapes.py --tiny --device cpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from torch import nn
+from transformers import CLIPTextConfig, CLIPTextModel
+
+SD15_UNET: dict[str, Any] = dict(
+    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+    block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32,
+)
+SD15_VAE: dict[str, Any] = dict(
+    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
+    block_out_channels=(128, 256, 512, 512),
+    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+    norm_num_groups=32, sample_size=512, scaling_factor=0.18215,
+)
+SD15_TEXT: dict[str, Any] = dict(
+    vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+    num_attention_heads=12, max_position_embeddings=77, projection_dim=768,
+    hidden_act="quick_gelu", bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+)
+
+# The shapes of vedit.tiny_model (SD 1.x layout), so the CPU form runs in seconds.
+TINY_UNET: dict[str, Any] = dict(
+    sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+    block_out_channels=(32, 64),
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8,
+)
+TINY_VAE: dict[str, Any] = dict(
+    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,
+    block_out_channels=(16, 16, 32, 32),
+    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+    norm_num_groups=8, sample_size=64, scaling_factor=0.18215,
+)
+TINY_TEXT: dict[str, Any] = dict(
+    vocab_size=536, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    num_attention_heads=4, max_position_embeddings=77, projection_dim=32,
+    hidden_act="quick_gelu", bos_token_id=534, eos_token_id=535, pad_token_id=535,
+)
+
+#: SD 1.x's noise schedule, as its scheduler config; DDIM as vedit samples with it.
+SCHEDULER: dict[str, Any] = dict(
+    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+    set_alpha_to_one=False, steps_offset=1, clip_sample=False, prediction_type="epsilon",
+)
+
+
+@dataclass(frozen=True)
+class Shapes:
+    """The configs of one model family and the pixel size it was trained at."""
+
+    name: str
+    unet: dict[str, Any] = field(repr=False, compare=False)
+    vae: dict[str, Any] = field(repr=False, compare=False)
+    text: dict[str, Any] = field(repr=False, compare=False)
+    resolution: int
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """Pixels per latent pixel along a side (8 for SD's four-level VAE)."""
+        return 2 ** (len(self.vae["block_out_channels"]) - 1)
+
+    @property
+    def text_tokens(self) -> int:
+        """The text encoder's sequence length (77 for CLIP)."""
+        return self.text["max_position_embeddings"]
+
+
+SD15 = Shapes("sd15", SD15_UNET, SD15_VAE, SD15_TEXT, resolution=512)
+TINY = Shapes("tiny", TINY_UNET, TINY_VAE, TINY_TEXT, resolution=64)
+
+
+def shapes_for(tiny: bool) -> Shapes:
+    """The tiny shapes for the CPU form, else SD 1.5's."""
+    return TINY if tiny else SD15
+
+
+def _build(factory: Any, device: torch.device | str, dtype: torch.dtype, seed: int) -> Any:
+    """Construct a module straight on `device` (fast random init on a GPU), seeded, then cast:
+    the same seed gives the same weights in every dtype, rounded. Frozen, in eval mode."""
+    cuda = torch.device(device).type == "cuda"
+    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if cuda else []), \
+            torch.device(device):
+        torch.manual_seed(seed)
+        module = factory()
+    # nn.Module.to: diffusers' own `to` warns about casting models loaded without torch_dtype.
+    return nn.Module.to(module, dtype=dtype).eval().requires_grad_(False)
+
+
+def build_unet(shapes: Shapes, device: torch.device | str, dtype: torch.dtype,
+               seed: int = 0) -> UNet2DConditionModel:
+    """The 2D UNet with random weights (inflate it with `vedit.inflate.inflate_unet`)."""
+    return _build(lambda: UNet2DConditionModel(**shapes.unet), device, dtype, seed)
+
+
+def build_vae(shapes: Shapes, device: torch.device | str, dtype: torch.dtype,
+              seed: int = 1, force_upcast: bool = True) -> AutoencoderKL:
+    """The VAE with random weights; `force_upcast=False` keeps an fp16 VAE in fp16 to decode,
+    as the diffusers of the original Tune-A-Video did."""
+    return _build(lambda: AutoencoderKL(**shapes.vae, force_upcast=force_upcast), device, dtype,
+                  seed)
+
+
+def build_text_encoder(shapes: Shapes, device: torch.device | str, dtype: torch.dtype,
+                       seed: int = 2) -> CLIPTextModel:
+    """The CLIP text encoder with random weights."""
+    return _build(lambda: CLIPTextModel(CLIPTextConfig(**shapes.text)), device, dtype, seed)
+
+
+def build_scheduler() -> DDIMScheduler:
+    """DDIM on SD 1.x's noise schedule, as vedit samples and inverts with."""
+    return DDIMScheduler(**SCHEDULER)
+
+
+def prompt_ids(shapes: Shapes, device: torch.device | str, seed: int = 0) -> torch.Tensor:
+    """Token ids `(1, 77)` of a prompt: random, since their values cost nothing extra."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, shapes.text["vocab_size"] - 2, (1, shapes.text_tokens),
+                        generator=generator)
+    return ids.to(device)
+
+
+def parameter_count(module: torch.nn.Module) -> int:
+    """All parameters, to check that the shapes are SD 1.5's (UNet 859.5 M)."""
+    return sum(p.numel() for p in module.parameters())
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Build the three models and print their parameter counts and build times."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tiny", action="store_true", help="vedit.tiny_model's shapes")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    args = parser.parse_args(argv)
+    shapes, dtype = shapes_for(args.tiny), getattr(torch, args.dtype)
+    for name, build in (("unet", build_unet), ("vae", build_vae),
+                        ("text_encoder", build_text_encoder)):
+        started = time.perf_counter()
+        module = build(shapes, args.device, dtype)
+        seconds = time.perf_counter() - started
+        print(f"{shapes.name} {name}: {parameter_count(module) / 1e6:.1f} M parameters, "
+              f"built on {args.device} in {seconds:.2f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,289 @@
+"""Overlapping windows over a clip: which frames each UNet call sees and how the results blend.
+
+`vedit edit --full` edits every frame of a clip's span, often ten times the tuned frames, with
+GPU memory bounded by one window. At every step of the inversion and of sampling, each window
+of at most `window` frames is denoised on its own; then every frame that windows share gets
+the weighted average of their results, the weights fading linearly across each overlap. The
+next step starts from one seamless clip, so no seam can form at any step. The clip's latents
+stay where the caller keeps them (the CPU for whole clips); only a window visits the GPU.
+
+The anchor. Tune-A-Video's sparse-causal attention lets every frame attend to the clip's
+first frame, and that shared frame is what keeps the look of all frames alike. A window that
+does not start at frame 0 gets the clip's frame 0 (its latents at the current step, so at the
+same noise level as the rest) prepended as its own first frame, counted within the window, so
+every window attends to the same anchor and the UNet never sees more than `window` frames.
+Prepending, rather than handing the attention processors frame 0's keys and values, keeps the
+model exactly the tuned one: every clip it was tuned on began with this same frame (the tuned
+frames start where the span does), the frame-joint GroupNorms and the temporal attention see
+the anchor as they saw it in tuning, and no per-layer state has to be carried from one window
+to the next, so windows stay independent and memory stays bounded. The cost is one frame of
+each later window, whose prediction is dropped, and that window's first own frame sees the
+anchor as its previous frame; that frame lies at the start of an overlap, where the window
+before it, which has its true previous frame, weighs the most.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from vedit.checkpoints import load_tensors, save_tensors
+from vedit.errors import BadInputError
+from vedit.progress import Reporter
+from vedit.project import atomic_file
+
+#: (window latents (b, c, f, h, w), timestep) -> the window's latents one step on.
+StepFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class WindowSettings:
+    """`--full`'s windows: frames per UNet call (None: the tuned frame count) and frames that
+    neighbouring windows share (None: a quarter of the window)."""
+
+    window: int | None = None
+    overlap: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.window is not None and self.window < 1:
+            raise BadInputError(f"--window {self.window} must be 1 or more.",
+                                "It is how many frames the UNet sees at once.")
+        if self.overlap is not None and self.overlap < 0:
+            raise BadInputError(f"--overlap {self.overlap} is negative.",
+                                "Give how many frames neighbouring windows share.")
+
+
+@dataclass(frozen=True)
+class Window:
+    """Clip frames `start` to `stop - 1`, denoised together; `anchored`: frame 0 goes first."""
+
+    start: int
+    stop: int
+    anchored: bool = False
+
+    @property
+    def frames(self) -> list[int]:
+        """The clip frames the UNet sees, in order: the anchor (if any), then the window's own."""
+        return ([0] if self.anchored else []) + list(range(self.start, self.stop))
+
+    @property
+    def own(self) -> int:
+        return self.stop - self.start
+
+
+@dataclass(frozen=True)
+class WindowPlan:
+    """The windows that cover a clip of `num_frames` frames, in order."""
+
+    num_frames: int
+    window: int
+    overlap: int
+    windows: tuple[Window, ...]
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    def describe(self) -> list[list[int]]:
+        """The plan as plain numbers, for cache keys: two settings giving it share results."""
+        return [[w.start, w.stop, int(w.anchored)] for w in self.windows]
+
+
+def single_window(num_frames: int) -> WindowPlan:
+    """All frames at once: the plain edit of the tuned frames."""
+    return WindowPlan(num_frames, num_frames, 0, (Window(0, num_frames),))
+
+
+def plan_windows(num_frames: int, settings: WindowSettings, tuned_frames: int) -> WindowPlan:
+    """Windows of `settings.window` frames (default `tuned_frames`) covering the clip; windows
+    after the first hold the anchor and `window - 1` frames of their own, the last one ending
+    at the clip's end (it may overlap its neighbour by more than asked)."""
+    window = settings.window or tuned_frames
+    overlap = window // 4 if settings.overlap is None else settings.overlap
+    if num_frames <= window:
+        return WindowPlan(num_frames, window, overlap, (Window(0, num_frames),))
+    _check_fits(window, overlap, num_frames)
+    own = window - 1  # a later window's frames besides the anchor
+    windows = [Window(0, window)]
+    while windows[-1].stop < num_frames:
+        start = min(windows[-1].stop - overlap, num_frames - own)
+        windows.append(Window(start, start + own, anchored=True))
+    return WindowPlan(num_frames, window, overlap, tuple(windows))
+
+
+def _check_fits(window: int, overlap: int, num_frames: int) -> None:
+    if window < 2:
+        raise BadInputError(f"--window {window} leaves no room for the anchor frame that every "
+                            f"window shares (the clip has {num_frames} frames).",
+                            "Use --window 2 or more; the tuned frame count is a good choice.")
+    if overlap > window - 2:
+        raise BadInputError(
+            f"--overlap {overlap} leaves the windows no frames of their own: a window of "
+            f"{window} holds the anchor and {window - 1} frames, so the overlap must be at "
+            f"most {window - 2}.", f"Use --overlap {window // 4}, or a larger --window.")
+
+
+def blend_weights(plan: WindowPlan) -> list[torch.Tensor]:
+    """Each window's weight for its own frames: 1, except across the frames it shares with a
+    neighbour, where it fades linearly so that two windows' weights sum to 1 frame by frame."""
+    weights = []
+    for index, window in enumerate(plan.windows):
+        before = plan.windows[index - 1].stop - window.start if index > 0 else 0
+        after = (window.stop - plan.windows[index + 1].start
+                 if index + 1 < len(plan.windows) else 0)
+        position = torch.arange(window.own, dtype=torch.float32)
+        rise = (position + 1) / (before + 1)
+        fall = (window.own - position) / (after + 1)
+        weights.append(torch.minimum(torch.minimum(rise, fall), torch.ones(())))
+    return weights
+
+
+def blend(plan: WindowPlan, outputs: Sequence[torch.Tensor],
+          weights: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The clip from its windows' results (own frames only): each frame the weighted average
+    of the windows that hold it. A frame in one window only keeps that window's result
+    exactly (weight 1), so a single window of all frames is the plain, unwindowed step."""
+    first = outputs[0]
+    shape = (first.shape[0], first.shape[1], plan.num_frames, *first.shape[3:])
+    total = torch.zeros(shape, dtype=first.dtype, device=first.device)
+    norm = torch.zeros(plan.num_frames, dtype=first.dtype, device=first.device)
+    for window, output, weight in zip(plan.windows, outputs, weights, strict=True):
+        weight = weight.to(first.device, first.dtype)
+        total[:, :, window.start:window.stop] += weight.view(1, 1, -1, 1, 1) * output
+        norm[window.start:window.stop] += weight
+    return total / norm.view(1, 1, -1, 1, 1)
+
+
+@dataclass(frozen=True)
+class WindowProgress:
+    """Where a windowed run stands: `step` steps done; `latents`, the clip at the start of the
+    next one; `outputs`, the results of that step's windows finished so far.
+
+    Replaced whole after every window (never changed in place), so the record an interrupt
+    finds is always consistent and resuming from it gives exactly the uninterrupted result."""
+
+    step: int
+    latents: torch.Tensor
+    outputs: tuple[torch.Tensor, ...] = field(default=())
+
+
+class ResumeFile:
+    """A windowed run's progress in one safetensors file (fp32, so a rerun continues exactly):
+    written when the run is interrupted or fails, and at a step's end now and then (so even a
+    killed process loses little), removed by the caller once the result is stored."""
+
+    def __init__(self, path: Path, key: str, save_every: float = 60.0) -> None:
+        self.path = path
+        self.key = key
+        self.save_every = save_every
+        self.saved: WindowProgress | None = None
+        self._last_save = time.monotonic()
+
+    def load(self, latents: torch.Tensor, plan: WindowPlan, steps: int) -> WindowProgress | None:
+        """The stored progress of this run (same key and shapes), or None to start afresh."""
+        if not self.path.is_file():
+            return None
+        try:
+            tensors, metadata = load_tensors(self.path)
+            stored = WindowProgress(int(metadata["step"]), tensors["latents"], tuple(
+                tensors[f"window.{i}"] for i in range(int(metadata["windows"]))))
+        except (BadInputError, KeyError, ValueError):
+            return None  # unreadable: computing again is always right
+        if metadata.get("key") != self.key or not _fits(stored, latents, plan, steps):
+            return None
+        device = latents.device
+        self.saved = WindowProgress(stored.step, stored.latents.to(device),
+                                    tuple(o.to(device) for o in stored.outputs))
+        return self.saved
+
+    def save(self, progress: WindowProgress) -> None:
+        tensors = {"latents": progress.latents.float()}
+        tensors |= {f"window.{i}": o.float() for i, o in enumerate(progress.outputs)}
+        metadata = {"key": self.key, "step": str(progress.step),
+                    "windows": str(len(progress.outputs))}
+        with atomic_file(self.path) as temp:
+            save_tensors(temp, tensors, metadata)
+        self.saved = progress
+        self._last_save = time.monotonic()
+
+    def save_now_and_then(self, progress: WindowProgress) -> None:
+        """Save at a step's end when `save_every` seconds have passed since the last save."""
+        if time.monotonic() - self._last_save >= self.save_every:
+            self.save(progress)
+
+    def clear(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def _fits(progress: WindowProgress, latents: torch.Tensor, plan: WindowPlan, steps: int) -> bool:
+    """Whether stored progress belongs to a run on `latents` in `plan` for `steps` steps."""
+    return (progress.latents.shape == latents.shape and 0 <= progress.step < steps
+            and len(progress.outputs) < len(plan)
+            and all(o.shape[2] == w.own for o, w in zip(progress.outputs, plan.windows,
+                                                         strict=False)))
+
+
+def denoise_in_windows(latents: torch.Tensor, timesteps: torch.Tensor, step_window: StepFn,
+                       plan: WindowPlan, *, device: torch.device, label: str,
+                       reporter: Reporter | None = None,
+                       resume: ResumeFile | None = None) -> torch.Tensor:
+    """Run `step_window` over every window at every timestep, blending after each step.
+
+    `latents` `(b, c, f, h, w)` stay on their device; each window is moved to `device` for its
+    step and back. With `resume`, an interrupted run's progress is saved and a rerun goes on
+    from it. Progress shows steps and windows with an ETA."""
+    reporter = reporter or Reporter()
+    weights = blend_weights(plan)
+    progress = _start(latents, len(timesteps), plan, resume, label, reporter)
+    with reporter.task(label, total=len(timesteps) * len(plan)) as task:
+        task.update(completed=progress.step * len(plan) + len(progress.outputs))
+        try:
+            while progress.step < len(timesteps):
+                progress = _next_window(progress, timesteps, step_window, plan, weights, device)
+                task.update(completed=progress.step * len(plan) + len(progress.outputs),
+                            status=_status(progress, len(timesteps), plan))
+                if resume is not None and not progress.outputs:
+                    resume.save_now_and_then(progress)
+        except BaseException:
+            if resume is not None and (progress.step or progress.outputs):
+                resume.save(progress)
+            raise
+    return progress.latents
+
+
+def _start(latents: torch.Tensor, steps: int, plan: WindowPlan, resume: ResumeFile | None,
+           label: str, reporter: Reporter) -> WindowProgress:
+    """Where the run begins: the stored progress of an interrupted run, or the first step."""
+    stored = resume.load(latents, plan, steps) if resume is not None else None
+    if resume is None or stored is None:
+        return WindowProgress(0, latents.float())
+    reporter.info(f"Continuing {label} at step {stored.step + 1} of {steps}"
+                  f"{_window_text(len(stored.outputs) + 1, plan)}: the work before is kept in "
+                  f"{resume.path.name}.")
+    return stored
+
+
+def _next_window(progress: WindowProgress, timesteps: torch.Tensor, step_window: StepFn,
+                 plan: WindowPlan, weights: list[torch.Tensor],
+                 device: torch.device) -> WindowProgress:
+    """Step the next window; after a step's last window, blend them into the next clip."""
+    window = plan.windows[len(progress.outputs)]
+    frames = torch.tensor(window.frames, device=progress.latents.device)
+    sample = progress.latents.index_select(2, frames).to(device)
+    result = step_window(sample, timesteps[progress.step])[:, :, int(window.anchored):]
+    outputs = (*progress.outputs, result.to(progress.latents.device, torch.float32))
+    if len(outputs) < len(plan):
+        return WindowProgress(progress.step, progress.latents, outputs)
+    return WindowProgress(progress.step + 1, blend(plan, outputs, weights))
+
+
+def _status(progress: WindowProgress, steps: int, plan: WindowPlan) -> str:
+    step = min(progress.step + 1, steps)
+    return f"step {step}/{steps}{_window_text(len(progress.outputs) + 1, plan)}"
+
+
+def _window_text(window: int, plan: WindowPlan) -> str:
+    return f", window {window}/{len(plan)}" if len(plan) > 1 else ""

@@ -1,0 +1,449 @@
+"""Bad input, faults and interrupts: each gets a documented exit code, one sentence and a hint,
+no traceback, nothing half-written, and a project that still works afterwards."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import av
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from vedit.checkpoints import LORA_FILE, TEMPORAL_FILE, list_checkpoints, load_tensors
+from vedit.cli import app
+from vedit.extract import extract
+from vedit.project import FORMAT, LOCK_NAME, Project
+from vedit.settings import ExtractSettings, TuneSettings
+from vedit.synthetic import make_clip
+from vedit.tiny_model import build_tiny_model
+from vedit.tune import tune
+from vedit.video import probe
+
+runner = CliRunner()
+PROMPT = "a square slides"
+
+
+# -- helpers -----------------------------------------------------------------------------------
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    """Every file under `folder` (the lock aside) and a hash of its bytes."""
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != LOCK_NAME}
+
+
+def assert_clean_failure(result: object, code: int, message: str) -> None:
+    """The CLI contract for errors: the code, `error: ...` then `hint: ...`, no traceback."""
+    stderr = result.stderr  # type: ignore[attr-defined]
+    assert result.exit_code == code, stderr  # type: ignore[attr-defined]
+    assert "Traceback" not in stderr
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    errors = [i for i, line in enumerate(lines) if line.startswith("error: ")]
+    assert len(errors) == 1, stderr
+    assert lines[-1].startswith("hint: ")
+    assert message in " ".join(stderr.split())
+
+
+def vedit(*args: str | Path, env: dict[str, str] | None = None,
+          timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "vedit", *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout, env=os.environ | (env or {}))
+
+
+def start(*args: str | Path, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "vedit", *map(str, args)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=os.environ | (env or {}))
+
+
+def wait_for(condition: Callable[[], bool], process: subprocess.Popen[str],
+             seconds: float = 120) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "the awaited moment never came"
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Path:
+    root = tmp_path_factory.mktemp("reliability")
+    clip = make_clip(root / "clip.mp4", width=96, height=64, fps=20, seconds=1.0)
+    extract(clip, root / "p", ExtractSettings(frames=4, size="64"))
+    tune(root / "p", TuneSettings(prompt=PROMPT, model=str(tiny_model), steps=2,
+                                  checkpoint_every=0))
+    return root / "p"
+
+
+@pytest.fixture()
+def project(tmp_path: Path, tuned: Path) -> Path:
+    shutil.copytree(tuned, tmp_path / "p")
+    return tmp_path / "p"
+
+
+def still_usable(project: Path) -> None:
+    """The project edits as before (the cheapest command that reads every stage)."""
+    result = runner.invoke(app, ["edit", str(project), "-p", "a cat", "--steps", "1", "-q"])
+    assert result.exit_code == 0, result.stderr
+
+
+# -- SPEC.md "What bad input gets", one row at a time ------------------------------------------
+
+
+def test_unreadable_clips(tmp_path: Path, clip_720p: Path, audio_only: Path) -> None:
+    empty = tmp_path / "empty.mp4"
+    empty.write_bytes(b"")
+    truncated = tmp_path / "cut.mp4"
+    truncated.write_bytes(clip_720p.read_bytes()[:5000])
+    text = tmp_path / "notes.mp4"
+    text.write_text("not a video\n" * 100)
+    cases = [(tmp_path / "missing.mp4", "does not exist"), (empty, "is empty"),
+             (truncated, "is not a video vedit can read"), (text, "is not a video"),
+             (audio_only, "has no video (audio only)")]
+    for clip, message in cases:
+        result = runner.invoke(app, ["extract", str(clip), "-o", str(tmp_path / "p")])
+        assert_clean_failure(result, 3, message)
+        assert not (tmp_path / "p").exists()
+
+
+def test_a_clip_shorter_than_the_frames_asked(tmp_path: Path, clip_qcif: Path) -> None:
+    result = runner.invoke(app, ["extract", str(clip_qcif), "-o", str(tmp_path / "p"),
+                                 "--frames", "40"])
+    assert_clean_failure(result, 3, "gives 15 frames, but 40 were asked")
+    assert "--frames 15" in result.stderr
+    assert not (tmp_path / "p").exists()
+
+
+@pytest.mark.parametrize("size", ["0", "0x512", "100000", "8192x8192"])
+def test_a_zero_length_or_huge_resolution(tmp_path: Path, clip_qcif: Path, size: str) -> None:
+    result = runner.invoke(app, ["extract", str(clip_qcif), "-o", str(tmp_path / "p"),
+                                 "--size", size])
+    assert_clean_failure(result, 3, "out of range")
+    assert not (tmp_path / "p").exists()
+
+
+def test_a_prompt_too_long_is_warned_and_cut(project: Path) -> None:
+    result = runner.invoke(app, ["tune", str(project), "--prompt", "a square slides " * 30,
+                                 "--steps", "1"])
+    assert result.exit_code == 0, result.stderr
+    assert "warning: The prompt is" in result.stderr and "cut after" in result.stderr
+
+
+def test_an_unknown_model(project: Path) -> None:
+    before = snapshot(project)
+    result = runner.invoke(app, ["tune", str(project), "--prompt", PROMPT, "--model",
+                                 "no-org/no-model"])
+    assert_clean_failure(result, 6, "vedit fetch-models no-org/no-model")
+    assert snapshot(project) == before
+
+
+def test_a_checkpoint_from_another_base_model(tmp_path: Path, project: Path,
+                                              tiny_model_v: Path) -> None:
+    before = snapshot(project)
+    resumed = runner.invoke(app, ["tune", str(project), "--resume", "--steps", "4", "--model",
+                                  str(tiny_model_v)])
+    assert_clean_failure(resumed, 3, "was tuned on")
+    assert snapshot(project) == before
+
+    # The base model's folder changed under the checkpoint (same path, other weights).
+    base = tmp_path / "base"
+    build_tiny_model(base, seed=1)
+    clip_project = tmp_path / "q"
+    shutil.copytree(project, clip_project)
+    tune(clip_project, TuneSettings(prompt=PROMPT, model=str(base), steps=1, checkpoint_every=0))
+    shutil.rmtree(base)
+    build_tiny_model(base, seed=2)
+    edited = runner.invoke(app, ["edit", str(clip_project), "-p", "a cat", "--steps", "1"])
+    assert_clean_failure(edited, 3, "was tuned on")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "foreign", "missing"])
+def test_a_corrupted_or_foreign_checkpoint(project: Path, damage: str) -> None:
+    checkpoint = list_checkpoints(Project.open(project))[-1].path
+    if damage == "truncated":
+        data = (checkpoint / LORA_FILE).read_bytes()
+        (checkpoint / LORA_FILE).write_bytes(data[: len(data) // 3])
+        message = "not a readable safetensors file"
+    elif damage == "foreign":
+        import torch
+        from safetensors.torch import save_file
+
+        save_file({"text_model.embeddings.weight": torch.zeros(3)},
+                  str(checkpoint / TEMPORAL_FILE))
+        message = "not a vedit checkpoint"
+    else:
+        (checkpoint / LORA_FILE).rename(checkpoint / "lora.bin")  # only safetensors is read
+        message = "is missing"
+    before = snapshot(project)
+    result = runner.invoke(app, ["edit", str(project), "-p", "a cat", "--steps", "1"])
+    assert_clean_failure(result, 3, message)
+    assert snapshot(project) == before
+
+
+def test_a_project_from_a_newer_vedit(project: Path, clip_qcif: Path) -> None:
+    record = project / "vedit.toml"
+    record.write_text(record.read_text().replace(f"format = {FORMAT}", f"format = {FORMAT + 1}"))
+    before = snapshot(project)
+    for args in (["extract", str(clip_qcif), "-o", str(project)],
+                 ["tune", str(project), "--prompt", PROMPT],
+                 ["edit", str(project), "-p", "a cat"], ["remux", str(project)]):
+        assert_clean_failure(runner.invoke(app, args), 4, "written by a newer vedit")
+    assert snapshot(project) == before
+
+
+def test_a_record_edited_into_nonsense(project: Path) -> None:
+    record = project / "vedit.toml"
+    record.write_text(record.read_text().replace('dir = "frames"', 'dir = "../../etc"'))
+    result = runner.invoke(app, ["edit", str(project), "-p", "a cat"])
+    assert_clean_failure(result, 4, "outside the project")
+    record.write_text("format = 1\n[frames\nbroken")
+    assert_clean_failure(runner.invoke(app, ["tune", str(project), "--prompt", "x"]), 4,
+                         "not valid TOML")
+
+
+def test_a_second_vedit_on_the_same_project(project: Path, clip_qcif: Path) -> None:
+    before = snapshot(project)
+    with Project.open(project).lock("tune"):
+        for args in (["extract", str(clip_qcif), "-o", str(project), "-n", "4", "--size", "64"],
+                     ["tune", str(project), "--prompt", PROMPT, "--steps", "1"],
+                     ["edit", str(project), "-p", "a cat", "--steps", "1"]):
+            assert_clean_failure(runner.invoke(app, args), 5, "is in use by `vedit tune`")
+    assert snapshot(project) == before
+    still_usable(project)
+
+
+# -- a full disk, faked where the bytes are written --------------------------------------------
+
+
+def no_space(*args: object, **kwargs: object) -> None:
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_full_disk_during_extract_keeps_the_old_frames(project: Path, clip_720p: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    before = snapshot(project)
+    monkeypatch.setattr(Image.Image, "save", no_space)
+    result = runner.invoke(app, ["extract", str(clip_720p), "-o", str(project), "-n", "5",
+                                 "--size", "64"])
+    assert_clean_failure(result, 8, "The disk is full")
+    assert snapshot(project) == before
+    monkeypatch.undo()
+    still_usable(project)
+
+
+def test_full_disk_while_checkpointing_keeps_the_last_checkpoint(
+        project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import vedit.checkpoints
+
+    def full_when_writing(path: object, mode: str = "r", *args: object, **kwargs: object):
+        if "w" in mode:
+            no_space()
+        return open(path, mode, *args, **kwargs)  # noqa: SIM115
+
+    monkeypatch.setattr(vedit.checkpoints, "open", full_when_writing, raising=False)
+    result = runner.invoke(app, ["tune", str(project), "--resume", "--steps", "3"])
+    assert_clean_failure(result, 8, "The disk is full")
+    assert [c.step for c in list_checkpoints(Project.open(project))] == [2]
+    monkeypatch.undo()
+    still_usable(project)
+
+
+def test_full_disk_while_writing_an_edit_leaves_no_edit(project: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    real_open = av.open
+
+    def full_when_writing(file: object, mode: str = "r", *args: object, **kwargs: object):
+        if mode == "w":
+            raise av.error.OSError(errno.ENOSPC, "No space left on device")
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(av, "open", full_when_writing)
+    result = runner.invoke(app, ["edit", str(project), "-p", "a cat", "--steps", "1"])
+    assert_clean_failure(result, 8, "The disk is full")
+    assert not list((project / "edits").glob("*")) if (project / "edits").exists() else True
+    monkeypatch.undo()
+    still_usable(project)
+
+
+# -- out of GPU memory -------------------------------------------------------------------------
+
+
+def test_out_of_memory_names_the_settings_to_lower(project: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    import vedit.tune
+
+    def no_memory(*args: object, **kwargs: object) -> None:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(vedit.tune, "training_loss", no_memory)
+    result = runner.invoke(app, ["tune", str(project), "--prompt", PROMPT, "--steps", "3"])
+    assert_clean_failure(result, 7, "ran out of GPU memory")
+    assert "--frames" in result.stderr and "--size" in result.stderr
+
+
+# -- Ctrl-C, SIGTERM and SIGKILL in real processes ---------------------------------------------
+
+
+@pytest.mark.parametrize("signal_number", [signal.SIGINT, signal.SIGTERM])
+def test_interrupted_extract_writes_nothing(tmp_path: Path, signal_number: int) -> None:
+    clip = make_clip(tmp_path / "long.mp4", width=640, height=360, fps=25, seconds=8.0)
+    target = tmp_path / "p"
+    process = start("extract", clip, "-o", target, "-n", "100", "--stride", "2")
+    wait_for(lambda: any(target.glob(".frames.tmp-*")), process)
+    process.send_signal(signal_number)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    assert "error: Interrupted." in stderr and "Traceback" not in stderr
+    assert not target.exists()
+
+
+@pytest.mark.parametrize("signal_number", [signal.SIGINT, signal.SIGTERM])
+def test_interrupted_tune_saves_a_checkpoint_to_resume_from(project: Path,
+                                                            signal_number: int) -> None:
+    log = project / "logs" / "tune.jsonl"
+    log.unlink()
+    process = start("tune", project, "--prompt", PROMPT, "--steps", "100000",
+                    "--checkpoint-every", "0")
+    wait_for(lambda: log.exists() and len(log.read_text().splitlines()) >= 3, process)
+    process.send_signal(signal_number)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert "saved checkpoints/step-" in stderr and "--resume" in stderr
+    [checkpoint] = list_checkpoints(Project.open(project))
+    assert checkpoint.step >= 3
+    for name in (LORA_FILE, TEMPORAL_FILE):
+        assert load_tensors(checkpoint.path / name)[0]
+    resumed = vedit("tune", project, "--resume", "--steps", checkpoint.step + 1, "--json")
+    assert resumed.returncode == 0, resumed.stderr
+
+
+def test_interrupted_edit_leaves_no_edit_folder(project: Path) -> None:
+    process = start("edit", project, "-p", "a cat", "--steps", "500")
+    lock = project / LOCK_NAME
+    wait_for(lambda: "vedit edit" in lock.read_text(), process)  # it holds the project
+    time.sleep(0.5)  # loading the model, or already inverting: 500 steps take far longer
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    assert not (project / "edits").exists() or not any((project / "edits").iterdir())
+    still_usable(project)
+
+
+def test_a_killed_tune_leaves_loadable_checkpoints_and_a_free_lock(project: Path) -> None:
+    shutil.rmtree(project / "checkpoints")  # the project still knows its base model
+    process = start("tune", project, "--prompt", PROMPT, "--steps", "100000",
+                    "--checkpoint-every", "1")
+    wait_for(lambda: len(list_checkpoints(Project.open(project))) >= 3, process)
+    process.kill()  # SIGKILL: no handler runs, whatever was being written stays half-written
+    process.wait(timeout=30)
+    found = list_checkpoints(Project.open(project))
+    assert len(found) >= 3
+    for checkpoint in found:  # a folder that is listed is complete
+        for name in (LORA_FILE, TEMPORAL_FILE):
+            assert load_tensors(checkpoint.path / name)[0]
+    resumed = vedit("tune", project, "--resume", "--steps", found[-1].step + 1)
+    assert resumed.returncode == 0, resumed.stderr
+    assert not list(project.rglob(".*.tmp-*"))  # the next run swept what the kill left
+
+
+def test_interrupted_download_resumes(tmp_path: Path, tiny_model: Path, fake_hub: object) -> None:
+    from hub_server import FakeHub
+
+    assert isinstance(fake_hub, FakeHub)
+    unet = "unet/diffusion_pytorch_model.safetensors"
+    fake_hub.add_folder("org/tiny", tiny_model)
+    fake_hub.slow_down(unet, 200_000)
+    env = {"HF_ENDPOINT": fake_hub.endpoint, "HF_HOME": os.environ["HF_HOME"],
+           "HF_HUB_CACHE": os.environ["HF_HUB_CACHE"]}
+    blobs = Path(os.environ["HF_HUB_CACHE"]) / "models--org--tiny" / "blobs"
+    process = start("fetch-models", "org/tiny", env=env)
+    wait_for(lambda: any(blobs.glob("*.incomplete")), process)  # the unet is on its way
+    time.sleep(0.5)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    assert list(blobs.glob("*.incomplete"))  # the partial file is kept for the next run
+    fake_hub._slow.clear()
+    done = vedit("fetch-models", "org/tiny", "--json", env=env)
+    assert done.returncode == 0, done.stderr
+    snapshot_unet = Path(json.loads(done.stdout)["path"]) / unet
+    assert snapshot_unet.read_bytes() == (tiny_model / unet).read_bytes()
+    assert not list(blobs.glob("*.incomplete"))
+
+
+@pytest.mark.parametrize("delay", [0.3, 0.8])
+def test_ctrl_c_while_vedit_starts_up_is_clean_too(tmp_path: Path, delay: float) -> None:
+    process = start("extract", tmp_path / "missing.mp4")
+    time.sleep(delay)  # importing torch and friends takes a while
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode in (130, 3), stderr  # 3 if it got as far as the missing clip
+    assert "Traceback" not in stderr
+
+
+# -- two writers at once -------------------------------------------------------------------------
+
+
+def test_two_edits_at_once_one_waits_its_turn_or_is_refused(project: Path) -> None:
+    first = start("edit", project, "-p", "a cat", "--steps", "3", "--name", "first")
+    second = start("edit", project, "-p", "a dog", "--steps", "3", "--name", "second")
+    results = {name: (p.wait(timeout=180), p.communicate()[1])
+               for name, p in (("first", first), ("second", second))}
+    codes = sorted(code for code, _ in results.values())
+    assert codes in ([0, 0], [0, 5]), results
+    for name, (code, stderr) in results.items():
+        folder = project / "edits" / name
+        if code == 0:
+            video = probe(folder / "video.mp4")
+            assert video.frame_count == 4 and video.codec == "h264"
+        else:
+            assert "is in use by `vedit edit`" in stderr and not folder.exists()
+
+
+# -- what is never loaded or run -----------------------------------------------------------------
+
+
+SOURCE = Path(__file__).resolve().parent.parent / "src" / "vedit"
+
+
+@pytest.mark.parametrize("forbidden", ["torch.load(", "import pickle", "pickle.load",
+                                       "trust_remote_code=True", "weights_only=False",
+                                       "eval(", "exec("])
+def test_the_source_never_unpickles_or_runs_loaded_code(forbidden: str) -> None:
+    pattern = re.compile(r"(?<![\w.])" + re.escape(forbidden))  # eval(), not unet.eval()
+    offenders = [p.name for p in SOURCE.glob("*.py") if pattern.search(p.read_text())]
+    assert not offenders, f"{forbidden} in {offenders}"
+
+
+def test_a_model_folder_is_read_not_run(tmp_path: Path, tiny_model: Path) -> None:
+    """A folder naming its own pipeline code gets its weights loaded, its code never run."""
+    from vedit.models import load_components
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    marker = tmp_path / "ran"
+    (model / "pipeline.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    index = (model / "model_index.json").read_text()
+    (model / "model_index.json").write_text(
+        index.replace('"StableDiffusionPipeline"', '["pipeline", "MyPipeline"]'))
+    for name in ("unet", "vae"):
+        config = model / name / "config.json"
+        config.write_text(config.read_text().replace("{", '{"auto_map": {"AutoModel": '
+                                                     '"pipeline.Evil"}, ', 1))
+    load_components(model, device="cpu")
+    assert not marker.exists()
