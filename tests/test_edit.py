@@ -228,3 +228,23 @@ def test_edit_before_tune_says_what_to_run(tmp_path: Path, clip_qcif: Path) -> N
         edit_stage.edit(tmp_path / "p", ["a cat"])
     result = runner.invoke(app, ["edit", str(tmp_path / "p"), "-p", "a cat"])
     assert result.exit_code == 4 and "vedit tune" in result.stderr
+
+
+def test_prompts_split_across_two_processes_under_accelerate_launch(project: Path) -> None:
+    """Two CPU processes (gloo): each renders its share; one result lists both edits."""
+    import os
+    import subprocess
+    import sys
+
+    launcher = Path(sys.executable).with_name("accelerate")
+    env = os.environ | {"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [str(launcher), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+         "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "vedit", "edit",
+         str(project), "-p", "a cat", "-p", "a dog", "--steps", "2", "--json"],
+        capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout)  # exactly one JSON document
+    assert sorted(e["name"] for e in result["edits"]) == ["a-cat", "a-dog"]
+    for entry in result["edits"]:
+        assert probe(Path(entry["files"]["video"])).frame_count == 6

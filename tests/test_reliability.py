@@ -331,12 +331,13 @@ def test_interrupted_tune_saves_a_checkpoint_to_resume_from(project: Path,
     assert resumed.returncode == 0, resumed.stderr
 
 
-def test_interrupted_edit_leaves_no_edit_folder(project: Path) -> None:
+@pytest.mark.parametrize("signal_number", [signal.SIGINT, signal.SIGTERM])
+def test_interrupted_edit_leaves_no_edit_folder(project: Path, signal_number: int) -> None:
     process = start("edit", project, "-p", "a cat", "--steps", "500")
     lock = project / LOCK_NAME
     wait_for(lambda: "vedit edit" in lock.read_text(), process)  # it holds the project
     time.sleep(0.5)  # loading the model, or already inverting: 500 steps take far longer
-    process.send_signal(signal.SIGINT)
+    process.send_signal(signal_number)
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 130, stderr
     assert not (project / "edits").exists() or not any((project / "edits").iterdir())
@@ -360,7 +361,9 @@ def test_a_killed_tune_leaves_loadable_checkpoints_and_a_free_lock(project: Path
     assert not list(project.rglob(".*.tmp-*"))  # the next run swept what the kill left
 
 
-def test_interrupted_download_resumes(tmp_path: Path, tiny_model: Path, fake_hub: object) -> None:
+@pytest.mark.parametrize("signal_number", [signal.SIGINT, signal.SIGTERM])
+def test_interrupted_download_resumes(tmp_path: Path, tiny_model: Path, fake_hub: object,
+                                      signal_number: int) -> None:
     from hub_server import FakeHub
 
     assert isinstance(fake_hub, FakeHub)
@@ -373,7 +376,7 @@ def test_interrupted_download_resumes(tmp_path: Path, tiny_model: Path, fake_hub
     process = start("fetch-models", "org/tiny", env=env)
     wait_for(lambda: any(blobs.glob("*.incomplete")), process)  # the unet is on its way
     time.sleep(0.5)
-    process.send_signal(signal.SIGINT)
+    process.send_signal(signal_number)
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 130, stderr
     assert "Traceback" not in stderr
