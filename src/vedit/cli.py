@@ -40,7 +40,7 @@ DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks (also V
 ConfigOpt = Annotated[Path | None, typer.Option(
     "--config", help="TOML file of option values; flags given here win.", show_default=False)]
 
-# Frame options, shared by `extract` and (later) the one-shot `tune CLIP`.
+# Frame options, shared by `extract` and the one-shot `tune CLIP`.
 _D = ExtractSettings()
 FramesOpt = Annotated[int | None, typer.Option(
     "--frames", "-n", help=f"Frames to take.  \\[default: {_D.frames}]", show_default=False)]
@@ -159,6 +159,7 @@ def fetch_models(
 
 
 def human_size(size: int) -> str:
+    """Bytes as people read them: 3.2 MB."""
     for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
         if size >= scale:
             return f"{size / scale:.1f} {unit}"
@@ -166,18 +167,10 @@ def human_size(size: int) -> str:
 
 
 def _model_facts(model: object) -> dict[str, object]:
-    """A model's facts for --json: dataclass fields, paths as text."""
+    """A model's facts for --json: its dataclass fields (paths become text when printed)."""
     import dataclasses
 
-    return json_ready(dataclasses.asdict(model))  # type: ignore[call-overload]
-
-
-def json_ready(value: object) -> object:
-    if isinstance(value, dict):
-        return {str(k): json_ready(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_ready(v) for v in value]
-    return str(value) if isinstance(value, Path) else value
+    return dataclasses.asdict(model)  # type: ignore[call-overload]
 
 
 @app.command()
