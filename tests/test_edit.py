@@ -14,6 +14,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from vedit import edit as edit_stage
+from vedit import tomlio
 from vedit.checkpoints import find_checkpoint, tuned_unet
 from vedit.cli import app
 from vedit.edit import ddim_sample
@@ -248,3 +249,12 @@ def test_prompts_split_across_two_processes_under_accelerate_launch(project: Pat
     assert sorted(e["name"] for e in result["edits"]) == ["a-cat", "a-dog"]
     for entry in result["edits"]:
         assert probe(Path(entry["files"]["video"])).frame_count == 6
+
+
+def test_a_negative_prompt_steers_the_result(project: Path) -> None:
+    plain = _frames(edit_stage.edit(project, ["a cat"], EditSettings(steps=2, formats="frames")))
+    steered = _frames(edit_stage.edit(project, ["a cat"], EditSettings(
+        steps=2, formats="frames", negative_prompt="a dog")))
+    assert not all(np.array_equal(a, b) for a, b in zip(plain, steered, strict=True))
+    record = tomlio.loads((project / "edits" / "a-cat-2" / "edit.toml").read_text())
+    assert record["settings"]["negative_prompt"] == "a dog"

@@ -185,3 +185,25 @@ def test_two_processes_under_accelerate_launch(tmp_path: Path, project: Path,
     assert result["processes"] == 2
     assert [Path(p).name for p in result["checkpoints"]] == ["step-2", "step-4"]
     assert [c.step for c in list_checkpoints(Project.open(project))] == [2, 4]
+
+
+def test_gradient_accumulation_counts_optimizer_steps(project: Path, tiny_model: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """With --grad-accum 3 each step is three batches: the log has one line per optimizer
+    step, and the weights move."""
+    real_loss = tune_stage.training_loss
+    batches: list[bool] = []
+
+    def counted(*args: object, **kwargs: object) -> torch.Tensor:
+        batches.append(torch.is_grad_enabled())  # training batches, not the evaluation
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(tune_stage, "training_loss", counted)
+    result = tune_stage.tune(project, settings(tiny_model, steps=2, grad_accum=3, lr=1e-3,
+                                               lora_lr=1e-3))
+    assert batches.count(True) == 6
+    assert result.steps == 2
+    log = (project / "logs" / "tune.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in log] == [1, 2]
+    lora = load_tensors(project / "checkpoints" / "step-2" / LORA_FILE)[0]
+    assert any(v.abs().sum() > 0 for k, v in lora.items() if "lora_B" in k)
