@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from clips import stream_durations
+from launcher import launch_vedit
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -233,17 +234,7 @@ def test_edit_before_tune_says_what_to_run(tmp_path: Path, clip_qcif: Path) -> N
 
 def test_prompts_split_across_two_processes_under_accelerate_launch(project: Path) -> None:
     """Two CPU processes (gloo): each renders its share; one result lists both edits."""
-    import os
-    import subprocess
-    import sys
-
-    launcher = Path(sys.executable).with_name("accelerate")
-    env = os.environ | {"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(
-        [str(launcher), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-         "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "vedit", "edit",
-         str(project), "-p", "a cat", "-p", "a dog", "--steps", "2", "--json"],
-        capture_output=True, text=True, timeout=300, env=env)
+    done = launch_vedit("edit", project, "-p", "a cat", "-p", "a dog", "--steps", "2", "--json")
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout)  # exactly one JSON document
     assert sorted(e["name"] for e in result["edits"]) == ["a-cat", "a-dog"]

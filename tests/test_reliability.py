@@ -450,3 +450,20 @@ def test_a_model_folder_is_read_not_run(tmp_path: Path, tiny_model: Path) -> Non
                                                      '"pipeline.Evil"}, ', 1))
     load_components(model, device="cpu")
     assert not marker.exists()
+
+
+def test_a_pyav_without_an_encoder_is_this_machines_problem(
+        project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """exit 9 (see vedit doctor), not "bad input" nor "a bug"."""
+    import vedit.video
+
+    real = vedit.video.encoder_stream
+
+    def without_x264(container: object, codec: str, **options: object) -> object:
+        return real(container, "no-such-x264" if codec == "libx264" else codec, **options)
+
+    monkeypatch.setattr(vedit.video, "encoder_stream", without_x264)
+    result = runner.invoke(app, ["edit", str(project), "-p", "a cat", "--steps", "1"])
+    assert_clean_failure(result, 9, "cannot encode no-such-x264")
+    assert "vedit doctor" in result.stderr
+    assert not (project / "edits").exists() or not any((project / "edits").iterdir())

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from clips import audio_packets, stream_durations
 
-from vedit.errors import BadInputError, ProjectError
+from vedit.errors import BadInputError, ProjectError, UsageError
 from vedit.extract import extract
 from vedit.remux import remux
 from vedit.settings import ExtractSettings
@@ -115,3 +115,12 @@ def test_a_video_mp4_cannot_hold_as_is_is_re_encoded(project: Path, clip_pcm_mkv
     [result] = remux(project, video=clip_pcm_mkv, output=tmp_path / "x.mp4")
     assert result.video_mode == "h264"
     assert probe(result.path).frame_count == 25
+
+
+def test_options_that_do_not_go_together(project: Path, tmp_path: Path) -> None:
+    render = make_clip(tmp_path / "render.mp4", width=64, height=48, fps=25, seconds=0.5,
+                       audio=False)
+    with pytest.raises(UsageError, match="--output goes with --video"):
+        remux(project, output=tmp_path / "x.mp4")
+    with pytest.raises(UsageError, match="not both"):
+        remux(project, ["cat"], video=render)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from launcher import launch_vedit
 from typer.testing import CliRunner
 
 from vedit import tune as tune_stage
@@ -168,18 +169,8 @@ def test_a_long_prompt_is_warned_about(project: Path, tiny_model: Path) -> None:
 def test_two_processes_under_accelerate_launch(tmp_path: Path, project: Path,
                                                tiny_model: Path) -> None:
     """Data parallel on two CPU processes (gloo): the same command, one result on stdout."""
-    import os
-    import subprocess
-    import sys
-
-    launcher = Path(sys.executable).with_name("accelerate")
-    env = os.environ | {"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(
-        [str(launcher), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-         "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "vedit", "tune",
-         str(project), "--prompt", PROMPT, "--model", str(tiny_model), "--steps", "4",
-         "--checkpoint-every", "2", "--json"],
-        capture_output=True, text=True, timeout=300, env=env)
+    done = launch_vedit("tune", project, "--prompt", PROMPT, "--model", tiny_model, "--steps", "4",
+                        "--checkpoint-every", "2", "--json")
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout)  # exactly one JSON document
     assert result["processes"] == 2
@@ -207,3 +198,25 @@ def test_gradient_accumulation_counts_optimizer_steps(project: Path, tiny_model:
     assert [json.loads(line)["step"] for line in log] == [1, 2]
     lora = load_tensors(project / "checkpoints" / "step-2" / LORA_FILE)[0]
     assert any(v.abs().sum() > 0 for k, v in lora.items() if "lora_B" in k)
+
+
+def test_resuming_to_a_step_already_reached_does_nothing(project: Path, tiny_model: Path) -> None:
+    tune_stage.tune(project, settings(tiny_model, steps=4, checkpoint_every=2))
+    record = (project / "vedit.toml").read_text()
+    result = runner.invoke(app, ["tune", str(project), "--resume", "--steps", "3", "--json"])
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert (data["start_step"], data["steps"], data["checkpoints"]) == (4, 4, [])
+    assert "Already tuned to step 4" in result.stderr
+    assert (project / "vedit.toml").read_text() == record
+    assert [c.step for c in list_checkpoints(Project.open(project))] == [2, 4]
+
+
+def test_a_half_written_loss_log_line_does_not_stop_a_resume(project: Path,
+                                                              tiny_model: Path) -> None:
+    tune_stage.tune(project, settings(tiny_model, steps=2))
+    log = project / "logs" / "tune.jsonl"
+    with log.open("a") as handle:
+        handle.write('{"step": 3, "lo')  # a process killed in the middle of a line
+    tune_stage.tune(project, settings(tiny_model, steps=3), resume=True)
+    assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1, 2, 3]

@@ -19,7 +19,7 @@ import av.error
 import numpy as np
 
 from vedit.errors import BadInputError
-from vedit.video import open_input, probe
+from vedit.video import encoder_stream, open_input, probe
 
 #: Codecs the mp4 muxer takes as they are; others are re-encoded.
 MP4_AUDIO = {"aac", "mp3", "alac", "ac3", "eac3", "opus", "flac"}
@@ -97,13 +97,13 @@ def mux(video: Path, audio: Path | None, target: Path, *, audio_from: float = 0.
                 audio_packets, audio_mode = _audio_packets(audio_in, out, audio_from, duration)
                 for _, packet in heapq.merge(video_packets, audio_packets, key=lambda x: x[0]):
                     out.mux(packet)
+        audio_duration = _audio_duration(target)
     except av.error.FFmpegError as exc:
         if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
             raise  # a full disk, not a bad video: errors.py says so
         raise BadInputError(
             f"Could not mux {video.name}: {exc.strerror or exc}.",
             "Check that the video plays; re-encode it with ffmpeg if not.") from None
-    audio_duration = _audio_duration(target)
     return MuxResult(target, duration, audio_duration, audio_mode, video_mode)
 
 
@@ -133,8 +133,8 @@ def _copied(inp: av.container.InputContainer, stream: av.stream.Stream,
     """
     base = start
     for packet in inp.demux(stream):
-        if packet.size == 0 or (start is not None and packet.pts < start):
-            continue
+        if packet.size == 0 or packet.pts is None or (start is not None and packet.pts < start):
+            continue  # the end-of-stream marker, an untimed packet, or before the start
         base = packet.pts if base is None else base
         if packet.dts is None:  # audio: decode time is presentation time
             packet.dts = packet.pts
@@ -151,7 +151,7 @@ def _copied(inp: av.container.InputContainer, stream: av.stream.Stream,
 def _reencoded_video(inp: av.container.InputContainer, stream: av.VideoStream,
                      out: av.container.OutputContainer) -> Iterator[Timed]:
     rate = stream.average_rate or Fraction(25)
-    out_stream = out.add_stream("libx264", rate=rate)
+    out_stream = encoder_stream(out, "libx264", rate=rate)
     out_stream.width = stream.codec_context.width - stream.codec_context.width % 2
     out_stream.height = stream.codec_context.height - stream.codec_context.height % 2
     out_stream.pix_fmt = "yuv420p"
@@ -213,7 +213,7 @@ def _reencoded_audio(inp: av.container.InputContainer, stream: av.AudioStream,
     # Name the layout by channel count: "1 channels"-style layouts of raw PCM are not AAC's;
     # more than two channels are mixed down to stereo.
     layout = "mono" if stream.codec_context.channels == 1 else "stereo"
-    out_stream = out.add_stream("aac", rate=rate, layout=layout)
+    out_stream = encoder_stream(out, "aac", rate=rate, layout=layout)
     resampler = av.AudioResampler(format="fltp", layout=layout, rate=rate)
     channels = len(out_stream.codec_context.layout.channels)
     total = round(duration * rate)

@@ -8,8 +8,6 @@ from typing import Annotated
 import typer
 
 from vedit import __version__
-from vedit import extract as extract_stage
-from vedit import remux as remux_stage
 from vedit.errors import EXIT_CODES, BadInputError, EnvironmentProblem, UsageError
 from vedit.models import DEFAULT_MODEL
 from vedit.output import command_output
@@ -198,8 +196,10 @@ def extract(
         settings = resolve(ExtractSettings, values, overrides=dict(
             frames=frames, stride=stride, start=start, end=end, spread=spread, size=size,
             crop=crop))
+        from vedit.extract import extract as extract_clip
+
         project = output or default_project_dir(clip)
-        result = extract_stage.extract(clip, project, settings, out.reporter)
+        result = extract_clip(clip, project, settings, out.reporter)
         verb = "Kept" if result.reused else "Wrote"
         sound = f", audio in {result.audio}" if result.audio else ", no audio"
         out.result(result.to_dict(), f"{verb} {len(result.frames)} frames of {result.width}x"
@@ -298,8 +298,12 @@ def tune(
         tuned = tune_stage.tune(target, settings, resume=resume, reporter=out.reporter)
         result.update(tuned.to_dict())
         last = tuned.checkpoints[-1] if tuned.checkpoints else None
-        out.result(result, f"Tuned {target} to step {tuned.steps} in {tuned.seconds:.1f} s"
-                           + (f"; latest checkpoint {last}." if last else "."))
+        if tuned.start_step >= tuned.steps:
+            text = f"{target} is already tuned to step {tuned.steps}; nothing to do."
+        else:
+            text = (f"Tuned {target} to step {tuned.steps} in {tuned.seconds:.1f} s"
+                    + (f"; latest checkpoint {last}." if last else "."))
+        out.result(result, text)
 
 
 _E = EditSettings()
@@ -406,10 +410,9 @@ def remux(
 ) -> None:
     """Put the source clip's original sound back under edits (or any --video)."""
     with command_output(json_mode=json_, quiet=quiet, debug=debug) as out:
-        if video is not None and edits:
-            raise UsageError("Name edits or give --video, not both.",
-                             "`vedit remux P` muxes every edit; --video muxes one other file.")
-        results = remux_stage.remux(project, edits, video=video, output=output,
-                                    reporter=out.reporter)
+        from vedit.remux import remux as remux_project
+
+        results = remux_project(project, edits, video=video, output=output,
+                                reporter=out.reporter)
         lines = [f"{r.path} ({r.video_duration:.2f} s, audio: {r.audio_mode})" for r in results]
         out.result({"outputs": [r.to_dict() for r in results]}, "\n".join(lines))

@@ -32,15 +32,16 @@ class Check:
         return asdict(self)
 
 
-def run_checks(projects_folder: Path | None = None) -> list[Check]:
-    """Every check, in the order a user reads them."""
+def run_checks() -> list[Check]:
+    """Every check, in the order a user reads them; free disk is measured where the command
+    runs, where a project goes by default."""
     checks = [Check("python", "ok", platform.python_version())]
     checks += [_package(name) for name in PACKAGES]
     if any(c.status == "error" for c in checks):
         return checks  # the rest needs the libraries
     checks += _device()
     checks += [_encoder(name, use) for name, use in ENCODERS.items()]
-    checks += [_models(), _disk(projects_folder or Path.cwd())]
+    checks += [_models(), _disk(Path.cwd())]
     return checks
 
 
@@ -73,7 +74,9 @@ def _device() -> list[Check]:
                    f"{free / 2**30:.1f} GB free of {total / 2**30:.1f} GB",
                    "" if total / 2**30 >= LOW_GPU_GB else
                    "Use fewer frames and a smaller --size; keep gradient checkpointing on.")
-    bf16 = torch.cuda.is_bf16_supported()
+    from vedit.models import native_bf16
+
+    bf16 = native_bf16()
     precision = Check("precision", "ok", "bf16 and fp16" if bf16 else "fp16 (no bf16)",
                       "" if bf16 else "Mixed precision uses fp16, which can overflow; "
                       "lower --lr if the loss becomes nan.")

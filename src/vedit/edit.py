@@ -176,9 +176,11 @@ def _render(project: Project, checkpoint: Checkpoint, jobs: list[tuple[str, str]
                                reporter) if settings.inversion else None
     outputs = []
     with state.split_between_processes(jobs) as mine:
+        # The negative prompt is encoded once (and warned about once if cut short).
+        uncond = encode_prompts(components, [settings.negative_prompt], reporter)
         for start in range(0, len(mine), settings.batch):
             batch = mine[start:start + settings.batch]
-            latents = _sample(components, unet, clip, inversion, [p for p, _ in batch],
+            latents = _sample(components, unet, clip, inversion, [p for p, _ in batch], uncond,
                               settings, reporter)
             for (prompt, edit_name), video in zip(batch, latents, strict=True):
                 frames = decode_frames(components.vae, video, reporter=reporter)
@@ -315,10 +317,12 @@ def decode_latents(vae: Any, latents: torch.Tensor, slice_size: int = DECODE_SLI
 
 
 def _sample(components: Components, unet: Any, clip: EditClip, inversion: Inversion | None,
-            prompts: list[str], settings: EditSettings, reporter: Reporter) -> torch.Tensor:
-    """The edited latents `(b, c, f, h, w)` of a batch of prompts, on the CPU."""
+            prompts: list[str], uncond: torch.Tensor, settings: EditSettings,
+            reporter: Reporter) -> torch.Tensor:
+    """The edited latents `(b, c, f, h, w)` of a batch of prompts, on the CPU; `uncond` is the
+    negative prompt's encoding, the same for every prompt."""
     cond = encode_prompts(components, prompts, reporter)
-    uncond = encode_prompts(components, [settings.negative_prompt] * len(prompts), reporter)
+    uncond = uncond.expand(len(prompts), -1, -1)
     noise = _start_noise(clip.latents.shape, inversion, len(prompts), settings.seed)
     label = f"sampling {prompts[0][:40]!r}" + (f" (+{len(prompts) - 1})" if len(prompts) > 1
                                                 else "")

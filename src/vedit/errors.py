@@ -7,6 +7,7 @@ are the documented contract (README.md, "Exit codes"); change them nowhere else.
 from __future__ import annotations
 
 import errno
+import sys
 
 
 class VeditError(Exception):
@@ -136,9 +137,8 @@ def as_vedit_error(exc: BaseException) -> VeditError | None:
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:
-    try:
-        import torch
-    except ImportError:  # pragma: no cover - torch is a hard dependency
+    torch = sys.modules.get("torch")  # never imported: cannot be torch's out-of-memory error
+    if torch is None:
         return False
     return isinstance(exc, torch.OutOfMemoryError) or (
         isinstance(exc, RuntimeError) and "out of memory" in str(exc)

@@ -21,7 +21,15 @@ from PIL import Image
 from vedit import audio
 from vedit.errors import BadInputError
 from vedit.progress import Reporter
-from vedit.project import FORMAT, Project, atomic_dir, cache_key, file_sha256, temp_beside
+from vedit.project import (
+    FORMAT,
+    RECORD_NAME,
+    Project,
+    atomic_dir,
+    cache_key,
+    file_sha256,
+    temp_beside,
+)
 from vedit.settings import ExtractSettings, FrameSize, as_record
 from vedit.video import VideoInfo, probe, read_frames
 
@@ -78,7 +86,7 @@ def select_frames(frame_times: list[float], fps: Fraction, settings: ExtractSett
     if not window:
         raise BadInputError(
             f"{name} has no frames between {settings.start:g} s and "
-            f"{_fmt_end(settings.end, frame_times)} (it has {len(frame_times)} frames, "
+            f"{_fmt_end(settings.end)} (it has {len(frame_times)} frames, "
             f"{frame_times[-1] if frame_times else 0:.2f} s).",
             "Choose --start/--end inside the clip.")
     if settings.spread:
@@ -105,7 +113,7 @@ def _nearest(times: list[float], target: float) -> int:
     return right - 1 if target - times[right - 1] <= times[right] - target else right
 
 
-def _fmt_end(end: float | None, frame_times: list[float]) -> str:
+def _fmt_end(end: float | None) -> str:
     return f"{end:g} s" if end is not None else "its end"
 
 
@@ -187,15 +195,15 @@ def extract(clip: Path, project_dir: Path, settings: ExtractSettings | None = No
     Project.check_usable(Path(project_dir))
     info = probe(Path(clip))
     plan = plan_frames(info, settings)
-    created = not (Path(project_dir) / "vedit.toml").exists()
+    created = not (Path(project_dir) / RECORD_NAME).exists()
     project = Project.open_or_create(Path(project_dir))
-    try:
-        with project.lock("extract"):
+    with project.lock("extract"):  # a second vedit here stops at once, touching nothing
+        try:
             return _extract_into(project, info, plan, settings, reporter)
-    except BaseException:
-        if created:
-            _remove_new_project(project)
-        raise
+        except BaseException:
+            if created:
+                _remove_new_project(project)
+            raise
 
 
 def _extract_into(project: Project, info: VideoInfo, plan: FramePlan, settings: ExtractSettings,
@@ -217,7 +225,8 @@ def _extract_into(project: Project, info: VideoInfo, plan: FramePlan, settings: 
     try:
         with atomic_dir(project.frames_dir) as staging:
             with reporter.task("decoding frames", total=len(plan.indices)) as task:
-                for position, image in _frames_in_order(info, plan):
+                # plan.indices never decrease, so read_frames yields them in plan order.
+                for position, (_, image) in enumerate(read_frames(info, plan.indices)):
                     fitted = fit_frame(image.convert("RGB"), plan.width, plan.height)
                     fitted.save(staging / f"{position:05d}.png", compress_level=1)
                     task.advance()
@@ -263,15 +272,6 @@ def _copy_audio(info: VideoInfo, audio_path: Path, reporter: Reporter) -> Path |
         reporter.warn(f"{exc.message} The project will be silent.")
         return None
     return temp
-
-
-def _frames_in_order(info: VideoInfo, plan: FramePlan) -> list[tuple[int, Image.Image]]:
-    """Decode once per distinct source frame and hand them back in plan order."""
-    positions: dict[int, list[int]] = {}
-    for position, index in enumerate(plan.indices):
-        positions.setdefault(index, []).append(position)
-    decoded = {index: image for index, image in read_frames(info, sorted(positions))}
-    return [(position, decoded[index]) for position, index in enumerate(plan.indices)]
 
 
 def _outputs_present(project: Project, frames: dict[str, Any], audio_path: Path | None) -> bool:

@@ -58,15 +58,15 @@ def target_pattern(targets: Sequence[str]) -> str:
     return rf".*transformer_blocks\.\d+\.({alternatives})"
 
 
-def add_lora(unet: InflatedUNet, *, rank: int, alpha: float | None = None,
-             targets: Sequence[str] = DEFAULT_TARGETS) -> None:
+def add_lora(unet: InflatedUNet, *, rank: int, targets: Sequence[str] = DEFAULT_TARGETS) -> None:
     """Inject LoRA adapters (peft; each layer keeps its original as `base_layer`) into the UNet.
 
-    B starts at zero, so the adapted model starts exactly as the base model.
+    B starts at zero, so the adapted model starts exactly as the base model; alpha equals the
+    rank (a scale of 1), as checkpoints record.
     """
     if rank < 1:
         raise BadInputError(f"--rank {rank} must be 1 or more.", "Try --rank 16.")
-    config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank,
+    config = LoraConfig(r=rank, lora_alpha=rank,
                         target_modules=target_pattern(targets), init_lora_weights="gaussian")
     inject_adapter_in_model(config, unet.unet)
 

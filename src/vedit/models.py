@@ -112,13 +112,7 @@ class Components:
     def model_id(self) -> str:
         return self.source.name
 
-    @property
-    def model_path(self) -> Path:
-        return self.source.path
 
-    @property
-    def revision(self) -> str | None:
-        return self.source.revision
 
     @property
     def commit_hash(self) -> str | None:
@@ -372,11 +366,12 @@ def default_dtype(device: str | torch.device) -> torch.dtype:
         return torch.float32
     if kind == "cuda":
         # Emulated bf16 (pre-Ampere GPUs) is slow: those get fp16.
-        return torch.bfloat16 if _native_bf16() else torch.float16
+        return torch.bfloat16 if native_bf16() else torch.float16
     return torch.float16
 
 
-def _native_bf16() -> bool:
+def native_bf16() -> bool:
+    """Whether the GPU runs bf16 natively (emulated bf16 on older GPUs is slow: use fp16)."""
     import torch
 
     try:

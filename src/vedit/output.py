@@ -37,7 +37,7 @@ class Output:
         if not self.debug:  # the libraries' own chatter, read when they are first imported
             for variable in ("DIFFUSERS_VERBOSITY", "TRANSFORMERS_VERBOSITY"):
                 os.environ.setdefault(variable, "error")
-        self.reporter = Reporter.for_cli(quiet=quiet)
+        self.reporter = Reporter.for_cli(quiet=self.quiet)
         self.stderr = self.reporter.console
         self.stdout = Console(highlight=False, soft_wrap=True)
 
@@ -51,7 +51,6 @@ class Output:
             self.stdout.print(escape(human))
 
     def fail(self, error: VeditError) -> None:
-        assert self.stderr is not None
         self.stderr.print(f"[bold red]error:[/bold red] {escape(error.message)}", soft_wrap=True)
         if error.hint:
             self.stderr.print(f"[dim]hint:[/dim] {escape(error.hint)}", soft_wrap=True)

@@ -6,10 +6,11 @@ as the video lasts, so it lines up with the motion it came with.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from vedit.audio import MuxResult, mux
-from vedit.errors import BadInputError, ProjectError
+from vedit.errors import BadInputError, ProjectError, UsageError
 from vedit.extract import project_audio
 from vedit.progress import Reporter
 from vedit.project import Project, atomic_file
@@ -41,6 +42,12 @@ def remux(project_dir: Path, edits: list[str] | None = None, *, video: Path | No
           output: Path | None = None, reporter: Reporter | None = None) -> list[MuxResult]:
     """Mux the named edits (all when none are named), or any `video`, with the project's sound."""
     reporter = reporter or Reporter()
+    if video is not None and edits:
+        raise UsageError("Name edits or give --video, not both.",
+                         "`vedit remux P` muxes every edit; --video muxes one other file.")
+    if video is None and output is not None:
+        raise UsageError("--output goes with --video only.",
+                         "Edits are written to edits/NAME/final.mp4.")
     project = Project.open(Path(project_dir))
     sound = project_audio(project)
     start = audio_start(project)
@@ -48,9 +55,6 @@ def remux(project_dir: Path, edits: list[str] | None = None, *, video: Path | No
         reporter.info("The source clip has no audio: the result has video only.")
     if video is not None:
         return [_mux_one(Path(video), sound, output or default_output(Path(video)), start)]
-    if output is not None:
-        raise BadInputError("--output goes with --video only.",
-                            "Edits are written to edits/NAME/final.mp4.")
     names = edits or edit_names(project)
     if not names:
         raise ProjectError(f"Project {project.root} has no edits yet.",
@@ -77,5 +81,4 @@ def _mux_one(video: Path, sound: Path | None, target: Path, start: float) -> Mux
                             "Choose another --output.")
     with atomic_file(target) as temp:
         result = mux(video, sound, temp, audio_from=start)
-    return MuxResult(target, result.video_duration, result.audio_duration,
-                     result.audio_mode, result.video_mode)
+    return dataclasses.replace(result, path=target)

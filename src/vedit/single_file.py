@@ -174,7 +174,10 @@ def converted_models() -> list[CachedModel]:
     found = []
     for record_path in sorted((vedit_cache_dir() / "converted").glob(f"*/{_RECORD}")):
         folder = record_path.parent
-        record = json.loads(record_path.read_text(encoding="utf-8"))
+        try:
+            name = str(json.loads(record_path.read_text(encoding="utf-8"))["source_file"])
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+            name = folder.name  # a record damaged by hand: still list what is on disk
         size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
-        found.append(CachedModel(record["source_file"], "single_file", folder, size))
+        found.append(CachedModel(name, "single_file", folder, size))
     return found

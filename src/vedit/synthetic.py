@@ -13,6 +13,8 @@ from pathlib import Path
 import av
 import numpy as np
 
+from vedit.video import encoder_stream
+
 
 def make_clip(
     path: Path,
@@ -38,14 +40,14 @@ def make_clip(
     times = frame_times
     time_base = Fraction(1, fps * 1000)
     with av.open(str(path), "w") as container:
-        video = container.add_stream("libx264", rate=fps)
+        video = encoder_stream(container, "libx264", rate=fps)
         video.width, video.height, video.pix_fmt = width, height, "yuv420p"
         video.time_base = time_base
         video.codec_context.time_base = time_base
         video.options = {"preset": "ultrafast", "crf": "18", "bf": "0"}
         if rotation:
             video.set_display_rotation(rotation)
-        sound = container.add_stream("aac", rate=sample_rate, layout="mono") if audio else None
+        sound = encoder_stream(container, "aac", rate=sample_rate, layout="mono") if audio else None
         for index, t in enumerate(times):
             frame = av.VideoFrame.from_ndarray(pattern(width, height, index, len(times)), "rgb24")
             frame.pts = round(Fraction(t).limit_denominator(10**6) / time_base)

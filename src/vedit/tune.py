@@ -47,7 +47,7 @@ from vedit.lora import (
     temporal_state_dict,
     trainable_parameters,
 )
-from vedit.models import load_components, native_resolution, resolve_model
+from vedit.models import load_components, native_bf16, native_resolution, resolve_model
 from vedit.progress import Reporter
 from vedit.project import Project
 from vedit.prompts import encode_prompts
@@ -118,7 +118,7 @@ def mixed_precision_for(setting: str, device: torch.device) -> str:
         return "no"
     if setting != "auto":
         return setting
-    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if native_bf16() else "fp16"
 
 
 def weight_dtype(mixed_precision: str) -> torch.dtype:
@@ -152,9 +152,9 @@ def tune(project_dir: Path, settings: TuneSettings, *, resume: bool = False,
     if not settings.prompt.strip():
         raise BadInputError("tune needs the prompt that describes the clip.",
                             'Add --prompt "a man is skiing" (what the clip shows).')
-    accelerator = make_accelerator(settings)
     project = Project.open(Path(project_dir))
     project.require("frames", "extract")
+    accelerator = make_accelerator(settings)
     with _main_process_lock(project, accelerator):
         return _tune_locked(project, settings, resume, accelerator, reporter)
 
@@ -174,8 +174,15 @@ def _tune_locked(project: Project, settings: TuneSettings, resume: bool, acceler
     started = time.monotonic()
     device = accelerator.device
     precision = accelerator.mixed_precision
+    checkpoint = _latest_checkpoint(project) if resume else None
+    if checkpoint is not None and checkpoint.step >= settings.steps:
+        reporter.info(f"Already tuned to step {checkpoint.step}; give --steps above it to go on.")
+        return TuneResult(project=project.root, steps=checkpoint.step,
+                          start_step=checkpoint.step, checkpoints=[],
+                          loss_log=project.root / LOSS_LOG, device=str(device),
+                          mixed_precision=precision, seconds=time.monotonic() - started,
+                          latents_reused=False, processes=accelerator.num_processes)
     try:
-        checkpoint = _latest_checkpoint(project) if resume else None
         run = _prepare(project, settings, accelerator, reporter, checkpoint)
         start_step = _resume_from(checkpoint, run, reporter) if checkpoint else 0
         if not resume and accelerator.is_main_process:
@@ -369,6 +376,14 @@ def _status(smoothed: float, rate: float, device: torch.device) -> str:
     return text + (f" · {memory:.1f} GB" if memory is not None else "")
 
 
+def _logged_step(line: str) -> float:
+    """The step of a loss-log line; a line a killed run left half-written counts as none."""
+    try:
+        return float(json.loads(line)["step"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+        return float("inf")
+
+
 class _LossLog:
     """`logs/tune.jsonl`: one JSON line per step, for plotting; a resume cuts it at its step."""
 
@@ -379,9 +394,9 @@ class _LossLog:
         path.parent.mkdir(parents=True, exist_ok=True)
         kept = []
         if start_step and path.exists():
-            kept = [line for line in path.read_text().splitlines()
-                    if line and json.loads(line)["step"] <= start_step]
-        path.write_text("".join(line + "\n" for line in kept))
+            kept = [line for line in path.read_text(encoding="utf-8").splitlines()
+                    if _logged_step(line) <= start_step]
+        path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
         self.handle = path.open("a", encoding="utf-8")
 
     def write(self, step: int, loss: float, smoothed: float) -> None:
@@ -437,10 +452,7 @@ def _resume_from(checkpoint: Checkpoint, run: TrainingRun, reporter: Reporter) -
     load_weights(checkpoint, _unwrapped(run))
     tensors, _ = load_tensors(checkpoint.path / TRAINING_FILE)
     restore_training_state(tensors, run.optimizer, {"noise": run.generator})
-    if checkpoint.step >= run.settings.steps:
-        reporter.info(f"Already tuned to step {checkpoint.step}; raise --steps to go on.")
-    else:
-        reporter.info(f"Resuming from {checkpoint.name}.")
+    reporter.info(f"Resuming from {checkpoint.name}.")
     return checkpoint.step
 
 

@@ -17,7 +17,7 @@ import av.error
 import numpy as np
 from PIL import Image
 
-from vedit.errors import BadInputError
+from vedit.errors import BadInputError, EnvironmentProblem
 
 
 @dataclass(frozen=True)
@@ -216,6 +216,18 @@ def _reason(exc: av.error.FFmpegError) -> str:
 # -- writing ---------------------------------------------------------------------------------
 
 
+def encoder_stream(container: av.container.OutputContainer, codec: str,
+                   **options: Any) -> Any:
+    """A new stream encoding with `codec`. A PyAV build without that encoder is this machine's
+    problem, not the input's: it says so, with exit code 9."""
+    try:
+        return container.add_stream(codec, **options)
+    except (ValueError, av.error.FFmpegError) as exc:
+        raise EnvironmentProblem(f"This PyAV cannot encode {codec} ({exc}).",
+                                 "Run `vedit doctor`; PyAV's wheels from PyPI bundle FFmpeg with "
+                                 "x264 and AAC.") from None
+
+
 class Mp4Writer:
     """H.264 yuv420p mp4 (plays in browsers and phones) written a frame at a time, each at its
     timestamp, so a long edit streams to disk instead of waiting whole in memory.
@@ -234,7 +246,7 @@ class Mp4Writer:
 
     def add(self, image: np.ndarray) -> None:
         if self.stream is None:
-            self.stream = self.container.add_stream("libx264", rate=self.rate)
+            self.stream = encoder_stream(self.container, "libx264", rate=self.rate)
             self.stream.height, self.stream.width = image.shape[:2]
             self.stream.pix_fmt = "yuv420p"
             self.stream.time_base = self.stream.codec_context.time_base = self.time_base
