@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,8 @@ from vedit import tomlio
 from vedit.errors import BadInputError, ProjectError
 from vedit.inflate import InflatedUNet, inflate_unet
 from vedit.lora import add_lora, load_lora_state_dict
-from vedit.project import Project, atomic_dir
+from vedit.progress import Reporter
+from vedit.project import Project, atomic_dir, atomic_file
 
 CHECKPOINTS = "checkpoints"
 RECORD = "checkpoint.toml"
@@ -129,6 +131,21 @@ def load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         raise BadInputError(f"{path} is not a readable safetensors file ({exc}).",
                             "The file is corrupted or truncated; use another checkpoint.") from None
     return tensors, metadata
+
+
+def cached_tensors(path: Path, compute: Callable[[], dict[str, torch.Tensor]],
+                   metadata: dict[str, str], reused_note: str,
+                   reporter: Reporter) -> tuple[dict[str, torch.Tensor], bool]:
+    """The tensors stored at `path`, or `compute()` now and stored there atomically (the caller
+    holds the project lock); True when they were reused, which `reused_note` then says."""
+    if path.is_file():
+        tensors, _ = load_tensors(path)
+        reporter.info(reused_note)
+        return tensors, True
+    tensors = compute()
+    with atomic_file(path) as temp:
+        save_tensors(temp, tensors, metadata)
+    return tensors, False
 
 
 # -- optimizer and generator state as plain tensors --------------------------------------------

@@ -22,10 +22,10 @@ from typing import Any
 import torch
 from diffusers import DDIMInverseScheduler
 
-from vedit.checkpoints import Checkpoint, load_tensors, save_tensors
+from vedit.checkpoints import Checkpoint, cached_tensors
 from vedit.errors import Interrupted
 from vedit.progress import Reporter
-from vedit.project import Project, atomic_file, cache_key
+from vedit.project import Project, cache_key
 from vedit.windows import ResumeFile, WindowPlan, denoise_in_windows, single_window
 
 #: Bump when an inversion for the same inputs would come out differently.
@@ -105,20 +105,15 @@ def cached_inversion(project: Project, key: str, compute: Callable[[ResumeFile],
     and the same call continues from it."""
     reporter = reporter or Reporter()
     path = project.root / INVERSIONS_DIR / f"{key}.safetensors"
-    if path.is_file():
-        tensors, _ = load_tensors(path)
-        reporter.info(f"Reusing the cached inversion {path.name} (same checkpoint, steps and "
-                      "prompt).")
-        return Inversion(tensors["noise"], key, path, reused=True)
     resume = ResumeFile(path.with_name(f"{key}.partial.safetensors"), key)
+    note = f"Reusing the cached inversion {path.name} (same checkpoint, steps and prompt)."
     try:
-        noise = compute(resume).half()
+        tensors, reused = cached_tensors(path, lambda: {"noise": compute(resume).half()},
+                                         {"key": key}, note, reporter)
     except KeyboardInterrupt:
         raise _interrupted(project, resume) from None
-    with atomic_file(path) as temp:
-        save_tensors(temp, {"noise": noise}, {"key": key})
-    resume.clear()
-    return Inversion(noise, key, path, reused=False)
+    resume.clear()  # stored whole now: the partial work is done with
+    return Inversion(tensors["noise"], key, path, reused=reused)
 
 
 def _interrupted(project: Project, resume: ResumeFile) -> Interrupted:

@@ -24,11 +24,11 @@ import torch
 from einops import rearrange
 from PIL import Image
 
-from vedit.checkpoints import load_tensors, save_tensors
+from vedit.checkpoints import cached_tensors
 from vedit.errors import BadInputError
 from vedit.extract import FRAMES_VERSION, fit_frame, frame_paths
 from vedit.progress import Reporter
-from vedit.project import Project, atomic_file, cache_key, file_sha256
+from vedit.project import Project, cache_key, file_sha256
 from vedit.video import VideoInfo, probe, read_span
 
 #: Bump when latents for the same frames and model would come out differently.
@@ -99,19 +99,18 @@ def frame_latents(project: Project, vae: torch.nn.Module, model_fingerprint: str
                   reporter: Reporter | None = None) -> FrameLatents:
     """The clip's latents from the cache, or encoded now and cached (caller holds the lock)."""
     reporter = reporter or Reporter()
-    key = latents_key(project, model_fingerprint)
-    path = project.root / LATENTS_DIR / f"{key}.safetensors"
-    if path.is_file():
-        tensors, _ = load_tensors(path)
-        reporter.info(f"Reusing the cached latents {path.name}.")
-        return FrameLatents(tensors["mean"], tensors["std"], path, reused=True)
-    mean, std = encode_frames(vae, load_frames(frame_paths(project)), reporter=reporter)
-    mean, std = (rearrange(t, "f c h w -> 1 c f h w").contiguous() for t in (mean, std))
-    with atomic_file(path) as temp:
-        save_tensors(temp, {"mean": mean, "std": std},
-                     {"frames_key": project.require("frames", "extract")["key"],
-                      "model": model_fingerprint})
-    return FrameLatents(mean, std, path, reused=False)
+    path = project.root / LATENTS_DIR / f"{latents_key(project, model_fingerprint)}.safetensors"
+
+    def encode() -> dict[str, torch.Tensor]:
+        mean, std = encode_frames(vae, load_frames(frame_paths(project)), reporter=reporter)
+        return {name: rearrange(t, "f c h w -> 1 c f h w").contiguous()
+                for name, t in (("mean", mean), ("std", std))}
+
+    metadata = {"frames_key": project.require("frames", "extract")["key"],
+                "model": model_fingerprint}
+    tensors, reused = cached_tensors(path, encode, metadata,
+                                     f"Reusing the cached latents {path.name}.", reporter)
+    return FrameLatents(tensors["mean"], tensors["std"], path, reused=reused)
 
 
 # -- the whole span, for edit --full ---------------------------------------------------------
@@ -196,20 +195,21 @@ def span_latents(project: Project, span: Span, vae: torch.nn.Module, model_finge
     reporter = reporter or Reporter()
     key = span_latents_key(span, model_fingerprint)
     path = project.root / LATENTS_DIR / f"{key}.safetensors"
-    if path.is_file():
-        tensors, _ = load_tensors(path)
-        reporter.info(f"Reusing the cached latents {path.name} ({span.num_frames} frames).")
-        return SpanLatents(tensors["mean"], key, path, reused=True)
-    means = []
-    with reporter.task(f"encoding {span.num_frames} frames", total=span.num_frames) as task:
-        for chunk in _slices(span_images(span), ENCODE_SLICE):
-            mean, _ = encode_frames(vae, images_to_tensor(chunk), slice_size=ENCODE_SLICE)
-            means.append(mean.half().cpu())
-            task.advance(len(chunk))
-    mean = rearrange(torch.cat(means), "f c h w -> 1 c f h w").contiguous()
-    with atomic_file(path) as temp:
-        save_tensors(temp, {"mean": mean}, {"span_key": span.key, "model": model_fingerprint})
-    return SpanLatents(mean, key, path, reused=False)
+
+    def encode() -> dict[str, torch.Tensor]:
+        means = []
+        with reporter.task(f"encoding {span.num_frames} frames", total=span.num_frames) as task:
+            for chunk in _slices(span_images(span), ENCODE_SLICE):
+                mean, _ = encode_frames(vae, images_to_tensor(chunk), slice_size=ENCODE_SLICE)
+                means.append(mean.half().cpu())
+                task.advance(len(chunk))
+        return {"mean": rearrange(torch.cat(means), "f c h w -> 1 c f h w").contiguous()}
+
+    note = f"Reusing the cached latents {path.name} ({span.num_frames} frames)."
+    tensors, reused = cached_tensors(path, encode,
+                                     {"span_key": span.key, "model": model_fingerprint}, note,
+                                     reporter)
+    return SpanLatents(tensors["mean"], key, path, reused=reused)
 
 
 def _slices(items: Iterable[np.ndarray], size: int) -> Iterator[list[np.ndarray]]:
