@@ -17,7 +17,6 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from vedit import edit as edit_stage
-from vedit.checkpoints import load_tensors
 from vedit.cli import app
 from vedit.edit import ddim_sample
 from vedit.errors import Interrupted
@@ -26,6 +25,7 @@ from vedit.models import load_components
 from vedit.project import Project
 from vedit.settings import EditSettings, ExtractSettings, TuneSettings
 from vedit.synthetic import make_clip
+from vedit.tensorfiles import load_tensors
 from vedit.tune import tune
 from vedit.video import probe
 from vedit.windows import WindowSettings, blend_weights, plan_windows

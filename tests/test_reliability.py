@@ -21,12 +21,13 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from vedit.checkpoints import LORA_FILE, TEMPORAL_FILE, list_checkpoints, load_tensors
+from vedit.checkpoints import LORA_FILE, TEMPORAL_FILE, list_checkpoints
 from vedit.cli import app
 from vedit.extract import extract
 from vedit.project import FORMAT, LOCK_NAME, Project
 from vedit.settings import ExtractSettings, TuneSettings
 from vedit.synthetic import make_clip
+from vedit.tensorfiles import load_tensors
 from vedit.tiny_model import build_tiny_model
 from vedit.tune import tune
 from vedit.video import probe
@@ -245,14 +246,14 @@ def test_full_disk_during_extract_keeps_the_old_frames(project: Path, clip_720p:
 
 def test_full_disk_while_checkpointing_keeps_the_last_checkpoint(
         project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import vedit.checkpoints
+    import vedit.tensorfiles
 
     def full_when_writing(path: object, mode: str = "r", *args: object, **kwargs: object):
         if "w" in mode:
             no_space()
         return open(path, mode, *args, **kwargs)  # noqa: SIM115
 
-    monkeypatch.setattr(vedit.checkpoints, "open", full_when_writing, raising=False)
+    monkeypatch.setattr(vedit.tensorfiles, "open", full_when_writing, raising=False)
     result = runner.invoke(app, ["tune", str(project), "--resume", "--steps", "3"])
     assert_clean_failure(result, 8, "The disk is full")
     assert [c.step for c in list_checkpoints(Project.open(project))] == [2]

@@ -11,12 +11,13 @@ from launcher import launch_vedit
 from typer.testing import CliRunner
 
 from vedit import tune as tune_stage
-from vedit.checkpoints import LORA_FILE, TEMPORAL_FILE, list_checkpoints, load_tensors
+from vedit.checkpoints import LORA_FILE, TEMPORAL_FILE, list_checkpoints
 from vedit.cli import app
 from vedit.errors import BadInputError, Interrupted, OutOfMemoryError, ProjectLockedError
 from vedit.extract import extract
 from vedit.project import Project
 from vedit.settings import ExtractSettings, TuneSettings
+from vedit.tensorfiles import load_tensors
 
 runner = CliRunner()
 PROMPT = "a man is talking"

@@ -14,13 +14,10 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import safetensors
-import safetensors.torch
 import torch
 from diffusers import UNet2DConditionModel
 
@@ -28,8 +25,8 @@ from vedit import tomlio
 from vedit.errors import BadInputError, ProjectError
 from vedit.inflate import InflatedUNet, inflate_unet
 from vedit.lora import add_lora, load_lora_state_dict
-from vedit.progress import Reporter
-from vedit.project import Project, atomic_dir, atomic_file
+from vedit.project import Project, atomic_dir
+from vedit.tensorfiles import load_tensors, save_tensors
 
 CHECKPOINTS = "checkpoints"
 RECORD = "checkpoint.toml"
@@ -108,44 +105,6 @@ def write_checkpoint(folder: Path, record: dict[str, Any], lora: dict[str, torch
         if training is not None:
             save_tensors(staging / TRAINING_FILE, training, {"vedit": "training-state"})
         (staging / RECORD).write_text(tomlio.dumps(record), encoding="utf-8")
-
-
-def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    """Write a safetensors file through Python's own file layer, so that a full disk surfaces
-    as the OSError (ENOSPC) every other write gives."""
-    contiguous = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    data = safetensors.torch.save(contiguous, metadata=metadata)
-    with open(path, "wb") as handle:
-        handle.write(data)
-
-
-def load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Read a safetensors file; a truncated, corrupted or foreign file is a clear error."""
-    if not path.is_file():
-        raise BadInputError(f"{path} is missing.", "The checkpoint is incomplete; use another.")
-    try:
-        with safetensors.safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
-    except (safetensors.SafetensorError, OSError, ValueError) as exc:
-        raise BadInputError(f"{path} is not a readable safetensors file ({exc}).",
-                            "The file is corrupted or truncated; use another checkpoint.") from None
-    return tensors, metadata
-
-
-def cached_tensors(path: Path, compute: Callable[[], dict[str, torch.Tensor]],
-                   metadata: dict[str, str], reused_note: str,
-                   reporter: Reporter) -> tuple[dict[str, torch.Tensor], bool]:
-    """The tensors stored at `path`, or `compute()` now and stored there atomically (the caller
-    holds the project lock); True when they were reused, which `reused_note` then says."""
-    if path.is_file():
-        tensors, _ = load_tensors(path)
-        reporter.info(reused_note)
-        return tensors, True
-    tensors = compute()
-    with atomic_file(path) as temp:
-        save_tensors(temp, tensors, metadata)
-    return tensors, False
 
 
 # -- optimizer and generator state as plain tensors --------------------------------------------

@@ -17,16 +17,19 @@ import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from diffusers import DDIMInverseScheduler
 
-from vedit.checkpoints import Checkpoint, cached_tensors
 from vedit.errors import Interrupted
 from vedit.progress import Reporter
 from vedit.project import Project, cache_key
+from vedit.tensorfiles import cached_tensors
 from vedit.windows import ResumeFile, WindowPlan, denoise_in_windows, single_window
+
+if TYPE_CHECKING:
+    from vedit.checkpoints import Checkpoint
 
 #: Bump when an inversion for the same inputs would come out differently.
 INVERSION_VERSION = 2  # 2: fp16 noise, windowed plans

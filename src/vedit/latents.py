@@ -24,11 +24,11 @@ import torch
 from einops import rearrange
 from PIL import Image
 
-from vedit.checkpoints import cached_tensors
 from vedit.errors import BadInputError
 from vedit.extract import FRAMES_VERSION, fit_frame, frame_paths
 from vedit.progress import Reporter
 from vedit.project import Project, cache_key, file_sha256
+from vedit.tensorfiles import cached_tensors
 from vedit.video import VideoInfo, probe, read_span
 
 #: Bump when latents for the same frames and model would come out differently.

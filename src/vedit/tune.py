@@ -30,7 +30,6 @@ from vedit.checkpoints import (
     Checkpoint,
     checkpoints_dir,
     list_checkpoints,
-    load_tensors,
     load_weights,
     restore_training_state,
     training_state,
@@ -52,6 +51,7 @@ from vedit.progress import Reporter
 from vedit.project import Project
 from vedit.prompts import encode_prompts
 from vedit.settings import ExtractSettings, TuneSettings, as_record
+from vedit.tensorfiles import load_tensors
 
 LOSS_LOG = "logs/tune.jsonl"
 MAX_GRAD_NORM = 1.0  # as the original's configs

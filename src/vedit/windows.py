@@ -31,10 +31,10 @@ from pathlib import Path
 
 import torch
 
-from vedit.checkpoints import load_tensors, save_tensors
 from vedit.errors import BadInputError
 from vedit.progress import Reporter
 from vedit.project import atomic_file
+from vedit.tensorfiles import load_tensors, save_tensors
 
 #: (window latents (b, c, f, h, w), timestep) -> the window's latents one step on.
 StepFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
