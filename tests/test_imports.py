@@ -12,16 +12,16 @@ import pytest
 
 HEAVY = ("torch", "diffusers", "transformers", "peft", "accelerate")
 # Runs the `vedit` entry point as the console script does, then says what it imported.
-PROBE = """
+PROBE = f"""
 import sys
 from vedit.__main__ import main
 sys.argv = ["vedit", *sys.argv[1:]]
 try:
     main()
 finally:
-    heavy = [name for name in {heavy!r} if name in sys.modules]
+    heavy = [name for name in {HEAVY!r} if name in sys.modules]
     sys.stderr.write(f"\\nimported: {{heavy}}\\n")
-""".format(heavy=HEAVY)
+"""
 
 
 @pytest.mark.parametrize(("args", "code"), [

@@ -13,7 +13,6 @@ A folder is written whole under a temporary name and renamed, so one that exists
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,12 +27,10 @@ from vedit.lora import add_lora, load_lora_state_dict
 from vedit.project import Project, atomic_dir
 from vedit.tensorfiles import load_tensors, save_tensors
 
-CHECKPOINTS = "checkpoints"
 RECORD = "checkpoint.toml"
 LORA_FILE = "lora.safetensors"
 TEMPORAL_FILE = "temporal.safetensors"
 TRAINING_FILE = "training.safetensors"
-_STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
 @dataclass(frozen=True)
@@ -49,20 +46,10 @@ class Checkpoint:
         return self.path.name
 
 
-def checkpoints_dir(project: Project) -> Path:
-    return project.root / CHECKPOINTS
-
-
 def list_checkpoints(project: Project) -> list[Checkpoint]:
     """Every complete checkpoint, by step."""
-    folder = checkpoints_dir(project)
-    if not folder.is_dir():
-        return []
-    found = []
-    for path in folder.iterdir():
-        match = _STEP_DIR.match(path.name)
-        if match and (path / RECORD).is_file():
-            found.append(read_checkpoint(path))
+    found = [read_checkpoint(path) for path in project.checkpoint_dirs()
+             if (path / RECORD).is_file()]
     return sorted(found, key=lambda c: c.step)
 
 
@@ -76,8 +63,7 @@ def find_checkpoint(project: Project, name: str | None = None) -> Checkpoint:
         return found[-1]
     path = Path(name)
     if not path.is_dir():
-        step = name.removeprefix("step-")
-        path = checkpoints_dir(project) / f"step-{step}"
+        path = project.checkpoint_dir(name.removeprefix("step-"))
     if not (path / RECORD).is_file():
         known = ", ".join(c.name for c in list_checkpoints(project)) or "none"
         raise BadInputError(f"No checkpoint {name!r} in {project.root}.", f"Known: {known}.")

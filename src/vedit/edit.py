@@ -28,7 +28,6 @@ from PIL import Image, ImageDraw, ImageFont
 from vedit import __version__, tomlio
 from vedit.checkpoints import Checkpoint, find_checkpoint, tuned_unet
 from vedit.errors import BadInputError, OutOfMemoryError
-from vedit.extract import frame_paths
 from vedit.invert import (
     Inversion,
     cached_inversion,
@@ -40,7 +39,7 @@ from vedit.invert import (
 from vedit.latents import clip_span, frame_latents, latents_key, span_images, span_latents
 from vedit.models import Components, load_components
 from vedit.progress import Reporter
-from vedit.project import Project, atomic_dir
+from vedit.project import EDIT_VIDEO, Project, atomic_dir, frame_file
 from vedit.prompts import encode_prompts
 from vedit.settings import EditSettings, as_record
 from vedit.video import Mp4Writer, write_gif
@@ -53,7 +52,6 @@ from vedit.windows import (
     single_window,
 )
 
-EDITS_DIR = "edits"
 DECODE_SLICE = 8  # frames the VAE decodes at once: bounded memory for long clips
 
 
@@ -116,7 +114,7 @@ def slug(text: str, limit: int = 48) -> str:
 def unique_names(project: Project, prompts: Sequence[str], name: str | None) -> list[str]:
     """Edit folder names: `--name` (numbered for several prompts) or prompt slugs, never one
     that exists already."""
-    taken = {p.name for p in (project.root / EDITS_DIR).glob("*")}
+    taken = {p.name for p in project.edits_dir.glob("*")}
     names = []
     for index, prompt in enumerate(prompts):
         base = slug(name if name else prompt)
@@ -195,7 +193,7 @@ def tuned_clip(project: Project, components: Components, reporter: Reporter) -> 
     a GPU anyway)."""
     latents = frame_latents(project, components.vae, components.fingerprint, reporter)
     frames = project.require("frames", "extract")
-    paths = frame_paths(project)
+    paths = project.frame_paths()
     return EditClip(
         latents=latents.mean.half().cpu(),
         latents_key=latents_key(project, components.fingerprint),
@@ -335,8 +333,8 @@ def write_edit(project: Project, name: str, prompt: str, frames: Iterable[np.nda
                clip: EditClip) -> EditOutput:
     """Write `edits/NAME/` whole (a folder that exists is complete), streaming `frames` into
     every output at once, so a long clip never waits whole in memory."""
-    folder = project.root / EDITS_DIR / name
-    files = {"video": "video.mp4", "compare": "compare.mp4", "settings": "edit.toml"}
+    folder = project.edit_dir(name)
+    files = {"video": EDIT_VIDEO, "compare": "compare.mp4", "settings": "edit.toml"}
     wanted = settings.format_list
     gif_frames: list[np.ndarray] = []
     count = 0
@@ -344,7 +342,7 @@ def write_edit(project: Project, name: str, prompt: str, frames: Iterable[np.nda
         if "frames" in wanted:
             (staging / "frames").mkdir()
             files["frames"] = "frames"
-        with Mp4Writer(staging / "video.mp4", clip.times, clip.interval) as video, \
+        with Mp4Writer(staging / EDIT_VIDEO, clip.times, clip.interval) as video, \
                 Mp4Writer(staging / "compare.mp4", clip.times, clip.interval) as compare:
             bar = None
             for source, frame in zip(clip.sources(), frames, strict=True):
@@ -352,7 +350,7 @@ def write_edit(project: Project, name: str, prompt: str, frames: Iterable[np.nda
                 bar = bar if bar is not None else caption_bar(prompt, frame)
                 compare.add(side_by_side(source, frame, bar))
                 if "frames" in wanted:
-                    Image.fromarray(frame).save(staging / "frames" / f"{count:05d}.png")
+                    Image.fromarray(frame).save(staging / "frames" / frame_file(count))
                 if "gif" in wanted:
                     gif_frames.append(frame)
                 count += 1

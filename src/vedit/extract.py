@@ -16,26 +16,22 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
-
 from vedit import audio
 from vedit.errors import BadInputError
 from vedit.progress import Reporter
 from vedit.project import (
     FORMAT,
+    FRAMES_VERSION,
     RECORD_NAME,
     Project,
     atomic_dir,
     cache_key,
     file_sha256,
+    frame_file,
     temp_beside,
 )
 from vedit.settings import ExtractSettings, FrameSize, as_record
-from vedit.video import VideoInfo, probe, read_frames
-
-#: Bump when frames for the same clip and settings would come out differently.
-FRAMES_VERSION = 1
-_EPSILON = 1e-6
+from vedit.video import TIME_EPSILON, VideoInfo, first_frame_at, fit_frame, probe, read_frames
 
 
 @dataclass(frozen=True)
@@ -79,9 +75,8 @@ class ExtractResult:
 def select_frames(frame_times: list[float], fps: Fraction, settings: ExtractSettings,
                   *, name: str = "the clip") -> tuple[list[int], float]:
     """Indices into `frame_times` to take, and the sampling interval in seconds."""
-    first = bisect.bisect_left(frame_times, settings.start - _EPSILON)
-    stop = (len(frame_times) if settings.end is None
-            else bisect.bisect_left(frame_times, settings.end - _EPSILON))
+    first = first_frame_at(frame_times, settings.start)
+    stop = len(frame_times) if settings.end is None else first_frame_at(frame_times, settings.end)
     window = frame_times[first:stop]
     if not window:
         raise BadInputError(
@@ -127,7 +122,7 @@ def _too_few_message(name: str, frame_times: list[float], window: list[float], f
 
 def _available(window: list[float], interval: float) -> int:
     """How many targets `interval` apart fit between the window's first and last frame."""
-    return int((window[-1] - window[0]) / interval + _EPSILON) + 1
+    return int((window[-1] - window[0]) / interval + TIME_EPSILON) + 1
 
 
 def _too_few_hint(window: list[float], fps: Fraction, settings: ExtractSettings,
@@ -152,16 +147,6 @@ def output_size(width: int, height: int, size: FrameSize, crop: bool) -> tuple[i
     short, long = sorted((width, height))
     long_side = max(8, round(long * size.short_side / short / 8) * 8)
     return (long_side, size.short_side) if width >= height else (size.short_side, long_side)
-
-
-def fit_frame(image: Image.Image, width: int, height: int) -> Image.Image:
-    """Scale to cover `width` x `height` keeping the aspect, then crop the centre."""
-    scale = max(width / image.width, height / image.height)
-    cover = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
-    if cover != image.size:
-        image = image.resize(cover, Image.Resampling.LANCZOS)
-    left, top = (cover[0] - width) // 2, (cover[1] - height) // 2
-    return image.crop((left, top, left + width, top + height))
 
 
 def plan_frames(info: VideoInfo, settings: ExtractSettings) -> FramePlan:
@@ -213,8 +198,7 @@ def _extract_into(project: Project, info: VideoInfo, plan: FramePlan, settings: 
         sha256 = file_sha256(info.path)
     key = cache_key(FRAMES_VERSION, sha256, as_record(settings))
     frames = project.section("frames")
-    audio_path = project.source_dir / f"audio{audio.audio_suffix(info.audio.codec)}" \
-        if info.audio else None
+    audio_path = project.audio_path(audio.audio_suffix(info.audio.codec)) if info.audio else None
     if frames and frames.get("key") == key and _outputs_present(project, frames, audio_path):
         reporter.info(f"Frames in {project.root} are up to date; nothing to do.")
         return _result(project, frames, info, sha256, reused=True)
@@ -228,7 +212,7 @@ def _extract_into(project: Project, info: VideoInfo, plan: FramePlan, settings: 
                 # plan.indices never decrease, so read_frames yields them in plan order.
                 for position, (_, image) in enumerate(read_frames(info, plan.indices)):
                     fitted = fit_frame(image.convert("RGB"), plan.width, plan.height)
-                    fitted.save(staging / f"{position:05d}.png", compress_level=1)
+                    fitted.save(staging / frame_file(position), compress_level=1)
                     task.advance()
             # The old frames are replaced as this block ends: forget them first, so a crash in
             # between leaves a project without frames rather than new frames under an old record.
@@ -240,7 +224,7 @@ def _extract_into(project: Project, info: VideoInfo, plan: FramePlan, settings: 
     finally:
         if audio_temp is not None:
             audio_temp.unlink(missing_ok=True)
-    for stale in project.source_dir.glob("audio.*"):
+    for stale in project.audio_files():
         if stale != audio_path:
             stale.unlink()
     if audio_path is None:
@@ -275,30 +259,16 @@ def _copy_audio(info: VideoInfo, audio_path: Path, reporter: Reporter) -> Path |
 
 
 def _outputs_present(project: Project, frames: dict[str, Any], audio_path: Path | None) -> bool:
-    folder = project.inside(str(frames.get("dir", "frames")))
     audio_ok = audio_path is None or audio_path.is_file()
-    return audio_ok and len(list(folder.glob("*.png"))) == frames.get("count")
-
-
-def project_audio(project: Project) -> Path | None:
-    """The project's copy of the source audio, or None for a silent source."""
-    name = (project.section("source") or {}).get("audio_file")
-    return project.inside(name) if name else None
-
-
-def frame_paths(project: Project) -> list[Path]:
-    """The project's frames in order; raises ProjectError when extract has not run."""
-    frames = project.require("frames", "extract")
-    folder = project.inside(str(frames.get("dir", "frames")))
-    return sorted(folder.glob("*.png"))
+    return audio_ok and len(project.frame_paths()) == frames.get("count")
 
 
 def _result(project: Project, frames: dict[str, Any], info: VideoInfo, sha256: str,
             *, reused: bool) -> ExtractResult:
     return ExtractResult(
-        project=project.root, frames=frame_paths(project), width=frames["width"],
+        project=project.root, frames=project.frame_paths(), width=frames["width"],
         height=frames["height"], times=list(frames["times"]),
-        audio=project_audio(project), reused=reused,
+        audio=project.source_audio(), reused=reused,
         source=source_record(info, sha256),
     )
 

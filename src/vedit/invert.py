@@ -33,7 +33,6 @@ if TYPE_CHECKING:
 
 #: Bump when an inversion for the same inputs would come out differently.
 INVERSION_VERSION = 2  # 2: fp16 noise, windowed plans
-INVERSIONS_DIR = "inversions"
 
 
 @dataclass(frozen=True)
@@ -107,8 +106,8 @@ def cached_inversion(project: Project, key: str, compute: Callable[[ResumeFile],
     holds the project lock). Interrupted, the finished work stays in `KEY.partial.safetensors`
     and the same call continues from it."""
     reporter = reporter or Reporter()
-    path = project.root / INVERSIONS_DIR / f"{key}.safetensors"
-    resume = ResumeFile(path.with_name(f"{key}.partial.safetensors"), key)
+    path = project.inversion_file(key)
+    resume = ResumeFile(project.inversion_progress_file(key), key)
     note = f"Reusing the cached inversion {path.name} (same checkpoint, steps and prompt)."
     try:
         tensors, reused = cached_tensors(path, lambda: {"noise": compute(resume).half()},

@@ -13,7 +13,6 @@ the model.
 
 from __future__ import annotations
 
-import bisect
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import islice
@@ -25,17 +24,14 @@ from einops import rearrange
 from PIL import Image
 
 from vedit.errors import BadInputError
-from vedit.extract import FRAMES_VERSION, fit_frame, frame_paths
 from vedit.progress import Reporter
-from vedit.project import Project, cache_key, file_sha256
+from vedit.project import FRAMES_VERSION, Project, cache_key, file_sha256
 from vedit.tensorfiles import cached_tensors
-from vedit.video import VideoInfo, probe, read_span
+from vedit.video import VideoInfo, first_frame_at, fit_frame, probe, read_span
 
 #: Bump when latents for the same frames and model would come out differently.
 LATENTS_VERSION = 1
-LATENTS_DIR = "latents"
 ENCODE_SLICE = 8  # frames the VAE encodes at once: bounded memory for long clips
-_EPSILON = 1e-6  # as extract's frame choice: a frame exactly at --end is past the span
 
 
 @dataclass(frozen=True)
@@ -99,10 +95,10 @@ def frame_latents(project: Project, vae: torch.nn.Module, model_fingerprint: str
                   reporter: Reporter | None = None) -> FrameLatents:
     """The clip's latents from the cache, or encoded now and cached (caller holds the lock)."""
     reporter = reporter or Reporter()
-    path = project.root / LATENTS_DIR / f"{latents_key(project, model_fingerprint)}.safetensors"
+    path = project.latents_file(latents_key(project, model_fingerprint))
 
     def encode() -> dict[str, torch.Tensor]:
-        mean, std = encode_frames(vae, load_frames(frame_paths(project)), reporter=reporter)
+        mean, std = encode_frames(vae, load_frames(project.frame_paths()), reporter=reporter)
         return {name: rearrange(t, "f c h w -> 1 c f h w").contiguous()
                 for name, t in (("mean", mean), ("std", std))}
 
@@ -161,8 +157,7 @@ def clip_span(project: Project, reporter: Reporter | None = None) -> Span:
     # extract's --end does.
     first = int(frames["source_indices"][0])
     end = (project.section("extract") or {}).get("end")
-    stop = (info.frame_count if end is None
-            else bisect.bisect_left(info.frame_times, float(end) - _EPSILON))
+    stop = info.frame_count if end is None else first_frame_at(info.frame_times, float(end))
     key = cache_key("span", FRAMES_VERSION, source["sha256"], first, stop, frames["width"],
                     frames["height"])
     return Span(info, first, stop, int(frames["width"]), int(frames["height"]), key)
@@ -194,7 +189,7 @@ def span_latents(project: Project, span: Span, vae: torch.nn.Module, model_finge
     caller holds the lock); only a slice of frames is ever in memory at once."""
     reporter = reporter or Reporter()
     key = span_latents_key(span, model_fingerprint)
-    path = project.root / LATENTS_DIR / f"{key}.safetensors"
+    path = project.latents_file(key)
 
     def encode() -> dict[str, torch.Tensor]:
         means = []

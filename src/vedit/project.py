@@ -1,8 +1,18 @@
 """The project folder: its paths, the `vedit.toml` record, atomic writes, the lock, cache keys.
 
-Stages share nothing but this folder. Every write goes to a hidden temporary name first and is
-renamed into place, so an interrupted stage never leaves a file a later stage would trust. A
-stage that writes holds the project lock (`flock`, released by the kernel if the process dies).
+Stages share nothing but this folder, and every name in it is spelled here:
+
+    vedit.toml             the record: settings and results of each stage
+    frames/00000.png ...   the tuned frames (extract)
+    source/audio.m4a       the clip's sound, packets untouched (.mka where mp4 cannot hold them)
+    latents/KEY.safetensors, inversions/KEY.safetensors   cached tensors (tune, edit)
+    checkpoints/step-N/    tuning checkpoints (their files: checkpoints.py)
+    logs/tune.jsonl        the loss of every tuning step
+    edits/NAME/video.mp4   an edit (its other files: edit.py); remux adds final.mp4
+
+Every write goes to a hidden temporary name first and is renamed into place, so an interrupted
+stage never leaves a file a later stage would trust. A stage that writes holds the project lock
+(`flock`, released by the kernel if the process dies).
 """
 
 from __future__ import annotations
@@ -11,6 +21,7 @@ import datetime as dt
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -24,9 +35,20 @@ from vedit.errors import ProjectError, ProjectLockedError
 
 #: Version of the folder layout and record; a project with a higher one is refused.
 FORMAT = 1
+#: Bump when frames for the same clip and settings would come out differently (extract's, and
+#: `edit --full`'s span, which is decoded and sized alike).
+FRAMES_VERSION = 1
 RECORD_NAME = "vedit.toml"
 LOCK_NAME = ".vedit.lock"
+EDIT_VIDEO = "video.mp4"
+FINAL_VIDEO = "final.mp4"
 _TMP_MARK = ".tmp-"
+_STEP_DIR = re.compile(r"^step-\d+$")
+
+
+def frame_file(index: int) -> str:
+    """The name of frame `index` in a folder of PNG frames: by name is in order."""
+    return f"{index:05d}.png"
 
 
 def cache_key(*parts: object) -> str:
@@ -167,6 +189,62 @@ class Project:
     @property
     def edits_dir(self) -> Path:
         return self.root / "edits"
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def loss_log(self) -> Path:
+        return self.root / "logs" / "tune.jsonl"
+
+    def frame_paths(self) -> list[Path]:
+        """The tuned frames in order; raises ProjectError when extract has not run."""
+        frames = self.require("frames", "extract")
+        folder = self.inside(str(frames.get("dir", "frames")))
+        return sorted(folder.glob("*.png"))
+
+    def audio_path(self, suffix: str) -> Path:
+        """Where the source's sound is kept, in a file of type `suffix` (`.m4a`, `.mka`)."""
+        return self.source_dir / f"audio{suffix}"
+
+    def audio_files(self) -> list[Path]:
+        """Every kept sound file (one at most, unless an extract was cut short)."""
+        return sorted(self.source_dir.glob("audio.*"))
+
+    def source_audio(self) -> Path | None:
+        """The project's copy of the source audio, as the record names it; None when silent."""
+        name = (self.section("source") or {}).get("audio_file")
+        return self.inside(name) if name else None
+
+    def latents_file(self, key: str) -> Path:
+        return self.root / "latents" / f"{key}.safetensors"
+
+    def inversion_file(self, key: str) -> Path:
+        return self.root / "inversions" / f"{key}.safetensors"
+
+    def inversion_progress_file(self, key: str) -> Path:
+        """Where an interrupted inversion keeps the work it finished."""
+        return self.root / "inversions" / f"{key}.partial.safetensors"
+
+    def checkpoint_dir(self, step: int | str) -> Path:
+        return self.checkpoints_dir / f"step-{step}"
+
+    def checkpoint_dirs(self) -> list[Path]:
+        """The `step-N` folders under checkpoints/ (complete or not: the caller checks)."""
+        if not self.checkpoints_dir.is_dir():
+            return []
+        return sorted(p for p in self.checkpoints_dir.iterdir() if _STEP_DIR.match(p.name))
+
+    def edit_dir(self, name: str) -> Path:
+        """edits/NAME/; a name that would leave the project is refused."""
+        return self.inside(f"edits/{name}")
+
+    def edit_names(self) -> list[str]:
+        """Names of the finished edits (an edit folder appears whole, with its video)."""
+        if not self.edits_dir.is_dir():
+            return []
+        return sorted(p.name for p in self.edits_dir.iterdir() if (p / EDIT_VIDEO).is_file())
 
     def inside(self, relative: str) -> Path:
         """Resolve a path read from the record; refuse one that leaves the project folder."""

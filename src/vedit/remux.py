@@ -11,19 +11,8 @@ from pathlib import Path
 
 from vedit.audio import MuxResult, mux
 from vedit.errors import BadInputError, ProjectError, UsageError
-from vedit.extract import project_audio
 from vedit.progress import Reporter
-from vedit.project import Project, atomic_file
-
-EDIT_VIDEO = "video.mp4"
-FINAL_VIDEO = "final.mp4"
-
-
-def edit_names(project: Project) -> list[str]:
-    """Names of the finished edits (an edit folder appears whole, with its video)."""
-    if not project.edits_dir.is_dir():
-        return []
-    return sorted(p.name for p in project.edits_dir.iterdir() if (p / EDIT_VIDEO).is_file())
+from vedit.project import EDIT_VIDEO, FINAL_VIDEO, Project, atomic_file
 
 
 def audio_start(project: Project) -> float:
@@ -49,13 +38,13 @@ def remux(project_dir: Path, edits: list[str] | None = None, *, video: Path | No
         raise UsageError("--output goes with --video only.",
                          "Edits are written to edits/NAME/final.mp4.")
     project = Project.open(Path(project_dir))
-    sound = project_audio(project)
+    sound = project.source_audio()
     start = audio_start(project)
     if sound is None:
         reporter.info("The source clip has no audio: the result has video only.")
     if video is not None:
         return [_mux_one(Path(video), sound, output or default_output(Path(video)), start)]
-    names = edits or edit_names(project)
+    names = edits or project.edit_names()
     if not names:
         raise ProjectError(f"Project {project.root} has no edits yet.",
                            "Run `vedit edit` first, or give any video with --video FILE.")
@@ -63,9 +52,9 @@ def remux(project_dir: Path, edits: list[str] | None = None, *, video: Path | No
     with project.lock("remux"):
         with reporter.task("muxing", total=len(names)) as task:
             for name in names:
-                folder = project.inside(f"edits/{name}")
+                folder = project.edit_dir(name)
                 if not (folder / EDIT_VIDEO).is_file():
-                    known = ", ".join(edit_names(project)) or "none"
+                    known = ", ".join(project.edit_names()) or "none"
                     raise BadInputError(f"No edit named {name!r} in {project.root}.",
                                         f"Known edits: {known}.")
                 results.append(_mux_one(folder / EDIT_VIDEO, sound, folder / FINAL_VIDEO, start))

@@ -28,7 +28,6 @@ from vedit import __version__
 from vedit.checkpoints import (
     TRAINING_FILE,
     Checkpoint,
-    checkpoints_dir,
     list_checkpoints,
     load_weights,
     restore_training_state,
@@ -53,7 +52,6 @@ from vedit.prompts import encode_prompts
 from vedit.settings import ExtractSettings, TuneSettings, as_record
 from vedit.tensorfiles import load_tensors
 
-LOSS_LOG = "logs/tune.jsonl"
 MAX_GRAD_NORM = 1.0  # as the original's configs
 ADAM_WEIGHT_DECAY = 1e-2
 EVAL_DRAWS = 8  # fixed noise/timestep draws on which the loss is reported before and after
@@ -179,7 +177,7 @@ def _tune_locked(project: Project, settings: TuneSettings, resume: bool, acceler
         reporter.info(f"Already tuned to step {checkpoint.step}; give --steps above it to go on.")
         return TuneResult(project=project.root, steps=checkpoint.step,
                           start_step=checkpoint.step, checkpoints=[],
-                          loss_log=project.root / LOSS_LOG, device=str(device),
+                          loss_log=project.loss_log, device=str(device),
                           mixed_precision=precision, seconds=time.monotonic() - started,
                           latents_reused=False, processes=accelerator.num_processes)
     try:
@@ -197,7 +195,7 @@ def _tune_locked(project: Project, settings: TuneSettings, resume: bool, acceler
             "--gradient-checkpointing, or a lower --rank.") from None
     result = TuneResult(
         project=project.root, steps=settings.steps, start_step=start_step,
-        checkpoints=written, loss_log=project.root / LOSS_LOG, device=str(device),
+        checkpoints=written, loss_log=project.loss_log, device=str(device),
         mixed_precision=precision, seconds=time.monotonic() - started,
         latents_reused=run.latents.reused, eval_loss_before=before, eval_loss_after=after,
         smoothed_loss=smoothed, peak_memory_gb=_peak_memory_gb(device),
@@ -335,7 +333,7 @@ def _loop(project: Project, run: TrainingRun, start_step: int,
           reporter: Reporter) -> tuple[list[Path], float | None]:
     accelerator, settings = run.accelerator, run.settings
     step, smoothed, written = start_step, None, []
-    log = _LossLog(project.root / LOSS_LOG, start_step, accelerator.is_main_process)
+    log = _LossLog(project.loss_log, start_step, accelerator.is_main_process)
     tick = time.monotonic()
     try:
         with reporter.task("tuning", total=settings.steps) as task:
@@ -413,7 +411,7 @@ class _LossLog:
 
 def save(project: Project, run: TrainingRun, step: int) -> Path:
     """Write `checkpoints/step-N/` (main process only; the others wait)."""
-    folder = checkpoints_dir(project) / f"step-{step}"
+    folder = project.checkpoint_dir(step)
     if run.accelerator.is_main_process:
         unet = _unwrapped(run)
         metadata = {"base_model": run.record["base_model"],

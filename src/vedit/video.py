@@ -6,6 +6,7 @@ so the same numbers address video frames and, shifted by the audio's offset, the
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -18,6 +19,9 @@ import numpy as np
 from PIL import Image
 
 from vedit.errors import BadInputError, EnvironmentProblem
+
+#: Times closer than this (seconds) are the same time: a frame exactly at --end is past it.
+TIME_EPSILON = 1e-6
 
 
 @dataclass(frozen=True)
@@ -207,6 +211,21 @@ def upright(image: Image.Image, rotation: int) -> Image.Image:
     turns = {90: Image.Transpose.ROTATE_90, 180: Image.Transpose.ROTATE_180,
              270: Image.Transpose.ROTATE_270}
     return image.transpose(turns[rotation]) if rotation in turns else image
+
+
+def fit_frame(image: Image.Image, width: int, height: int) -> Image.Image:
+    """Scale to cover `width` x `height` keeping the aspect, then crop the centre."""
+    scale = max(width / image.width, height / image.height)
+    cover = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
+    if cover != image.size:
+        image = image.resize(cover, Image.Resampling.LANCZOS)
+    left, top = (cover[0] - width) // 2, (cover[1] - height) // 2
+    return image.crop((left, top, left + width, top + height))
+
+
+def first_frame_at(frame_times: Sequence[float], seconds: float) -> int:
+    """Index of the first frame shown at or after `seconds` (len(frame_times) if none is)."""
+    return bisect.bisect_left(frame_times, seconds - TIME_EPSILON)
 
 
 def _reason(exc: av.error.FFmpegError) -> str:
