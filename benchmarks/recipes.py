@@ -41,12 +41,12 @@ from shapes import (
 )
 from torch import nn
 
-from vedit.edit import DECODE_SLICE, ddim_sample, decode_latents
+from vedit.edit import DECODE_SLICE, decode_latents
 from vedit.inflate import inflate_unet, per_frame_timestep
-from vedit.invert import ddim_invert
 from vedit.latents import FrameLatents
 from vedit.lora import add_lora, parse_targets, trainable_parameters
 from vedit.models import default_dtype
+from vedit.sampler import ddim_invert, ddim_sample
 from vedit.settings import TuneSettings
 from vedit.tune import (
     ADAM_WEIGHT_DECAY,

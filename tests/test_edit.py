@@ -18,15 +18,14 @@ from vedit import edit as edit_stage
 from vedit import tomlio
 from vedit.checkpoints import find_checkpoint, tuned_unet
 from vedit.cli import app
-from vedit.edit import ddim_sample
 from vedit.errors import ProjectError
 from vedit.extract import extract
 from vedit.inflate import inflate_unet
-from vedit.invert import ddim_invert
 from vedit.latents import frame_latents
 from vedit.models import load_components
 from vedit.project import Project
 from vedit.prompts import encode_prompts
+from vedit.sampler import ddim_invert, ddim_sample
 from vedit.settings import EditSettings, ExtractSettings, TuneSettings
 from vedit.tune import tune
 from vedit.video import probe

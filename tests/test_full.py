@@ -18,11 +18,11 @@ from typer.testing import CliRunner
 
 from vedit import edit as edit_stage
 from vedit.cli import app
-from vedit.edit import ddim_sample
 from vedit.errors import Interrupted
 from vedit.extract import extract
 from vedit.models import load_components
 from vedit.project import Project
+from vedit.sampler import ddim_sample
 from vedit.settings import EditSettings, ExtractSettings, TuneSettings
 from vedit.synthetic import make_clip
 from vedit.tensorfiles import load_tensors

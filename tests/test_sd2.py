@@ -13,13 +13,12 @@ from typer.testing import CliRunner
 
 from vedit.checkpoints import find_checkpoint, tuned_unet
 from vedit.cli import app
-from vedit.edit import ddim_sample
 from vedit.extract import extract
-from vedit.invert import ddim_invert
 from vedit.latents import FrameLatents, frame_latents
 from vedit.models import load_components
 from vedit.project import Project
 from vedit.prompts import encode_prompts
+from vedit.sampler import ddim_invert, ddim_sample
 from vedit.settings import ExtractSettings, TuneSettings
 from vedit.tune import noisy_batch, tune
 

@@ -2,8 +2,9 @@
 
 As a diffusers pipeline, in small named steps: load the tuned model, encode the prompts,
 invert the clip's latents (cached, invert.py), sample each prompt with classifier-free
-guidance, decode in slices, write `edits/NAME/` (video.mp4, compare.mp4, optional gif and
-PNG frames, edit.toml). Under `accelerate launch` the prompts are split across processes.
+guidance (sampler.py), decode in slices, write `edits/NAME/` (video.mp4, compare.mp4, optional
+gif and PNG frames, edit.toml). Under `accelerate launch` the prompts are split across
+processes.
 
 The clip is the tuned frames, or with `full` every frame of the source's span at its own
 frame rate. Both go through the same code: the tuned frames are one window of all frames,
@@ -28,26 +29,19 @@ from PIL import Image, ImageDraw, ImageFont
 from vedit import __version__, tomlio
 from vedit.checkpoints import Checkpoint, find_checkpoint, tuned_unet
 from vedit.errors import BadInputError, OutOfMemoryError
-from vedit.invert import (
-    Inversion,
-    cached_inversion,
-    ddim_invert,
-    inversion_key,
-    predict,
-    unet_device,
-)
+from vedit.invert import Inversion, cached_inversion, inversion_key
 from vedit.latents import clip_span, frame_latents, latents_key, span_images, span_latents
 from vedit.models import Components, load_components
 from vedit.progress import Reporter
 from vedit.project import EDIT_VIDEO, Project, atomic_dir, frame_file
 from vedit.prompts import encode_prompts
+from vedit.sampler import Denoiser, ddim_invert, ddim_sample
 from vedit.settings import EditSettings, as_record
 from vedit.video import Mp4Writer, write_gif
 from vedit.windows import (
     ResumeFile,
     WindowPlan,
     WindowSettings,
-    denoise_in_windows,
     plan_windows,
     single_window,
 )
@@ -230,7 +224,7 @@ def _gather(outputs: list[EditOutput], state: Any) -> list[EditOutput]:
     return list(gather_object(outputs))
 
 
-def _inversion(project: Project, checkpoint: Checkpoint, components: Components, unet: Any,
+def _inversion(project: Project, checkpoint: Checkpoint, components: Components, unet: Denoiser,
                clip: EditClip, settings: EditSettings, reporter: Reporter) -> Inversion:
     prompt = checkpoint.record["settings"]["prompt"] if settings.inversion_prompt else ""
     key = inversion_key(checkpoint, clip.latents_key, settings.steps, prompt,
@@ -253,40 +247,6 @@ def _start_noise(shape: torch.Size, inversion: Inversion | None, count: int,
         return inversion.noise.float().expand(count, *shape[1:]).clone()
     generator = torch.Generator().manual_seed(seed)
     return torch.randn((count, *shape[1:]), generator=generator)
-
-
-@torch.no_grad()
-def ddim_sample(unet: Any, scheduler: Any, noise: torch.Tensor, cond: torch.Tensor,
-                uncond: torch.Tensor, guidance: float, steps: int,
-                reporter: Reporter | None = None, label: str = "sampling", *,
-                plan: WindowPlan | None = None) -> torch.Tensor:
-    """DDIM from `noise` `(b, c, f, h, w)` with classifier-free guidance (one batched call for
-    the unconditional and conditional halves; guidance 1 needs only the conditional one), in
-    the windows of `plan` (default: all frames at once). The result stays on the noise's
-    device; each window runs on the UNet's."""
-    device = unet_device(unet, noise.device)
-    scheduler.set_timesteps(steps, device=device)
-    step = guided_step(unet, scheduler, cond.to(device), uncond.to(device), guidance)
-    return denoise_in_windows(noise, scheduler.timesteps, step,
-                              plan or single_window(noise.shape[2]), device=device,
-                              label=label, reporter=reporter)
-
-
-def guided_step(unet: Any, scheduler: Any, cond: torch.Tensor, uncond: torch.Tensor,
-                guidance: float) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """One DDIM step of a window's latents under classifier-free guidance."""
-
-    def step(sample: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
-        if guidance == 1.0:
-            model_output = predict(unet, sample, timestep, cond)
-        else:
-            both = predict(unet, torch.cat([sample, sample]), timestep,
-                           torch.cat([uncond, cond]))
-            unconditional, conditional = both.chunk(2)
-            model_output = unconditional + guidance * (conditional - unconditional)
-        return scheduler.step(model_output, timestep, sample).prev_sample
-
-    return step
 
 
 def decode_frames(vae: Any, latents: torch.Tensor, slice_size: int = DECODE_SLICE,
@@ -314,7 +274,7 @@ def decode_latents(vae: Any, latents: torch.Tensor, slice_size: int = DECODE_SLI
     return np.stack(list(decode_frames(vae, latents, slice_size, reporter)))
 
 
-def _sample(components: Components, unet: Any, clip: EditClip, inversion: Inversion | None,
+def _sample(components: Components, unet: Denoiser, clip: EditClip, inversion: Inversion | None,
             prompts: list[str], uncond: torch.Tensor, settings: EditSettings,
             reporter: Reporter) -> torch.Tensor:
     """The edited latents `(b, c, f, h, w)` of a batch of prompts, on the CPU; `uncond` is the

@@ -1,32 +1,29 @@
 """DDIM inversion of the clip's latents with the tuned model, cached in the project.
 
-Running the deterministic DDIM sampler backwards from the clean latents gives noise that the
-same model turns back into the clip; sampling from it under a new prompt keeps the clip's
-structure and motion (Tune-A-Video, section 3.3). The original inverts with the empty prompt
-and no guidance; `prompt` may be the source prompt instead. diffusers' `DDIMInverseScheduler`
-does each step, so v-prediction bases invert correctly too.
+Running the deterministic DDIM sampler backwards from the clean latents (`sampler.ddim_invert`)
+gives noise that the same model turns back into the clip; sampling from it under a new prompt
+keeps the clip's structure and motion (Tune-A-Video, section 3.3). The original inverts with
+the empty prompt and no guidance; `prompt` may be the source prompt instead.
 
-A long clip is inverted in overlapping windows (windows.py); the tuned frames are one window.
 The noise is stored in fp16 (the dtype the UNet reads it in on a GPU), half the disk of fp32
-for a whole clip; an interrupted inversion keeps its progress beside it and a rerun continues.
+for a whole clip, keyed by everything it depends on; an interrupted inversion keeps its
+progress beside it and a rerun continues.
 """
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from diffusers import DDIMInverseScheduler
 
 from vedit.errors import Interrupted
 from vedit.progress import Reporter
 from vedit.project import Project, cache_key
 from vedit.tensorfiles import cached_tensors
-from vedit.windows import ResumeFile, WindowPlan, denoise_in_windows, single_window
+from vedit.windows import ResumeFile, WindowPlan
 
 if TYPE_CHECKING:
     from vedit.checkpoints import Checkpoint
@@ -46,47 +43,6 @@ class Inversion:
 
     def to_dict(self) -> dict[str, Any]:
         return {"key": self.key, "path": str(self.path), "reused": self.reused}
-
-
-def predict(unet: Any, latents: torch.Tensor, timestep: torch.Tensor,
-            prompt_embeds: torch.Tensor) -> torch.Tensor:
-    """One UNet call in the UNet's dtype; the result in fp32 for the scheduler's arithmetic."""
-    dtype = unet.dtype
-    return unet(latents.to(dtype), timestep, prompt_embeds.to(dtype)).float()
-
-
-def inverse_scheduler(scheduler_config: Any) -> DDIMInverseScheduler:
-    """diffusers' DDIM inverse on the same noise schedule (keys it does not take are dropped,
-    rather than warned about: PNDM configs carry `skip_prk_steps`)."""
-    accepted = inspect.signature(DDIMInverseScheduler.__init__).parameters
-    return DDIMInverseScheduler.from_config(
-        {k: v for k, v in scheduler_config.items() if k in accepted})
-
-
-def unet_device(unet: Any, fallback: torch.device) -> torch.device:
-    """Where the UNet runs; a plain callable (a test's exact denoiser) runs at `fallback`."""
-    return getattr(unet, "device", fallback)
-
-
-@torch.no_grad()
-def ddim_invert(unet: Any, scheduler_config: Any, latents: torch.Tensor,
-                prompt_embeds: torch.Tensor, steps: int, reporter: Reporter | None = None, *,
-                plan: WindowPlan | None = None, resume: ResumeFile | None = None
-                ) -> torch.Tensor:
-    """Latents `(b, c, f, h, w)` to the noise DDIM sampling in `steps` steps would start from,
-    in the windows of `plan` (default: all frames at once). The result stays on the latents'
-    device; each window runs on the UNet's."""
-    device = unet_device(unet, latents.device)
-    inverse = inverse_scheduler(scheduler_config)
-    inverse.set_timesteps(steps, device=device)
-    embeds = prompt_embeds.to(device)
-
-    def step(sample: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
-        return inverse.step(predict(unet, sample, timestep, embeds), timestep, sample).prev_sample
-
-    return denoise_in_windows(latents, inverse.timesteps, step,
-                              plan or single_window(latents.shape[2]), device=device,
-                              label="inverting", reporter=reporter, resume=resume)
 
 
 def inversion_key(checkpoint: Checkpoint, latents_key: str, steps: int, prompt: str,

@@ -389,6 +389,8 @@ def load_components(model_spec: str | Path = DEFAULT_MODEL, *, device: str | tor
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
+    from vedit.sampler import ddim_scheduler
+
     reporter = reporter or Reporter()
     source = resolve_model(model_spec, revision=revision, variant=variant, reporter=reporter)
     device = torch.device(device)
@@ -422,22 +424,6 @@ def native_resolution(source: ModelSource) -> int:
     unet = _read_json(source.path / "unet" / "config.json")
     vae = _read_json(source.path / "vae" / "config.json")
     return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
-
-
-def ddim_scheduler(model_folder: Path) -> DDIMScheduler:
-    """A DDIM scheduler on the model's own noise schedule, prediction type, timestep spacing and
-    offset. Latents are never clipped, as diffusers' SD pipelines enforce."""
-    from diffusers import DDIMScheduler
-
-    config = DDIMScheduler.load_config(str(model_folder), subfolder="scheduler")
-    return DDIMScheduler.from_config(
-        config,
-        prediction_type=config.get("prediction_type", "epsilon"),
-        timestep_spacing=config.get("timestep_spacing", "leading"),
-        steps_offset=config.get("steps_offset", 1),
-        set_alpha_to_one=config.get("set_alpha_to_one", False),
-        clip_sample=False,
-    )
 
 
 @contextmanager
