@@ -3,12 +3,15 @@ torch or diffusers (seconds of a user's time each run)."""
 
 from __future__ import annotations
 
+import ast
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+import vedit
 
 HEAVY = ("torch", "diffusers", "transformers", "peft", "accelerate")
 # Runs the `vedit` entry point as the console script does, then says what it imported.
@@ -39,3 +42,36 @@ def test_start_up_and_early_errors_import_no_model_library(tmp_path: Path, args:
                           timeout=120, env=os.environ | {"HF_HUB_OFFLINE": "1"})
     assert done.returncode == code, done.stderr
     assert done.stderr.rstrip().splitlines()[-1] == "imported: []"
+
+
+def _vedit_imports(path: Path) -> set[str]:
+    """The vedit modules a module imports, at its top or inside a function."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            if node.module == "vedit":
+                found |= {f"vedit.{alias.name}" for alias in node.names}
+            elif node.module.startswith("vedit."):
+                found.add(node.module)
+        elif isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names if alias.name.startswith("vedit.")}
+    return found
+
+
+def test_no_module_imports_itself_through_others() -> None:
+    """The modules form layers: no import cycle, not even through a deferred import."""
+    package = Path(vedit.__file__).parent
+    graph = {f"vedit.{p.stem}": _vedit_imports(p) for p in package.glob("*.py")}
+    graph = {name: {m for m in deps if m in graph} for name, deps in graph.items()}
+    cycles = []
+    for start in graph:
+        stack, seen = [(start, [start])], set()
+        while stack:
+            name, path = stack.pop()
+            for dep in graph[name]:
+                if dep == start:
+                    cycles.append(" -> ".join([*path, dep]))
+                elif dep not in seen:
+                    seen.add(dep)
+                    stack.append((dep, [*path, dep]))
+    assert not cycles, "\n".join(cycles)

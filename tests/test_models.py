@@ -10,9 +10,9 @@ import pytest
 import torch
 from pipeline_files import NEEDED, UNET_FILE, snapshot_files
 
-from vedit import models
 from vedit.errors import BadInputError, ModelNotFoundError
-from vedit.models import inspect_model_folder, load_components, resolve_model
+from vedit.model_files import choose_weight_files, inspect_model_folder
+from vedit.models import load_components, resolve_model
 from vedit.tiny_model import build_tiny_model
 
 # --- the tiny model ------------------------------------------------------------------------
@@ -127,12 +127,12 @@ def test_a_path_that_is_not_a_model_is_bad_input(tmp_path: Path) -> None:
 def test_weight_file_choice() -> None:
     names = ["diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
              "diffusion_pytorch_model.non_ema.safetensors", "diffusion_pytorch_model.bin"]
-    assert models.choose_weight_files(names, "fp16") == (
+    assert choose_weight_files(names, "fp16") == (
         "fp16", ["diffusion_pytorch_model.fp16.safetensors"])
-    assert models.choose_weight_files(names, None) == (
+    assert choose_weight_files(names, None) == (
         None, ["diffusion_pytorch_model.safetensors"])
-    assert models.choose_weight_files(names, "bf16")[0] is None  # falls back to the plain files
+    assert choose_weight_files(names, "bf16")[0] is None  # falls back to the plain files
     shards = ["model.fp16-00001-of-00002.safetensors", "model.fp16-00002-of-00002.safetensors",
               "model.safetensors.index.fp16.json"]
-    assert models.choose_weight_files(shards, None) == ("fp16", shards[:2])  # the only set
-    assert models.choose_weight_files(["model.bin"], None) == (None, [])
+    assert choose_weight_files(shards, None) == ("fp16", shards[:2])  # the only set
+    assert choose_weight_files(["model.bin"], None) == (None, [])

@@ -15,7 +15,8 @@ from safetensors.torch import load_file, save_file
 from vedit import single_file
 from vedit.errors import BadInputError, ModelNotFoundError
 from vedit.hub import fetch_model, list_models
-from vedit.models import DEFAULT_MODEL, load_components, model_fingerprint, resolve_model
+from vedit.model_files import DEFAULT_MODEL, model_fingerprint
+from vedit.models import load_components, resolve_model
 
 _RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "norm2": "out_layers.0",
            "conv2": "out_layers.3", "time_emb_proj": "emb_layers.1",

@@ -9,7 +9,7 @@ import typer
 
 from vedit import __version__
 from vedit.errors import EXIT_CODES, BadInputError, EnvironmentProblem, UsageError
-from vedit.models import DEFAULT_MODEL
+from vedit.model_files import DEFAULT_MODEL
 from vedit.output import command_output
 from vedit.project import default_project_dir
 from vedit.settings import (

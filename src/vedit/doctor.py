@@ -125,7 +125,7 @@ def _ffmpeg_version() -> str:
 
 def _models() -> Check:
     from vedit.hub import list_models
-    from vedit.models import hub_cache_dir
+    from vedit.model_files import hub_cache_dir
 
     found = list_models()
     where = str(hub_cache_dir())

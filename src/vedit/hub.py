@@ -20,20 +20,19 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from vedit.errors import BadInputError, DiskError, ModelNotFoundError
-from vedit.models import (
+from vedit.model_files import (
     COMPONENTS,
     DEFAULT_MODEL,
     WEIGHT_NAME,
     WEIGHTED_COMPONENTS,
     CachedModel,
-    as_repo_id,
     check_is_sd_unet,
     choose_weight_files,
     has_tokenizer_files,
     hub_cache_dir,
     inspect_model_folder,
-    resolve_model,
 )
+from vedit.models import as_repo_id, resolve_model
 from vedit.progress import Reporter, Task
 from vedit.single_file import converted_models, resolve_single_file
 

@@ -93,3 +93,22 @@ class Reporter:
         with progress:
             task_id = progress.add_task(description, total=total, status="")
             yield Task(progress, task_id)
+
+
+@contextmanager
+def quiet_library_progress() -> Iterator[None]:
+    """Hide diffusers' and transformers' own tqdm bars while loading or saving models: vedit's
+    progress goes through its Reporter, and stderr stays clean."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    states = [(lib, lib.is_progress_bar_enabled())
+              for lib in (diffusers_logging, transformers_logging)]
+    for lib, _ in states:
+        lib.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for lib, enabled in states:
+            if enabled:
+                lib.enable_progress_bar()

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 from vedit import tomlio
 from vedit.errors import BadInputError, UsageError
-from vedit.models import DEFAULT_MODEL
+from vedit.model_files import DEFAULT_MODEL
 
 T = TypeVar("T")
 

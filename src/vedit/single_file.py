@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from vedit.errors import BadInputError, ModelNotFoundError
-from vedit.models import (
+from vedit.model_files import (
     CONFIG_FILE,
     DEFAULT_MODEL,
     SAFETENSORS_DTYPES,
@@ -28,10 +28,9 @@ from vedit.models import (
     files_in,
     has_tokenizer_files,
     inspect_model_folder,
-    quiet_library_progress,
     read_safetensors_header,
 )
-from vedit.progress import Reporter
+from vedit.progress import Reporter, quiet_library_progress
 
 if TYPE_CHECKING:
     import torch

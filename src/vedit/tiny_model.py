@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from vedit.errors import BadInputError
-from vedit.models import quiet_library_progress
+from vedit.progress import quiet_library_progress
 from vedit.project import atomic_dir
 
 #: Side of a frame, in pixels, that the tiny model was "trained" at (latent 8 x 8).
