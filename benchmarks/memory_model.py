@@ -33,8 +33,8 @@ import torch
 from shapes import SD15, Shapes, build_text_encoder, build_unet, build_vae
 
 from vedit.inflate import inflate_unet
-from vedit.lora import add_lora, parse_targets
-from vedit.settings import TuneSettings
+from vedit.lora import add_lora
+from vedit.settings import TuneSettings, parse_targets
 
 GIB = 2**30
 STAGES = ("tune", "edit")

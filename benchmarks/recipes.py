@@ -44,10 +44,10 @@ from torch import nn
 from vedit.edit import DECODE_SLICE, decode_latents
 from vedit.inflate import inflate_unet, per_frame_timestep
 from vedit.latents import FrameLatents
-from vedit.lora import add_lora, parse_targets, trainable_parameters
+from vedit.lora import add_lora, trainable_parameters
 from vedit.models import default_dtype
 from vedit.sampler import ddim_invert, ddim_sample
-from vedit.settings import TuneSettings
+from vedit.settings import TuneSettings, parse_targets
 from vedit.tune import (
     ADAM_WEIGHT_DECAY,
     MAX_GRAD_NORM,
@@ -275,7 +275,8 @@ def cached_latents(frames: int, bench: Bench) -> FrameLatents:
     generator = torch.Generator().manual_seed(1)
     mean = torch.randn(bench.latent_shape(frames), generator=generator)
     std = torch.full_like(mean, LATENT_STD)
-    return FrameLatents(mean.to(bench.device), std.to(bench.device), Path("latents"), True)
+    return FrameLatents(mean.to(bench.device), std.to(bench.device), "random", Path("latents"),
+                        True)
 
 
 def prompt_embeds(bench: Bench, dtype: torch.dtype, batch: int = 1) -> torch.Tensor:

@@ -154,7 +154,7 @@ def test_cached_latents_sample_what_encoding_every_step_samples() -> None:
     scale = vae.config.scaling_factor
     mean, std = encode_frames(vae, pixels, slice_size=2)  # cached in slices, as latents.py does
     cached = FrameLatents(*(rearrange(t, "f c h w -> 1 c f h w") for t in (mean, std)),
-                          Path("latents"), reused=True)
+                          "unused", Path("latents"), reused=True)
     with torch.no_grad():
         posterior = vae.encode(pixels).latent_dist  # what the original draws from every step
     noise = torch.randn(cached.mean.shape, generator=torch.Generator().manual_seed(5))

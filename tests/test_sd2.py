@@ -31,7 +31,7 @@ def test_the_tuning_target_follows_the_prediction_type(fixture: str,
                                                        request: pytest.FixtureRequest) -> None:
     components = load_components(request.getfixturevalue(fixture), device="cpu")
     clean = torch.randn(1, 4, 3, 8, 8, generator=torch.Generator().manual_seed(1))
-    latents = FrameLatents(clean, torch.zeros_like(clean), Path("unused"), reused=True)
+    latents = FrameLatents(clean, torch.zeros_like(clean), "unused", Path("unused"), reused=True)
     run = SimpleNamespace(scheduler=components.scheduler,
                           prediction_type=components.prediction_type, latents=latents)
     noisy, timesteps, target = noisy_batch(run, torch.Generator().manual_seed(7), batch=2)

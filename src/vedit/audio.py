@@ -84,11 +84,12 @@ def mux(video: Path, audio: Path | None, target: Path, *, audio_from: float = 0.
     `audio_from` is the time in the audio file, in seconds from its first sample, that lines
     up with the video's first frame. The sound lasts exactly as long as the video.
     """
-    duration = probe(video).duration
+    info = probe(video)  # one pass over the video's packets: its duration, its decode times
+    duration = info.duration
     try:
         with open_input(video) as video_in, \
                 av.open(str(target), "w", format="mp4", options={"movflags": "+faststart"}) as out:
-            video_packets, video_mode = _video_packets(video_in, out)
+            video_packets, video_mode = _video_packets(video_in, out, copy=info.has_dts)
             if audio is None:
                 for _, packet in video_packets:
                     out.mux(packet)
@@ -107,20 +108,15 @@ def mux(video: Path, audio: Path | None, target: Path, *, audio_from: float = 0.
     return MuxResult(target, duration, audio_duration, audio_mode, video_mode)
 
 
-def _video_packets(inp: av.container.InputContainer, out: av.container.OutputContainer,
-                   ) -> tuple[Iterator[Timed], str]:
+def _video_packets(inp: av.container.InputContainer, out: av.container.OutputContainer, *,
+                   copy: bool) -> tuple[Iterator[Timed], str]:
+    """The video's packets copied when mp4 takes its codec and `copy` (it has the decode times
+    mp4 needs; Matroska with B-frames leaves them out), else re-encoded to H.264."""
     stream = inp.streams.video[0]
-    if stream.codec_context.name in MP4_VIDEO and _has_dts(inp, stream):
+    if stream.codec_context.name in MP4_VIDEO and copy:
         out_stream = out.add_stream_from_template(stream)
         return _copied(inp, stream, out_stream, start=None), "copy"
     return _reencoded_video(inp, stream, out), "h264"
-
-
-def _has_dts(inp: av.container.InputContainer, stream: av.stream.Stream) -> bool:
-    """mp4 needs decode timestamps; some containers (Matroska with B-frames) leave them out."""
-    complete = all(p.dts is not None for p in inp.demux(stream) if p.size)
-    inp.seek(0)
-    return complete
 
 
 def _copied(inp: av.container.InputContainer, stream: av.stream.Stream,
@@ -172,8 +168,7 @@ def _reencoded_video(inp: av.container.InputContainer, stream: av.VideoStream,
 def _audio_packets(inp: av.container.InputContainer, out: av.container.OutputContainer,
                    audio_from: float, duration: float) -> tuple[Iterator[Timed], str]:
     stream = inp.streams.audio[0]
-    first_pts = _first_pts(inp, stream)
-    starts = _packet_starts(inp, stream, first_pts)
+    starts = _packet_starts(inp, stream)
     covers = bool(starts) and audio_from >= 0 and starts[-1][1] >= audio_from + duration
     if stream.codec_context.name in MP4_AUDIO and covers:
         begin = min(starts, key=lambda s: abs(s[0] - audio_from))
@@ -184,22 +179,16 @@ def _audio_packets(inp: av.container.InputContainer, out: av.container.OutputCon
     return _reencoded_audio(inp, stream, out, audio_from, duration), "aac"
 
 
-def _first_pts(inp: av.container.InputContainer, stream: av.stream.Stream) -> int:
-    inp.seek(0)
-    for packet in inp.demux(stream):
-        if packet.pts is not None:
-            return packet.pts
-    return 0
-
-
-def _packet_starts(inp: av.container.InputContainer, stream: av.stream.Stream,
-                   first_pts: int) -> list[tuple[float, float, int]]:
-    """(start, end, pts) of every audio packet, in seconds from the first one."""
+def _packet_starts(inp: av.container.InputContainer,
+                   stream: av.stream.Stream) -> list[tuple[float, float, int]]:
+    """(start, end, pts) of every audio packet, in seconds from the first one (one pass)."""
     inp.seek(0)
     spans = []
+    first_pts: int | None = None
     for packet in inp.demux(stream):
         if packet.pts is None:
             continue
+        first_pts = packet.pts if first_pts is None else first_pts
         start = float((packet.pts - first_pts) * stream.time_base)
         spans.append((start, start + float((packet.duration or 0) * stream.time_base), packet.pts))
     return spans

@@ -53,14 +53,19 @@ def list_checkpoints(project: Project) -> list[Checkpoint]:
     return sorted(found, key=lambda c: c.step)
 
 
+def latest_checkpoint(project: Project) -> Checkpoint | None:
+    found = list_checkpoints(project)
+    return found[-1] if found else None
+
+
 def find_checkpoint(project: Project, name: str | None = None) -> Checkpoint:
     """The named checkpoint (`step-300`, `300` or a path), or the latest one."""
     if name is None:
-        found = list_checkpoints(project)
-        if not found:
+        latest = latest_checkpoint(project)
+        if latest is None:
             raise ProjectError(f"Project {project.root} has no checkpoint yet.",
                                f"Run `vedit tune {project.root} --prompt ...` first.")
-        return found[-1]
+        return latest
     path = Path(name)
     if not path.is_dir():
         path = project.checkpoint_dir(name.removeprefix("step-"))
@@ -112,9 +117,10 @@ def training_state(optimizer: torch.optim.Optimizer,
     return tensors
 
 
-def restore_training_state(tensors: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
-                           generators: dict[str, torch.Generator]) -> None:
-    """Inverse of `training_state`."""
+def load_training_state(checkpoint: Checkpoint, optimizer: torch.optim.Optimizer,
+                        generators: dict[str, torch.Generator]) -> None:
+    """Restore a checkpoint's optimizer and generator states (`training_state`), for --resume."""
+    tensors, _ = load_tensors(checkpoint.path / TRAINING_FILE)
     groups = json.loads(bytes(tensors["optimizer.param_groups"].tolist()).decode())
     state: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
@@ -158,14 +164,22 @@ def load_weights(checkpoint: Checkpoint, unet: InflatedUNet) -> None:
             own[name].copy_(tensor)
 
 
+def check_base(checkpoint: Checkpoint, model: str, fingerprint: str, hint: str) -> None:
+    """Refuse a checkpoint tuned on other base weights than `model`'s (named by `fingerprint`,
+    so a folder whose weights changed since tuning is refused too)."""
+    tuned_on = checkpoint.record.get("base_model", "another model")
+    if checkpoint.record.get("base_fingerprint") != fingerprint:
+        now = "the model loaded now" if model == tuned_on else model
+        raise BadInputError(f"{checkpoint.name} was tuned on {tuned_on}, not on {now}.", hint)
+
+
 def tuned_unet(checkpoint: Checkpoint, base_unet: UNet2DConditionModel,
                base_fingerprint: str) -> InflatedUNet:
-    """The base UNet inflated, with the checkpoint's LoRA and temporal weights, for sampling."""
-    if checkpoint.record.get("base_fingerprint") != base_fingerprint:
-        raise BadInputError(
-            f"{checkpoint.name} was tuned on {checkpoint.record.get('base_model')}, "
-            "not on the model loaded now.",
-            f"Load {checkpoint.record.get('base_model')} (it is what the checkpoint records).")
+    """The checkpoint's base UNet (loaded from the model it records) inflated, with the
+    checkpoint's LoRA and temporal weights, for sampling."""
+    recorded = str(checkpoint.record.get("base_model"))
+    check_base(checkpoint, recorded, base_fingerprint,
+               f"Load {recorded} (it is what the checkpoint records).")
     unet = inflate_unet(base_unet)
     add_lora(unet, rank=int(checkpoint.record["settings"]["rank"]),
              targets=checkpoint.record["lora_targets"])

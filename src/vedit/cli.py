@@ -11,7 +11,7 @@ from vedit import __version__
 from vedit.errors import EXIT_CODES, BadInputError, EnvironmentProblem, UsageError
 from vedit.model_files import DEFAULT_MODEL
 from vedit.output import command_output
-from vedit.project import default_project_dir
+from vedit.project import Project, default_project_dir
 from vedit.settings import (
     DEFAULT_SIZE,
     EditSettings,
@@ -277,25 +277,27 @@ def tune(
         values = config_values(config, ["extract", "tune"])
         frame_flags = dict(frames=frames, stride=stride, start=start, end=end, spread=spread,
                            size=size, crop=crop)
-        is_project = target.is_dir()
-        if is_project and (project or any(v is not None for v in frame_flags.values())):
-            raise UsageError("Frame options and --project go with a clip, not a project.",
-                             "Give the clip instead, or run `vedit extract` again.")
-        recorded = tune_stage.recorded_settings(target, resume=resume) if is_project else {}
-        settings = resolve(TuneSettings, recorded, values, overrides=dict(
+        flags = dict(
             prompt=prompt, model=model, steps=steps, lr=lr, lora_lr=lora_lr, rank=rank,
             lora_targets=lora_targets, batch=batch, grad_accum=grad_accum, seed=seed,
             mixed_precision=mixed_precision, gradient_checkpointing=gradient_checkpointing,
-            checkpoint_every=checkpoint_every))
+            checkpoint_every=checkpoint_every)
         result: dict[str, object] = {}
-        if not is_project:
-            extracted = tune_stage.extract_for(
-                target, project or default_project_dir(target),
-                resolve(ExtractSettings, values, overrides=frame_flags), settings.model,
-                out.reporter)
+        if target.is_dir():
+            if project or any(v is not None for v in frame_flags.values()):
+                raise UsageError("Frame options and --project go with a clip, not a project.",
+                                 "Give the clip instead, or run `vedit extract` again.")
+            opened = Project.open(target)
+            recorded = tune_stage.recorded_settings(opened, resume=resume)
+            settings = resolve(TuneSettings, recorded, values, overrides=flags)
+            tuned = tune_stage.tune(opened, settings, resume=resume, reporter=out.reporter)
+        else:
+            settings = resolve(TuneSettings, values, overrides=flags)
+            extracted, tuned = tune_stage.tune_clip(
+                target, settings, resolve(ExtractSettings, values, overrides=frame_flags),
+                project_dir=project, resume=resume, reporter=out.reporter)
             result["extract"] = extracted.to_dict()
             target = extracted.project
-        tuned = tune_stage.tune(target, settings, resume=resume, reporter=out.reporter)
         result.update(tuned.to_dict())
         last = tuned.checkpoints[-1] if tuned.checkpoints else None
         if tuned.start_step >= tuned.steps:

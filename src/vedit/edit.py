@@ -30,7 +30,7 @@ from vedit import __version__, tomlio
 from vedit.checkpoints import Checkpoint, find_checkpoint, tuned_unet
 from vedit.errors import BadInputError, OutOfMemoryError
 from vedit.invert import Inversion, cached_inversion, inversion_key
-from vedit.latents import clip_span, frame_latents, latents_key, span_images, span_latents
+from vedit.latents import clip_span, frame_latents, span_images, span_latents
 from vedit.models import Components, load_components
 from vedit.progress import Reporter
 from vedit.project import EDIT_VIDEO, Project, atomic_dir, frame_file
@@ -190,7 +190,7 @@ def tuned_clip(project: Project, components: Components, reporter: Reporter) -> 
     paths = project.frame_paths()
     return EditClip(
         latents=latents.mean.half().cpu(),
-        latents_key=latents_key(project, components.fingerprint),
+        latents_key=latents.key,
         times=[float(t) for t in frames["times"]], interval=float(frames["interval"]),
         plan=single_window(latents.num_frames),
         sources=lambda: (np.asarray(Image.open(p).convert("RGB")) for p in paths),

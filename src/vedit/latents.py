@@ -40,6 +40,7 @@ class FrameLatents:
 
     mean: torch.Tensor
     std: torch.Tensor
+    key: str  # what they were computed from: the frames and the model
     path: Path
     reused: bool
 
@@ -54,7 +55,8 @@ class FrameLatents:
         return self.mean + self.std * noise
 
     def to(self, device: torch.device | str) -> FrameLatents:
-        return FrameLatents(self.mean.to(device), self.std.to(device), self.path, self.reused)
+        return FrameLatents(self.mean.to(device), self.std.to(device), self.key, self.path,
+                            self.reused)
 
 
 def load_frames(paths: list[Path]) -> torch.Tensor:
@@ -86,27 +88,23 @@ def encode_frames(vae: torch.nn.Module, frames: torch.Tensor, *,
     return torch.cat(means), torch.cat(stds)
 
 
-def latents_key(project: Project, model_fingerprint: str) -> str:
-    frames = project.require("frames", "extract")
-    return cache_key("latents", LATENTS_VERSION, frames["key"], model_fingerprint)
-
-
 def frame_latents(project: Project, vae: torch.nn.Module, model_fingerprint: str,
                   reporter: Reporter | None = None) -> FrameLatents:
     """The clip's latents from the cache, or encoded now and cached (caller holds the lock)."""
     reporter = reporter or Reporter()
-    path = project.latents_file(latents_key(project, model_fingerprint))
+    frames_key = project.require("frames", "extract")["key"]
+    key = cache_key("latents", LATENTS_VERSION, frames_key, model_fingerprint)
+    path = project.latents_file(key)
 
     def encode() -> dict[str, torch.Tensor]:
         mean, std = encode_frames(vae, load_frames(project.frame_paths()), reporter=reporter)
         return {name: rearrange(t, "f c h w -> 1 c f h w").contiguous()
                 for name, t in (("mean", mean), ("std", std))}
 
-    metadata = {"frames_key": project.require("frames", "extract")["key"],
-                "model": model_fingerprint}
+    metadata = {"frames_key": frames_key, "model": model_fingerprint}
     tensors, reused = cached_tensors(path, encode, metadata,
                                      f"Reusing the cached latents {path.name}.", reporter)
-    return FrameLatents(tensors["mean"], tensors["std"], path, reused=reused)
+    return FrameLatents(tensors["mean"], tensors["std"], key, path, reused=reused)
 
 
 # -- the whole span, for edit --full ---------------------------------------------------------

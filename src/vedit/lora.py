@@ -9,7 +9,7 @@ holds a few MB of LoRA plus the temporal layers instead of a whole UNet.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 import torch
 from peft import (
@@ -23,33 +23,6 @@ from torch import nn
 from vedit.errors import BadInputError
 from vedit.inflate import InflatedUNet
 
-#: The projections a LoRA target may name, per attention of a transformer block.
-PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
-ATTENTIONS = ("attn1", "attn2")
-DEFAULT_TARGETS = ("attn1.to_q", "attn2.to_q")
-_SHORT = {"q": "to_q", "k": "to_k", "v": "to_v", "out": "to_out.0", "to_out": "to_out.0"}
-
-
-def parse_targets(names: Iterable[str]) -> tuple[str, ...]:
-    """Normalise `--lora-targets`: `attn1.to_q`, `to_q` (both attentions) or `q`/`k`/`v`/`out`."""
-    targets: list[str] = []
-    for raw in names:
-        for name in (part.strip() for part in raw.split(",") if part.strip()):
-            if name.startswith("attn"):
-                attention, _, projection = name.partition(".")
-            else:
-                attention, projection = "", name
-            projection = _SHORT.get(projection, projection)
-            chosen = [attention] if attention else list(ATTENTIONS)
-            if projection not in PROJECTIONS or any(a not in ATTENTIONS for a in chosen):
-                raise BadInputError(
-                    f"--lora-targets: {name!r} is not an attention projection.",
-                    "Use q, k, v, out (both attentions) or e.g. attn1.to_q, attn2.to_v.")
-            targets += [f"{a}.{projection}" for a in chosen if f"{a}.{projection}" not in targets]
-    if not targets:
-        raise BadInputError("--lora-targets names no projection.", "The default is q.")
-    return tuple(sorted(targets))
-
 
 def target_pattern(targets: Sequence[str]) -> str:
     """A regex peft matches against module names: the targets inside transformer blocks only,
@@ -58,14 +31,13 @@ def target_pattern(targets: Sequence[str]) -> str:
     return rf".*transformer_blocks\.\d+\.({alternatives})"
 
 
-def add_lora(unet: InflatedUNet, *, rank: int, targets: Sequence[str] = DEFAULT_TARGETS) -> None:
-    """Inject LoRA adapters (peft; each layer keeps its original as `base_layer`) into the UNet.
+def add_lora(unet: InflatedUNet, *, rank: int, targets: Sequence[str]) -> None:
+    """Inject LoRA adapters (peft; each layer keeps its original as `base_layer`) on `targets`
+    (`TuneSettings.targets`) into the UNet.
 
     B starts at zero, so the adapted model starts exactly as the base model; alpha equals the
     rank (a scale of 1), as checkpoints record.
     """
-    if rank < 1:
-        raise BadInputError(f"--rank {rank} must be 1 or more.", "Try --rank 16.")
     config = LoraConfig(r=rank, lora_alpha=rank,
                         target_modules=target_pattern(targets), init_lora_weights="gaussian")
     inject_adapter_in_model(config, unet.unet)

@@ -138,11 +138,13 @@ def native_bf16() -> bool:
         return torch.cuda.is_bf16_supported()
 
 
-def load_components(model_spec: str | Path = DEFAULT_MODEL, *, device: str | torch.device,
+def load_components(model_spec: str | Path | ModelSource = DEFAULT_MODEL, *,
+                    device: str | torch.device,
                     dtype: torch.dtype | None = None, revision: str | None = None,
                     variant: str | None = None, reporter: Reporter | None = None) -> Components:
     """Load the UNet, VAE, text encoder, tokenizer and a DDIM scheduler of a base model from
-    local files, frozen and in eval mode, on `device` in `dtype` (default: `default_dtype`)."""
+    local files, frozen and in eval mode, on `device` in `dtype` (default: `default_dtype`).
+    `model_spec` is resolved first (`resolve_model`), unless it is a resolved `ModelSource`."""
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
@@ -150,7 +152,8 @@ def load_components(model_spec: str | Path = DEFAULT_MODEL, *, device: str | tor
     from vedit.sampler import ddim_scheduler
 
     reporter = reporter or Reporter()
-    source = resolve_model(model_spec, revision=revision, variant=variant, reporter=reporter)
+    source = (model_spec if isinstance(model_spec, ModelSource)
+              else resolve_model(model_spec, revision=revision, variant=variant, reporter=reporter))
     device = torch.device(device)
     dtype = dtype or default_dtype(device)
     folder = str(source.path)

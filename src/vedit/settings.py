@@ -12,8 +12,9 @@ import os
 import re
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -62,6 +63,33 @@ def parse_size(text: str | int) -> FrameSize:
             raise BadInputError(f"--size {text}: {side} is not a multiple of 8.",
                                 f"The VAE needs multiples of 8; try {round(side / 8) * 8 or 8}.")
     return size
+
+
+#: The projections a LoRA target may name, per attention of a transformer block (lora.py).
+PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
+ATTENTIONS = ("attn1", "attn2")
+_SHORT = {"q": "to_q", "k": "to_k", "v": "to_v", "out": "to_out.0", "to_out": "to_out.0"}
+
+
+def parse_targets(names: Iterable[str]) -> tuple[str, ...]:
+    """Normalise `--lora-targets`: `attn1.to_q`, `to_q` (both attentions) or `q`/`k`/`v`/`out`."""
+    targets: list[str] = []
+    for raw in names:
+        for name in (part.strip() for part in raw.split(",") if part.strip()):
+            if name.startswith("attn"):
+                attention, _, projection = name.partition(".")
+            else:
+                attention, projection = "", name
+            projection = _SHORT.get(projection, projection)
+            chosen = [attention] if attention else list(ATTENTIONS)
+            if projection not in PROJECTIONS or any(a not in ATTENTIONS for a in chosen):
+                raise BadInputError(
+                    f"--lora-targets: {name!r} is not an attention projection.",
+                    "Use q, k, v, out (both attentions) or e.g. attn1.to_q, attn2.to_v.")
+            targets += [f"{a}.{projection}" for a in chosen if f"{a}.{projection}" not in targets]
+    if not targets:
+        raise BadInputError("--lora-targets names no projection.", "The default is q.")
+    return tuple(sorted(targets))
 
 
 @dataclass(frozen=True)
@@ -141,6 +169,12 @@ class TuneSettings:
             raise BadInputError(f"--mixed-precision {self.mixed_precision!r} is not one of "
                                 f"{', '.join(MIXED_PRECISION)}.",
                                 "auto picks bf16 or fp16 on a GPU.")
+        self.targets  # noqa: B018 - parsed once, here: a bad --lora-targets stops before any work
+
+    @cached_property
+    def targets(self) -> tuple[str, ...]:
+        """`lora_targets` normalised: `q` is ("attn1.to_q", "attn2.to_q")."""
+        return parse_targets([self.lora_targets])
 
 
 FORMATS = ("mp4", "gif", "frames")

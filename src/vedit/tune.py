@@ -26,11 +26,12 @@ import torch.nn.functional as F
 
 from vedit import __version__
 from vedit.checkpoints import (
-    TRAINING_FILE,
     Checkpoint,
+    check_base,
+    latest_checkpoint,
     list_checkpoints,
+    load_training_state,
     load_weights,
-    restore_training_state,
     training_state,
     write_checkpoint,
 )
@@ -41,16 +42,15 @@ from vedit.latents import FrameLatents, frame_latents
 from vedit.lora import (
     add_lora,
     lora_state_dict,
-    parse_targets,
     temporal_state_dict,
     trainable_parameters,
 )
+from vedit.model_files import ModelSource
 from vedit.models import load_components, native_bf16, native_resolution, resolve_model
 from vedit.progress import Reporter
-from vedit.project import Project
+from vedit.project import Project, default_project_dir
 from vedit.prompts import encode_prompts
 from vedit.settings import ExtractSettings, TuneSettings, as_record
-from vedit.tensorfiles import load_tensors
 
 MAX_GRAD_NORM = 1.0  # as the original's configs
 ADAM_WEIGHT_DECAY = 1e-2
@@ -134,27 +134,38 @@ def make_accelerator(settings: TuneSettings) -> Any:
                        gradient_accumulation_steps=settings.grad_accum)
 
 
-def extract_for(clip: Path, project_dir: Path, settings: ExtractSettings, model: str,
-                reporter: Reporter | None = None) -> ExtractResult:
-    """The one-shot form's extract: frames at the base model's native size unless --size."""
-    if settings.size is None:
-        size = native_resolution(resolve_model(model))
-        settings = dataclasses.replace(settings, size=str(size))
-    return extract(clip, project_dir, settings, reporter)
-
-
-def tune(project_dir: Path, settings: TuneSettings, *, resume: bool = False,
+def tune(project: Project | Path, settings: TuneSettings, *, resume: bool = False,
          reporter: Reporter | None = None) -> TuneResult:
     """Tune the inflated UNet on the project's frames; checkpoints go to `checkpoints/step-N/`."""
+    return _tune(project, settings, resume, reporter or Reporter(), base=None)
+
+
+def tune_clip(clip: Path, settings: TuneSettings, frames: ExtractSettings | None = None, *,
+              project_dir: Path | None = None, resume: bool = False,
+              reporter: Reporter | None = None) -> tuple[ExtractResult, TuneResult]:
+    """The one-shot form: extract `clip` into `project_dir` (default: CLIP.vedit beside it),
+    at the base model's native size unless `frames.size` says otherwise, then tune it."""
     reporter = reporter or Reporter()
+    frames = frames or ExtractSettings()
+    base = resolve_model(settings.model, reporter=reporter)
+    if frames.size is None:
+        frames = dataclasses.replace(frames, size=str(native_resolution(base)))
+    extracted = extract(clip, project_dir or default_project_dir(clip), frames, reporter)
+    return extracted, _tune(extracted.project, settings, resume, reporter, base=base)
+
+
+def _tune(project: Project | Path, settings: TuneSettings, resume: bool, reporter: Reporter, *,
+          base: ModelSource | None) -> TuneResult:
+    """`base`: `settings.model` resolved already (the one-shot form sized the frames by it)."""
     if not settings.prompt.strip():
         raise BadInputError("tune needs the prompt that describes the clip.",
                             'Add --prompt "a man is skiing" (what the clip shows).')
-    project = Project.open(Path(project_dir))
+    if not isinstance(project, Project):
+        project = Project.open(Path(project))
     project.require("frames", "extract")
     accelerator = make_accelerator(settings)
     with _main_process_lock(project, accelerator):
-        return _tune_locked(project, settings, resume, accelerator, reporter)
+        return _tune_locked(project, settings, resume, accelerator, reporter, base)
 
 
 @contextmanager
@@ -168,11 +179,11 @@ def _main_process_lock(project: Project, accelerator: Any) -> Iterator[None]:
 
 
 def _tune_locked(project: Project, settings: TuneSettings, resume: bool, accelerator: Any,
-                 reporter: Reporter) -> TuneResult:
+                 reporter: Reporter, base: ModelSource | None) -> TuneResult:
     started = time.monotonic()
     device = accelerator.device
     precision = accelerator.mixed_precision
-    checkpoint = _latest_checkpoint(project) if resume else None
+    checkpoint = _checkpoint_to_resume(project) if resume else None
     if checkpoint is not None and checkpoint.step >= settings.steps:
         reporter.info(f"Already tuned to step {checkpoint.step}; give --steps above it to go on.")
         return TuneResult(project=project.root, steps=checkpoint.step,
@@ -181,7 +192,7 @@ def _tune_locked(project: Project, settings: TuneSettings, resume: bool, acceler
                           mixed_precision=precision, seconds=time.monotonic() - started,
                           latents_reused=False, processes=accelerator.num_processes)
     try:
-        run = _prepare(project, settings, accelerator, reporter, checkpoint)
+        run = _prepare(project, settings, accelerator, reporter, checkpoint, base)
         start_step = _resume_from(checkpoint, run, reporter) if checkpoint else 0
         if not resume and accelerator.is_main_process:
             _start_fresh(project, reporter)
@@ -208,16 +219,15 @@ def _tune_locked(project: Project, settings: TuneSettings, resume: bool, acceler
 
 
 def _prepare(project: Project, settings: TuneSettings, accelerator: Any, reporter: Reporter,
-             resuming: Checkpoint | None) -> TrainingRun:
+             resuming: Checkpoint | None, base: ModelSource | None) -> TrainingRun:
     """Load the base model, cache the latents and prompt, inflate, add LoRA, build the optimizer.
 
     A checkpoint to resume is checked against the model and frames before any work is done."""
-    targets = parse_targets([settings.lora_targets])
     dtype = weight_dtype(accelerator.mixed_precision)
-    components = load_components(settings.model, device=accelerator.device, dtype=dtype,
-                                 reporter=reporter)
+    components = load_components(base or settings.model, device=accelerator.device,
+                                 dtype=dtype, reporter=reporter)
     frames = project.require("frames", "extract")
-    record = {"settings": as_record(settings), "lora_targets": list(targets),
+    record = {"settings": as_record(settings), "lora_targets": list(settings.targets),
               "base_model": components.model_id, "base_fingerprint": components.fingerprint,
               "prediction_type": components.prediction_type, "frames_key": frames["key"],
               "vedit": __version__}
@@ -246,7 +256,7 @@ def build_run(unet2d: Any, scheduler: Any, prediction_type: str, latents: FrameL
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(settings.seed)
         unet = inflate_unet(unet2d)
-        add_lora(unet, rank=settings.rank, targets=parse_targets([settings.lora_targets]))
+        add_lora(unet, rank=settings.rank, targets=settings.targets)
     trained = trainable_parameters(unet)
     for param in trained:
         param.data = param.data.float()
@@ -437,30 +447,28 @@ def _start_fresh(project: Project, reporter: Reporter) -> None:
         shutil.rmtree(checkpoint.path)
 
 
-def _latest_checkpoint(project: Project) -> Checkpoint:
-    found = list_checkpoints(project)
-    if not found:
+def _checkpoint_to_resume(project: Project) -> Checkpoint:
+    latest = latest_checkpoint(project)
+    if latest is None:
         raise ProjectError(f"Project {project.root} has no checkpoint to resume from.",
                            "Run tune without --resume first.")
-    return found[-1]
+    return latest
 
 
 def _resume_from(checkpoint: Checkpoint, run: TrainingRun, reporter: Reporter) -> int:
     """Load a checkpoint's weights and optimizer state; returns its step."""
     load_weights(checkpoint, _unwrapped(run))
-    tensors, _ = load_tensors(checkpoint.path / TRAINING_FILE)
-    restore_training_state(tensors, run.optimizer, {"noise": run.generator})
+    load_training_state(checkpoint, run.optimizer, {"noise": run.generator})
     reporter.info(f"Resuming from {checkpoint.name}.")
     return checkpoint.step
 
 
-def recorded_settings(project_dir: Path, *, resume: bool) -> dict[str, Any]:
+def recorded_settings(project: Project, *, resume: bool) -> dict[str, Any]:
     """Defaults from the project's last tuning run: all its settings for --resume, else only its
     base model (a project keeps its base model unless --model says otherwise)."""
-    project = Project.open(Path(project_dir))
-    found = list_checkpoints(project)
-    if found:
-        settings = dict(found[-1].record.get("settings", {}))
+    latest = latest_checkpoint(project)
+    if latest is not None:
+        settings = dict(latest.record.get("settings", {}))
     else:
         settings = dict((project.section("tune") or {}).get("settings", {}))
     return settings if resume else {k: v for k, v in settings.items() if k == "model"}
@@ -469,11 +477,8 @@ def recorded_settings(project_dir: Path, *, resume: bool) -> dict[str, Any]:
 def check_compatible(checkpoint: Checkpoint, record: dict[str, Any]) -> None:
     """Refuse a checkpoint tuned on another base model, other frames or another LoRA shape."""
     mine = checkpoint.record
-    if mine.get("base_fingerprint") != record["base_fingerprint"]:
-        raise BadInputError(
-            f"{checkpoint.name} was tuned on {mine.get('base_model', 'another model')}, "
-            f"not on {record['base_model']}.",
-            f"Use --model {mine.get('base_model')} or tune again from the start.")
+    check_base(checkpoint, record["base_model"], record["base_fingerprint"],
+               f"Use --model {mine.get('base_model')} or tune again from the start.")
     if mine.get("frames_key") != record["frames_key"]:
         raise BadInputError(f"{checkpoint.name} was tuned on other frames of this project.",
                             "The frames were extracted again since; tune from the start.")

@@ -48,6 +48,7 @@ class VideoInfo:
     fps: Fraction  # average frame rate
     frame_times: list[float] = field(repr=False)  # clip time of every frame, in order
     frame_pts: list[int] = field(repr=False)  # their pts, to find them while decoding
+    has_dts: bool  # every packet has a decode time (mp4 needs them to copy the stream)
     time_base: Fraction = Fraction(1)
     audio: AudioInfo | None = None
 
@@ -82,11 +83,11 @@ def probe(path: Path) -> VideoInfo:
                 kind = "audio only" if container.streams.audio else "no video stream"
                 raise BadInputError(f"{path} has no video ({kind}).", "Give a video clip.")
             stream = container.streams.video[0]
-            frame_pts = _video_pts(container, stream)
+            frame_pts, has_dts = _video_pts(container, stream)
             first = _first_frame(container, stream, path)
             audio = _audio_info(container, frame_pts, stream.time_base)
             fps = _frame_rate(stream, frame_pts)
-            return _video_info(path, container, stream, first, fps, frame_pts, audio)
+            return _video_info(path, container, stream, first, fps, frame_pts, audio, has_dts)
     except av.error.FFmpegError as exc:
         raise BadInputError(f"{path} is not a video vedit can read ({_reason(exc)}).",
                             "Check the file plays; re-encode it with ffmpeg if it does.") from None
@@ -102,17 +103,21 @@ def _check_file(path: Path) -> None:
                             "The file was not fully written; fetch it again.")
 
 
-def _video_pts(container: av.container.InputContainer, stream: av.VideoStream) -> list[int]:
-    """Every video packet's pts in presentation order, read without decoding."""
+def _video_pts(container: av.container.InputContainer,
+               stream: av.VideoStream) -> tuple[list[int], bool]:
+    """Every video packet's pts in presentation order, read without decoding, and whether every
+    packet has a decode time too."""
     pts: list[int] = []
+    has_dts = True
     for index, packet in enumerate(container.demux(stream)):
         if packet.size == 0:
             continue
         pts.append(packet.pts if packet.pts is not None else index)
+        has_dts = has_dts and packet.dts is not None
     if not pts:
         raise BadInputError(f"{container.name} has a video stream with no frames.",
                             "The file is truncated or empty; fetch it again.")
-    return sorted(set(pts))
+    return sorted(set(pts)), has_dts
 
 
 def _first_frame(container: av.container.InputContainer, stream: av.VideoStream,
@@ -156,7 +161,7 @@ def _frame_rate(stream: av.VideoStream, frame_pts: list[int]) -> Fraction:
 
 def _video_info(path: Path, container: av.container.InputContainer, stream: av.VideoStream,
                 first: av.VideoFrame, fps: Fraction, frame_pts: list[int],
-                audio: AudioInfo | None) -> VideoInfo:
+                audio: AudioInfo | None, has_dts: bool) -> VideoInfo:
     rotation = int(round(first.rotation or 0)) % 360
     width, height = first.width, first.height
     if rotation in (90, 270):
@@ -167,7 +172,7 @@ def _video_info(path: Path, container: av.container.InputContainer, stream: av.V
         path=path, container=container.format.name, codec=stream.codec_context.name,
         width=width, height=height, rotation=rotation, fps=fps,
         frame_times=[float((p - origin) * time_base) for p in frame_pts],
-        frame_pts=frame_pts, time_base=time_base, audio=audio,
+        frame_pts=frame_pts, has_dts=has_dts, time_base=time_base, audio=audio,
     )
 
 
