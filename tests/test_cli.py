@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import typer
+from typer.core import TyperGroup
 from typer.testing import CliRunner
 
 from vedit import __version__
@@ -31,9 +33,24 @@ def test_version() -> None:
 def test_help_lists_the_exit_codes() -> None:
     result = run("--help")
     assert result.exit_code == 0
-    text = " ".join(result.stdout.split())
-    for code in EXIT_CODES:
-        assert f"{code} " in text
+    text = " ".join(result.stdout.replace("│", " ").split())
+    for code, meaning in EXIT_CODES.items():
+        assert f"{code} {meaning.split(' (')[0]}" in text
+
+
+def _command_names() -> list[str]:
+    group = typer.main.get_command(app)
+    assert isinstance(group, TyperGroup)
+    return sorted(group.commands)
+
+
+@pytest.mark.parametrize("command", [[], *([name] for name in _command_names())])
+def test_help_shows_flags_as_flags(command: list[str]) -> None:
+    """`--json`, not `--json <bool>`: a flag takes no value to name."""
+    result = run(*command, "--help")
+    assert result.exit_code == 0
+    assert "--help" in result.stdout and ("--json" in result.stdout) == bool(command)
+    assert "<bool>" not in result.stdout
 
 
 def test_extract_json_is_the_only_thing_on_stdout(tmp_path: Path, clip_720p: Path) -> None:

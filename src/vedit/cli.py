@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, TypeVar
 
 import typer
+from typer.core import TyperCommand, TyperGroup, TyperOption
 
 from vedit import __version__
-from vedit.errors import EXIT_CODES, BadInputError, EnvironmentProblem, UsageError
-from vedit.model_files import DEFAULT_MODEL
-from vedit.output import command_output
-from vedit.project import Project, default_project_dir
+from vedit.errors import EXIT_CODES, EnvironmentProblem, UsageError
+from vedit.model_files import DEFAULT_MODEL, CachedModel, ModelSource
+from vedit.output import Output, with_output
+from vedit.project import Project
 from vedit.settings import (
     DEFAULT_SIZE,
     EditSettings,
@@ -21,8 +23,34 @@ from vedit.settings import (
     resolve,
 )
 
+if TYPE_CHECKING:
+    from typer._click import Context, Parameter  # Typer's own copy of click: its types
+
+Body = TypeVar("Body", bound=Callable[..., None])
+
+
+def _flags_as_flags(params: list[Parameter]) -> list[Parameter]:
+    """Show `--json`, not `--json <bool>`, in --help: Typer prints a metavar that is set in
+    place of the type, and a flag takes no value to name."""
+    for param in params:
+        if isinstance(param, TyperOption) and param.is_flag:
+            param.metavar = ""
+    return params
+
+
+class _Command(TyperCommand):
+    def get_params(self, ctx: Context) -> list[Parameter]:
+        return _flags_as_flags(super().get_params(ctx))
+
+
+class _Group(TyperGroup):
+    def get_params(self, ctx: Context) -> list[Parameter]:
+        return _flags_as_flags(super().get_params(ctx))
+
+
 app = typer.Typer(
     name="vedit",
+    cls=_Group,
     help="Edit a video by text with Stable Diffusion (Tune-A-Video), sound included.",
     epilog="Exit codes: " + "; ".join(f"{code} {text.split(' (')[0]}"
                                       for code, text in EXIT_CODES.items()) + ".",
@@ -31,22 +59,33 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-# Options shared by every command, declared once.
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
-QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or notices.")]
-DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks (also VEDIT_DEBUG=1).")]
+
+def command(name: str | None = None) -> Callable[[Body], Body]:
+    """Register a command. Its first parameter, `out`, is the command's Output: --json, --quiet
+    and --debug are added to its options, and what it raises becomes a message and an exit
+    code (output.py)."""
+
+    def register(body: Body) -> Body:
+        app.command(name, cls=_Command)(with_output(body))
+        return body
+
+    return register
+
+
+# Options shared by several commands, declared once.
 ConfigOpt = Annotated[Path | None, typer.Option(
     "--config", help="TOML file of option values; flags given here win.", show_default=False)]
 
 # Frame options, shared by `extract` and the one-shot `tune CLIP`.
-_D = ExtractSettings()
 FramesOpt = Annotated[int | None, typer.Option(
-    "--frames", "-n", help=f"Frames to take.  \\[default: {_D.frames}]", show_default=False)]
+    "--frames", "-n", help=f"Frames to take.  \\[default: {ExtractSettings.frames}]",
+    show_default=False)]
 StrideOpt = Annotated[int | None, typer.Option(
-    "--stride", help=f"Take every K-th source frame.  \\[default: {_D.stride}]",
+    "--stride", help=f"Take every K-th source frame.  \\[default: {ExtractSettings.stride}]",
     show_default=False)]
 StartOpt = Annotated[float | None, typer.Option(
-    "--start", help=f"Start time, seconds.  \\[default: {_D.start:g}]", show_default=False)]
+    "--start", help=f"Start time, seconds.  \\[default: {ExtractSettings.start:g}]",
+    show_default=False)]
 EndOpt = Annotated[float | None, typer.Option(
     "--end", help="End time, seconds.  \\[default: the clip's end]", show_default=False)]
 SpreadOpt = Annotated[bool | None, typer.Option(
@@ -73,55 +112,48 @@ def main_callback(
     """Edit a video by text with Stable Diffusion (Tune-A-Video), sound included."""
 
 
-@app.command()
+@command()
 def demo(
+    out: Output,
     output: Annotated[Path, typer.Option(
         "--output", "-o", help="A new folder for the demo's files.")] = Path("vedit-demo"),
     model: Annotated[str | None, typer.Option(
         "--model", "-m", help="Run the chain on a real base model instead of the tiny one.  "
         "\\[default: a tiny random model built here]", show_default=False)] = None,
-    json_: JsonOpt = False,
-    quiet: QuietOpt = False,
-    debug: DebugOpt = False,
 ) -> None:
     """Run extract, tune, edit and remux on a clip made here, offline: does it work here?"""
-    with command_output(json_mode=json_, quiet=quiet, debug=debug) as out:
-        from vedit.demo import run_demo
+    from vedit.demo import run_demo
 
-        result = run_demo(output, model=model, reporter=out.reporter)
-        total = sum(result.seconds.values())
-        lines = [f"Done in {total:.0f} s. Watch, with sound:"]
-        lines += [f"  {path}" for path in result.final_videos]
-        lines += ["Side by side:"] + [f"  {path}" for path in result.compare_videos]
-        out.result(result.to_dict(), "\n".join(lines))
+    result = run_demo(output, model=model, reporter=out.reporter)
+    total = sum(result.seconds.values())
+    lines = [f"Done in {total:.0f} s. Watch, with sound:"]
+    lines += [f"  {path}" for path in result.final_videos]
+    lines += ["Side by side:"] + [f"  {path}" for path in result.compare_videos]
+    out.result(result.to_dict(), "\n".join(lines))
 
 
-@app.command()
-def doctor(
-    json_: JsonOpt = False,
-    quiet: QuietOpt = False,
-    debug: DebugOpt = False,
-) -> None:
+@command()
+def doctor(out: Output) -> None:
     """Say what this machine can do for vedit: versions, device, kernels, encoders, models."""
-    with command_output(json_mode=json_, quiet=quiet, debug=debug) as out:
-        from vedit.doctor import device_name, run_checks
+    from vedit.doctor import device_name, run_checks
 
-        checks = run_checks()
-        lines = []
-        for check in checks:
-            lines.append(f"{check.status:8}{check.name:18}{check.detail}")
-            if check.hint:
-                lines.append(f"{'':26}{check.hint}")
-        ok = all(check.status != "error" for check in checks)
-        out.result({"ok": ok, "device": device_name() if ok else None,
-                    "checks": [c.to_dict() for c in checks]},
-                   "\n".join(lines))
+    checks = run_checks()
+    lines = []
+    for check in checks:
+        lines.append(f"{check.status:8}{check.name:18}{check.detail}")
+        if check.hint:
+            lines.append(f"{'':26}{check.hint}")
+    ok = all(check.status != "error" for check in checks)
+    out.result({"ok": ok, "device": device_name() if ok else None,
+                "checks": [c.to_dict() for c in checks]},
+               "\n".join(lines))
     if not ok:
         raise typer.Exit(EnvironmentProblem.exit_code)
 
 
-@app.command("fetch-models")
+@command("fetch-models")
 def fetch_models(
+    out: Output,
     model: Annotated[str | None, typer.Argument(
         help="Hub id, local diffusers folder or single-file .safetensors.  \\[default: "
         f"the user config's model, else {DEFAULT_MODEL}]", show_default=False)] = None,
@@ -133,27 +165,23 @@ def fetch_models(
         show_default=False)] = None,
     list_: Annotated[bool, typer.Option(
         "--list", help="List the models present and their size; download nothing.")] = False,
-    json_: JsonOpt = False,
-    quiet: QuietOpt = False,
-    debug: DebugOpt = False,
 ) -> None:
     """Download a Stable Diffusion 1.x/2.x model (only what vedit needs), or check a local one."""
-    with command_output(json_mode=json_, quiet=quiet, debug=debug) as out:
-        from vedit import hub, models
+    from vedit import hub, models
 
-        if list_:
-            found = hub.list_models()
-            rows = [f"{m.name}  {human_size(m.size_bytes)}  {m.path}" for m in found]
-            out.result({"models": [_model_facts(m) for m in found]},
-                       "\n".join(rows) or "No models yet: run `vedit fetch-models`.")
-            return
-        name = model or config_values(None, []).get("model") or DEFAULT_MODEL
-        hub.fetch_model(name, revision=revision, variant=variant, reporter=out.reporter)
-        source = models.resolve_model(name, revision=revision, variant=variant)
-        parts = ", ".join(f"{c} {info.dtype} {human_size(info.size_bytes)}"
-                          for c, info in source.components.items() if info.dtype)
-        out.result(_model_facts(source) | {"fingerprint": source.fingerprint},
-                   f"{source.name} is ready in {source.path} ({parts}).")
+    if list_:
+        found = hub.list_models()
+        rows = [f"{m.name}  {human_size(m.size_bytes)}  {m.path}" for m in found]
+        out.result({"models": [_model_facts(m) for m in found]},
+                   "\n".join(rows) or "No models yet: run `vedit fetch-models`.")
+        return
+    name = model or config_values(None, []).get("model") or DEFAULT_MODEL
+    hub.fetch_model(name, revision=revision, variant=variant, reporter=out.reporter)
+    source = models.resolve_model(name, revision=revision, variant=variant)
+    parts = ", ".join(f"{c} {info.dtype} {human_size(info.size_bytes)}"
+                      for c, info in source.components.items() if info.dtype)
+    out.result(_model_facts(source) | {"fingerprint": source.fingerprint},
+               f"{source.name} is ready in {source.path} ({parts}).")
 
 
 def human_size(size: int) -> str:
@@ -164,15 +192,16 @@ def human_size(size: int) -> str:
     return f"{size} B"
 
 
-def _model_facts(model: object) -> dict[str, object]:
+def _model_facts(model: ModelSource | CachedModel) -> dict[str, object]:
     """A model's facts for --json: its dataclass fields (paths become text when printed)."""
     import dataclasses
 
-    return dataclasses.asdict(model)  # type: ignore[call-overload]
+    return dataclasses.asdict(model)
 
 
-@app.command()
+@command()
 def extract(
+    out: Output,
     clip: Annotated[Path, typer.Argument(help="The video clip to take frames from.",
                                          show_default=False)],
     output: Annotated[Path | None, typer.Option(
@@ -186,31 +215,24 @@ def extract(
     size: SizeOpt = None,
     crop: CropOpt = None,
     config: ConfigOpt = None,
-    json_: JsonOpt = False,
-    quiet: QuietOpt = False,
-    debug: DebugOpt = False,
 ) -> None:
     """Take frames of a clip into a project folder, with its audio and facts."""
-    with command_output(json_mode=json_, quiet=quiet, debug=debug) as out:
-        values = config_values(config, ["extract"])
-        settings = resolve(ExtractSettings, values, overrides=dict(
-            frames=frames, stride=stride, start=start, end=end, spread=spread, size=size,
-            crop=crop))
-        from vedit.extract import extract as extract_clip
+    values = config_values(config, ["extract"])
+    settings = resolve(ExtractSettings, values, overrides=dict(
+        frames=frames, stride=stride, start=start, end=end, spread=spread, size=size,
+        crop=crop))
+    from vedit.extract import extract as extract_clip
 
-        project = output or default_project_dir(clip)
-        result = extract_clip(clip, project, settings, out.reporter)
-        verb = "Kept" if result.reused else "Wrote"
-        sound = f", audio in {result.audio}" if result.audio else ", no audio"
-        out.result(result.to_dict(), f"{verb} {len(result.frames)} frames of {result.width}x"
-                                     f"{result.height} in {result.project}/frames{sound}.")
+    result = extract_clip(clip, output, settings, out.reporter)
+    verb = "Kept" if result.reused else "Wrote"
+    sound = f", audio in {result.audio}" if result.audio else ", no audio"
+    out.result(result.to_dict(), f"{verb} {len(result.frames)} frames of {result.width}x"
+                                 f"{result.height} in {result.project}/frames{sound}.")
 
 
-_T = TuneSettings()
-
-
-@app.command()
+@command()
 def tune(
+    out: Output,
     target: Annotated[Path, typer.Argument(
         metavar="PROJECT_OR_CLIP", help="A project folder, or a clip to extract first.",
         show_default=False)],
@@ -222,29 +244,31 @@ def tune(
         show_default=False)] = None,
     model: Annotated[str | None, typer.Option(
         "--model", "-m", help=f"Base model: hub id, diffusers folder or .safetensors file.  "
-        f"\\[default: {_T.model}]", show_default=False)] = None,
+        f"\\[default: {TuneSettings.model}]", show_default=False)] = None,
     steps: Annotated[int | None, typer.Option(
-        "--steps", help=f"Total optimizer steps.  \\[default: {_T.steps}]",
+        "--steps", help=f"Total optimizer steps.  \\[default: {TuneSettings.steps}]",
         show_default=False)] = None,
     lr: Annotated[float | None, typer.Option(
-        "--lr", help=f"Learning rate of the temporal attention.  \\[default: {_T.lr:g}]",
+        "--lr", help=f"Learning rate of the temporal attention.  \\[default: {TuneSettings.lr:g}]",
         show_default=False)] = None,
     lora_lr: Annotated[float | None, typer.Option(
-        "--lora-lr", help=f"Learning rate of the LoRA adapters.  \\[default: {_T.lora_lr:g}]",
-        show_default=False)] = None,
+        "--lora-lr", help="Learning rate of the LoRA adapters.  "
+        f"\\[default: {TuneSettings.lora_lr:g}]", show_default=False)] = None,
     rank: Annotated[int | None, typer.Option(
-        "--rank", help=f"LoRA rank.  \\[default: {_T.rank}]", show_default=False)] = None,
+        "--rank", help=f"LoRA rank.  \\[default: {TuneSettings.rank}]", show_default=False)] = None,
     lora_targets: Annotated[str | None, typer.Option(
         "--lora-targets", help="Projections to adapt: q, k, v, out, or attn1.to_q, attn2.to_v, "
-        f"... (comma-separated).  \\[default: {_T.lora_targets}]", show_default=False)] = None,
+        f"... (comma-separated).  \\[default: {TuneSettings.lora_targets}]",
+        show_default=False)] = None,
     batch: Annotated[int | None, typer.Option(
-        "--batch", help=f"Noise samples of the clip per step.  \\[default: {_T.batch}]",
+        "--batch", help=f"Noise samples of the clip per step.  \\[default: {TuneSettings.batch}]",
         show_default=False)] = None,
     grad_accum: Annotated[int | None, typer.Option(
-        "--grad-accum", help=f"Batches per optimizer step.  \\[default: {_T.grad_accum}]",
+        "--grad-accum", help=f"Batches per optimizer step.  \\[default: {TuneSettings.grad_accum}]",
         show_default=False)] = None,
     seed: Annotated[int | None, typer.Option(
-        "--seed", help=f"Random seed.  \\[default: {_T.seed}]", show_default=False)] = None,
+        "--seed", help=f"Random seed.  \\[default: {TuneSettings.seed}]",
+        show_default=False)] = None,
     mixed_precision: Annotated[str | None, typer.Option(
         "--mixed-precision", help="auto, no, fp16 or bf16.  \\[default: auto: bf16 or fp16 "
         "on a GPU, no on the CPU]", show_default=False)] = None,
@@ -254,7 +278,7 @@ def tune(
         show_default=False)] = None,
     checkpoint_every: Annotated[int | None, typer.Option(
         "--checkpoint-every", help="Save a checkpoint every N steps (0: only at the end).  "
-        f"\\[default: {_T.checkpoint_every}]", show_default=False)] = None,
+        f"\\[default: {TuneSettings.checkpoint_every}]", show_default=False)] = None,
     resume: Annotated[bool, typer.Option(
         "--resume", help="Continue from the latest checkpoint, with its settings, to --steps.")
     ] = False,
@@ -266,53 +290,47 @@ def tune(
     size: SizeOpt = None,
     crop: CropOpt = None,
     config: ConfigOpt = None,
-    json_: JsonOpt = False,
-    quiet: QuietOpt = False,
-    debug: DebugOpt = False,
 ) -> None:
     """LoRA-tune the inflated UNet on a project's frames (or a clip's, extracting them first)."""
-    with command_output(json_mode=json_, quiet=quiet, debug=debug) as out:
-        from vedit import tune as tune_stage
+    from vedit import tune as tune_stage
 
-        values = config_values(config, ["extract", "tune"])
-        frame_flags = dict(frames=frames, stride=stride, start=start, end=end, spread=spread,
-                           size=size, crop=crop)
-        flags = dict(
-            prompt=prompt, model=model, steps=steps, lr=lr, lora_lr=lora_lr, rank=rank,
-            lora_targets=lora_targets, batch=batch, grad_accum=grad_accum, seed=seed,
-            mixed_precision=mixed_precision, gradient_checkpointing=gradient_checkpointing,
-            checkpoint_every=checkpoint_every)
-        result: dict[str, object] = {}
-        if target.is_dir():
-            if project or any(v is not None for v in frame_flags.values()):
-                raise UsageError("Frame options and --project go with a clip, not a project.",
-                                 "Give the clip instead, or run `vedit extract` again.")
-            opened = Project.open(target)
-            recorded = tune_stage.recorded_settings(opened, resume=resume)
-            settings = resolve(TuneSettings, recorded, values, overrides=flags)
-            tuned = tune_stage.tune(opened, settings, resume=resume, reporter=out.reporter)
-        else:
-            settings = resolve(TuneSettings, values, overrides=flags)
-            extracted, tuned = tune_stage.tune_clip(
-                target, settings, resolve(ExtractSettings, values, overrides=frame_flags),
-                project_dir=project, resume=resume, reporter=out.reporter)
-            result["extract"] = extracted.to_dict()
-            target = extracted.project
-        result.update(tuned.to_dict())
-        last = tuned.checkpoints[-1] if tuned.checkpoints else None
-        if tuned.start_step >= tuned.steps:
-            text = f"{target} is already tuned to step {tuned.steps}; nothing to do."
-        else:
-            text = (f"Tuned {target} to step {tuned.steps} in {tuned.seconds:.1f} s"
-                    + (f"; latest checkpoint {last}." if last else "."))
-        out.result(result, text)
-
-
-_E = EditSettings()
+    values = config_values(config, ["extract", "tune"])
+    frame_flags = dict(frames=frames, stride=stride, start=start, end=end, spread=spread,
+                       size=size, crop=crop)
+    flags = dict(
+        prompt=prompt, model=model, steps=steps, lr=lr, lora_lr=lora_lr, rank=rank,
+        lora_targets=lora_targets, batch=batch, grad_accum=grad_accum, seed=seed,
+        mixed_precision=mixed_precision, gradient_checkpointing=gradient_checkpointing,
+        checkpoint_every=checkpoint_every)
+    result: dict[str, object] = {}
+    if target.is_dir():
+        if project or any(v is not None for v in frame_flags.values()):
+            raise UsageError("Frame options and --project go with a clip, not a project.",
+                             "Give the clip instead, or run `vedit extract` again.")
+        opened = Project.open(target)
+        recorded = tune_stage.recorded_settings(opened, resume=resume)
+        settings = resolve(TuneSettings, recorded, values, overrides=flags)
+        tuned = tune_stage.tune(opened, settings, resume=resume, reporter=out.reporter)
+    else:
+        settings = resolve(TuneSettings, values, overrides=flags)
+        extracted, tuned = tune_stage.tune_clip(
+            target, settings, resolve(ExtractSettings, values, overrides=frame_flags),
+            project_dir=project, resume=resume, reporter=out.reporter)
+        result["extract"] = extracted.to_dict()
+        target = extracted.project
+    result.update(tuned.to_dict())
+    last = tuned.checkpoints[-1] if tuned.checkpoints else None
+    if tuned.start_step >= tuned.steps:
+        text = f"{target} is already tuned to step {tuned.steps}; nothing to do."
+    else:
+        text = (f"Tuned {target} to step {tuned.steps} in {tuned.seconds:.1f} s"
+                + (f"; latest checkpoint {last}." if last else "."))
+    out.result(result, text)
 
 
-@app.command()
+@command()
 def edit(
+    out: Output,
     project: Annotated[Path, typer.Argument(help="The tuned project folder.",
                                             show_default=False)],
     prompt: Annotated[list[str] | None, typer.Option(
@@ -328,22 +346,22 @@ def edit(
         "--checkpoint", help="step-N, N or a folder.  \\[default: the latest]",
         show_default=False)] = None,
     steps: Annotated[int | None, typer.Option(
-        "--steps", help=f"DDIM steps, for inversion and sampling.  \\[default: {_E.steps}]",
-        show_default=False)] = None,
+        "--steps", help="DDIM steps, for inversion and sampling.  "
+        f"\\[default: {EditSettings.steps}]", show_default=False)] = None,
     guidance: Annotated[float | None, typer.Option(
-        "--guidance", help=f"Classifier-free guidance scale.  \\[default: {_E.guidance:g}]",
-        show_default=False)] = None,
+        "--guidance", help="Classifier-free guidance scale.  "
+        f"\\[default: {EditSettings.guidance:g}]", show_default=False)] = None,
     negative_prompt: Annotated[str | None, typer.Option(
         "--negative-prompt", help="What to steer away from.  \\[default: none]",
         show_default=False)] = None,
     seed: Annotated[int | None, typer.Option(
-        "--seed", help=f"Seed of the start noise with --no-inversion.  \\[default: {_E.seed}]",
-        show_default=False)] = None,
+        "--seed", help="Seed of the start noise with --no-inversion.  "
+        f"\\[default: {EditSettings.seed}]", show_default=False)] = None,
     formats: Annotated[str | None, typer.Option(
         "--formats", help="mp4 (always), gif, frames (PNG), comma-separated.  "
-        f"\\[default: {_E.formats}]", show_default=False)] = None,
+        f"\\[default: {EditSettings.formats}]", show_default=False)] = None,
     batch: Annotated[int | None, typer.Option(
-        "--batch", help=f"Prompts sampled at once.  \\[default: {_E.batch}]",
+        "--batch", help=f"Prompts sampled at once.  \\[default: {EditSettings.batch}]",
         show_default=False)] = None,
     inversion: Annotated[bool | None, typer.Option(
         "--inversion/--no-inversion", help="Start from the clip's DDIM-inverted noise (or "
@@ -363,41 +381,26 @@ def edit(
         "--overlap", help="With --full: frames neighbouring windows share.  \\[default: a "
         "quarter of the window]", show_default=False)] = None,
     config: ConfigOpt = None,
-    json_: JsonOpt = False,
-    quiet: QuietOpt = False,
-    debug: DebugOpt = False,
 ) -> None:
     """Render the tuned clip under new prompts into edits/NAME/ (mp4, side-by-side, ...)."""
-    with command_output(json_mode=json_, quiet=quiet, debug=debug) as out:
-        from vedit import edit as edit_stage
+    from vedit import edit as edit_stage
+    from vedit.prompts import read_prompts
 
-        values = config_values(config, ["edit"])
-        settings = resolve(EditSettings, values, overrides=dict(
-            checkpoint=checkpoint, steps=steps, guidance=guidance,
-            negative_prompt=negative_prompt, seed=seed, formats=formats, batch=batch,
-            inversion=inversion, inversion_prompt=inversion_prompt, full=full, window=window,
-            overlap=overlap))
-        prompts = list(prompt or []) + (read_prompts(prompts_file) if prompts_file else [])
-        result = edit_stage.edit(project, prompts, settings, name=name, reporter=out.reporter)
-        lines = [f"{e.folder}/video.mp4  ({e.prompt}, {e.frames} frames)" for e in result.edits]
-        out.result(result.to_dict(), "\n".join(lines))
-
-
-def read_prompts(path: Path) -> list[str]:
-    """Prompts from a file (or stdin for '-'), one a line."""
-    import sys
-
-    try:
-        text = sys.stdin.read() if str(path) == "-" else path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise BadInputError(f"Cannot read --prompts-file {path}: {exc.strerror}.",
-                            "Check the path.") from None
-    return [line.strip() for line in text.splitlines()
-            if line.strip() and not line.lstrip().startswith("#")]
+    values = config_values(config, ["edit"])
+    settings = resolve(EditSettings, values, overrides=dict(
+        checkpoint=checkpoint, steps=steps, guidance=guidance,
+        negative_prompt=negative_prompt, seed=seed, formats=formats, batch=batch,
+        inversion=inversion, inversion_prompt=inversion_prompt, full=full, window=window,
+        overlap=overlap))
+    prompts = list(prompt or []) + (read_prompts(prompts_file) if prompts_file else [])
+    result = edit_stage.edit(project, prompts, settings, name=name, reporter=out.reporter)
+    lines = [f"{e.files['video']}  ({e.prompt}, {e.frames} frames)" for e in result.edits]
+    out.result(result.to_dict(), "\n".join(lines))
 
 
-@app.command()
+@command()
 def remux(
+    out: Output,
     project: Annotated[Path, typer.Argument(help="The project folder.", show_default=False)],
     edits: Annotated[list[str] | None, typer.Argument(
         help="Edits to mux.  \\[default: every edit]", show_default=False)] = None,
@@ -406,15 +409,11 @@ def remux(
     output: Annotated[Path | None, typer.Option(
         "--output", "-o", help="With --video: where to write.  \\[default: VIDEO.final.mp4]",
         show_default=False)] = None,
-    json_: JsonOpt = False,
-    quiet: QuietOpt = False,
-    debug: DebugOpt = False,
 ) -> None:
     """Put the source clip's original sound back under edits (or any --video)."""
-    with command_output(json_mode=json_, quiet=quiet, debug=debug) as out:
-        from vedit.remux import remux as remux_project
+    from vedit.remux import remux as remux_project
 
-        results = remux_project(project, edits, video=video, output=output,
-                                reporter=out.reporter)
-        lines = [f"{r.path} ({r.video_duration:.2f} s, audio: {r.audio_mode})" for r in results]
-        out.result({"outputs": [r.to_dict() for r in results]}, "\n".join(lines))
+    results = remux_project(project, edits, video=video, output=output,
+                            reporter=out.reporter)
+    lines = [f"{r.path} ({r.video_duration:.2f} s, audio: {r.audio_mode})" for r in results]
+    out.result({"outputs": [r.to_dict() for r in results]}, "\n".join(lines))

@@ -26,6 +26,7 @@ from vedit.project import (
     Project,
     atomic_dir,
     cache_key,
+    default_project_dir,
     file_sha256,
     frame_file,
     temp_beside,
@@ -172,16 +173,18 @@ def source_record(info: VideoInfo, sha256: str) -> dict[str, Any]:
             "duration": round(info.duration, 6), "video": video, "audio": audio_facts}
 
 
-def extract(clip: Path, project_dir: Path, settings: ExtractSettings | None = None,
+def extract(clip: Path, project_dir: Path | None = None, settings: ExtractSettings | None = None,
             reporter: Reporter | None = None) -> ExtractResult:
-    """Take frames of `clip` into the project at `project_dir` (made if needed), with its audio."""
+    """Take frames of `clip` into the project at `project_dir` (made if needed; default: the
+    clip's name + .vedit, beside it), with its audio."""
     settings = settings or ExtractSettings()
     reporter = reporter or Reporter()
-    Project.check_usable(Path(project_dir))
+    project_dir = Path(project_dir) if project_dir is not None else default_project_dir(clip)
+    Project.check_usable(project_dir)
     info = probe(Path(clip))
     plan = plan_frames(info, settings)
-    created = not (Path(project_dir) / RECORD_NAME).exists()
-    project = Project.open_or_create(Path(project_dir))
+    created = not (project_dir / RECORD_NAME).exists()
+    project = Project.open_or_create(project_dir)
     with project.lock("extract"):  # a second vedit here stops at once, touching nothing
         try:
             return _extract_into(project, info, plan, settings, reporter)

@@ -7,14 +7,16 @@ traceback only with `--debug` or `VEDIT_DEBUG=1`.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import os
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import FrameType
-from typing import Any
+from typing import Annotated, Any, TypeVar, cast
 
 import typer
 from rich.console import Console
@@ -22,6 +24,18 @@ from rich.markup import escape
 
 from vedit.errors import VeditError, as_vedit_error
 from vedit.progress import Reporter
+
+Body = TypeVar("Body", bound=Callable[..., None])
+
+#: The options every command takes, added by `with_output`.
+OUTPUT_OPTIONS = [
+    inspect.Parameter("json_", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=Annotated[
+        bool, typer.Option("--json", help="Print one JSON document on stdout.")]),
+    inspect.Parameter("quiet", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=Annotated[
+        bool, typer.Option("--quiet", "-q", help="No progress or notices.")]),
+    inspect.Parameter("debug", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=Annotated[
+        bool, typer.Option("--debug", help="Show tracebacks (also VEDIT_DEBUG=1).")]),
+]
 
 
 class Output:
@@ -56,6 +70,23 @@ class Output:
             self.stderr.print(f"[dim]hint:[/dim] {escape(error.hint)}", soft_wrap=True)
         if self.json_mode:
             print(json.dumps({"error": error.to_dict()}, indent=2), flush=True)
+
+
+def with_output(body: Body) -> Body:
+    """A command `body(out, ...)` as Typer sees it: `out` replaced by --json, --quiet and
+    --debug (after the body's own options), and the body run under `command_output`."""
+
+    @functools.wraps(body)
+    def run(*args: Any, json_: bool, quiet: bool, debug: bool, **kwargs: Any) -> None:
+        with command_output(json_mode=json_, quiet=quiet, debug=debug) as out:
+            body(out, *args, **kwargs)
+
+    own = list(inspect.signature(body, eval_str=True).parameters.values())[1:]
+    signature = inspect.Signature([*own, *OUTPUT_OPTIONS])
+    typed = cast(Any, run)  # Typer reads the options from these two attributes
+    typed.__signature__ = signature
+    typed.__annotations__ = {p.name: p.annotation for p in signature.parameters.values()}
+    return cast(Body, run)
 
 
 @contextmanager

@@ -1,13 +1,28 @@
-"""Prompts to text-encoder states, with a warning (not silence) when a prompt is cut short."""
+"""Prompts: read from a file, encoded to text-encoder states with a warning (not silence) when
+one is cut short."""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from vedit.errors import BadInputError
 from vedit.progress import Reporter
+
+
+def read_prompts(path: Path) -> list[str]:
+    """Prompts from a file (or stdin for '-'), one a line; blank lines and # comments skipped."""
+    try:
+        text = sys.stdin.read() if str(path) == "-" else path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise BadInputError(f"Cannot read --prompts-file {path}: {exc.strerror}.",
+                            "Check the path.") from None
+    return [line.strip() for line in text.splitlines()
+            if line.strip() and not line.lstrip().startswith("#")]
 
 
 def encode_prompts(components: Any, prompts: Sequence[str],

@@ -48,7 +48,7 @@ from vedit.lora import (
 from vedit.model_files import ModelSource
 from vedit.models import load_components, native_bf16, native_resolution, resolve_model
 from vedit.progress import Reporter
-from vedit.project import Project, default_project_dir
+from vedit.project import Project
 from vedit.prompts import encode_prompts
 from vedit.settings import ExtractSettings, TuneSettings, as_record
 
@@ -150,7 +150,7 @@ def tune_clip(clip: Path, settings: TuneSettings, frames: ExtractSettings | None
     base = resolve_model(settings.model, reporter=reporter)
     if frames.size is None:
         frames = dataclasses.replace(frames, size=str(native_resolution(base)))
-    extracted = extract(clip, project_dir or default_project_dir(clip), frames, reporter)
+    extracted = extract(clip, project_dir, frames, reporter)
     return extracted, _tune(extracted.project, settings, resume, reporter, base=base)
 
 
