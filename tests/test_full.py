@@ -28,7 +28,7 @@ from vedit.synthetic import make_clip
 from vedit.tensorfiles import load_tensors
 from vedit.tune import tune
 from vedit.video import probe
-from vedit.windows import WindowSettings, blend_weights, plan_windows
+from vedit.windows import blend_weights, plan_windows
 
 runner = CliRunner()
 FPS = 25
@@ -86,14 +86,14 @@ def _watch_unet(monkeypatch: pytest.MonkeyPatch,
 
 
 def test_windows_cover_the_clip_and_hold_the_anchor() -> None:
-    plan = plan_windows(21, WindowSettings(), tuned_frames=4)
+    plan = plan_windows(21, tuned_frames=4)
     assert len(plan) == 10 and (plan.window, plan.overlap) == (4, 1)
     assert plan.windows[0].frames == [0, 1, 2, 3]
     assert all(w.frames[0] == 0 and len(w.frames) == 4 for w in plan.windows)
     pairs = zip(plan.windows[:-1], plan.windows[1:-1], strict=False)
     assert all(b.start == a.stop - 1 for a, b in pairs)
     assert plan.windows[-1].frames == [0, 18, 19, 20]  # the last ends with the clip
-    assert plan_windows(4, WindowSettings(window=9), tuned_frames=4).describe() == [[0, 4, 0]]
+    assert plan_windows(4, tuned_frames=4, window=9).describe() == [[0, 4, 0]]
 
 
 class StubUNet:
@@ -114,7 +114,7 @@ class StubUNet:
 
 def test_the_blend_is_the_weighted_average_of_the_windows_predictions(tiny_model: Path) -> None:
     scheduler = load_components(tiny_model, device="cpu").scheduler
-    plan = plan_windows(9, WindowSettings(window=5, overlap=2), tuned_frames=5)
+    plan = plan_windows(9, tuned_frames=5, window=5, overlap=2)
     assert plan.describe() == [[0, 5, 0], [3, 7, 1], [5, 9, 1]]
     start = torch.arange(9.0).view(1, 1, 9, 1, 1).expand(1, 4, 9, 2, 2).contiguous()
     unet = StubUNet()

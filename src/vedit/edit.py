@@ -41,7 +41,6 @@ from vedit.video import Mp4Writer, write_gif
 from vedit.windows import (
     ResumeFile,
     WindowPlan,
-    WindowSettings,
     plan_windows,
     single_window,
 )
@@ -129,7 +128,6 @@ def edit(project_dir: Path, prompts: Sequence[str], settings: EditSettings | Non
     from accelerate import PartialState
 
     settings = settings or EditSettings()
-    full = settings.windows
     reporter = reporter or Reporter()
     prompts = [p.strip() for p in prompts if p.strip()]
     if not prompts:
@@ -144,25 +142,25 @@ def edit(project_dir: Path, prompts: Sequence[str], settings: EditSettings | Non
     try:
         if state.is_main_process:
             with project.lock("edit"):
-                outputs = _render(project, checkpoint, jobs, settings, full, state, reporter)
+                outputs = _render(project, checkpoint, jobs, settings, state, reporter)
         else:
-            outputs = _render(project, checkpoint, jobs, settings, full, state, reporter)
+            outputs = _render(project, checkpoint, jobs, settings, state, reporter)
     except torch.OutOfMemoryError:
         raise OutOfMemoryError(
             "Editing ran out of GPU memory.",
-            "Try a smaller --window (or --batch 1)." if full else
+            "Try a smaller --window (or --batch 1)." if settings.full else
             "Try --batch 1, fewer frames (vedit extract --frames) or a smaller --size.") from None
     return EditResult(project.root, outputs, time.monotonic() - started, str(state.device))
 
 
 def _render(project: Project, checkpoint: Checkpoint, jobs: list[tuple[str, str]],
-            settings: EditSettings, full: WindowSettings | None, state: Any,
+            settings: EditSettings, state: Any,
             reporter: Reporter) -> list[EditOutput]:
     components = load_components(checkpoint.record["base_model"], device=state.device,
                                  reporter=reporter)
     unet = tuned_unet(checkpoint, components.unet, components.fingerprint)
     with state.main_process_first():
-        clip = (span_clip(project, components, full, reporter) if full is not None
+        clip = (span_clip(project, components, settings, reporter) if settings.full
                 else tuned_clip(project, components, reporter))
         inversion = _inversion(project, checkpoint, components, unet, clip, settings,
                                reporter) if settings.inversion else None
@@ -197,13 +195,14 @@ def tuned_clip(project: Project, components: Components, reporter: Reporter) -> 
         full=None)
 
 
-def span_clip(project: Project, components: Components, settings: WindowSettings,
+def span_clip(project: Project, components: Components, settings: EditSettings,
               reporter: Reporter) -> EditClip:
     """Every frame of the clip's span at the source's rate, in windows of the tuned frame count
-    (or `settings`)."""
+    (or `settings.window`)."""
     span = clip_span(project, reporter)
     tuned_frames = int(project.require("frames", "extract")["count"])
-    plan = plan_windows(span.num_frames, settings, tuned_frames)
+    plan = plan_windows(span.num_frames, tuned_frames=tuned_frames, window=settings.window,
+                        overlap=settings.overlap)
     latents = span_latents(project, span, components.vae, components.fingerprint, reporter)
     facts = {"window": plan.window, "overlap": plan.overlap, "windows": len(plan),
              "span_frames": span.num_frames, "start": round(span.times[0], 6),

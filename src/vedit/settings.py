@@ -214,17 +214,16 @@ class EditSettings:
         if not self.full and (self.window is not None or self.overlap is not None):
             raise UsageError("--window and --overlap go with --full.",
                              "Add --full to edit every frame of the clip in windows.")
+        if self.window is not None and self.window < 1:
+            raise BadInputError(f"--window {self.window} must be 1 or more.",
+                                "It is how many frames the UNet sees at once.")
+        if self.overlap is not None and self.overlap < 0:
+            raise BadInputError(f"--overlap {self.overlap} is negative.",
+                                "Give how many frames neighbouring windows share.")
         unknown = set(self.format_list) - set(FORMATS)
         if unknown:
             raise BadInputError(f"--formats: unknown {', '.join(sorted(unknown))}.",
                                 f"Choose from {', '.join(FORMATS)} (comma-separated).")
-
-    @property
-    def windows(self) -> Any:
-        """`--full`'s windows as `vedit.windows.WindowSettings`, or None for the tuned frames."""
-        from vedit.windows import WindowSettings
-
-        return WindowSettings(self.window, self.overlap) if self.full else None
 
     @property
     def format_list(self) -> list[str]:

@@ -41,23 +41,6 @@ StepFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
-class WindowSettings:
-    """`--full`'s windows: frames per UNet call (None: the tuned frame count) and frames that
-    neighbouring windows share (None: a quarter of the window)."""
-
-    window: int | None = None
-    overlap: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.window is not None and self.window < 1:
-            raise BadInputError(f"--window {self.window} must be 1 or more.",
-                                "It is how many frames the UNet sees at once.")
-        if self.overlap is not None and self.overlap < 0:
-            raise BadInputError(f"--overlap {self.overlap} is negative.",
-                                "Give how many frames neighbouring windows share.")
-
-
-@dataclass(frozen=True)
 class Window:
     """Clip frames `start` to `stop - 1`, denoised together; `anchored`: frame 0 goes first."""
 
@@ -97,12 +80,14 @@ def single_window(num_frames: int) -> WindowPlan:
     return WindowPlan(num_frames, num_frames, 0, (Window(0, num_frames),))
 
 
-def plan_windows(num_frames: int, settings: WindowSettings, tuned_frames: int) -> WindowPlan:
-    """Windows of `settings.window` frames (default `tuned_frames`) covering the clip; windows
-    after the first hold the anchor and `window - 1` frames of their own, the last one ending
-    at the clip's end (it may overlap its neighbour by more than asked)."""
-    window = settings.window or tuned_frames
-    overlap = window // 4 if settings.overlap is None else settings.overlap
+def plan_windows(num_frames: int, *, tuned_frames: int, window: int | None = None,
+                 overlap: int | None = None) -> WindowPlan:
+    """Windows of `window` frames (default `tuned_frames`) covering the clip, neighbours sharing
+    `overlap` frames (default a quarter of the window); windows after the first hold the anchor
+    and `window - 1` frames of their own, the last one ending at the clip's end (it may overlap
+    its neighbour by more than asked)."""
+    window = window or tuned_frames
+    overlap = window // 4 if overlap is None else overlap
     if num_frames <= window:
         return WindowPlan(num_frames, window, overlap, (Window(0, num_frames),))
     _check_fits(window, overlap, num_frames)
