@@ -123,7 +123,7 @@ class FakeHub:
         """The GETs of `filename`'s content (small files on the hub, LFS files on the CDN)."""
         return [r for r in self.requests if r.method == "GET"
                 and (r.path.endswith(f"/resolve/{_any_rev(r.path)}/{filename}")
-                     or r.path.startswith("/cdn/") and r.path.endswith(f"/{filename}"))]
+                     or (r.path.startswith("/cdn/") and r.path.endswith(f"/{filename}")))]
 
     def unexpected(self) -> list[LoggedRequest]:
         """Requests the fake hub had no route for (would mean the client tried something new)."""

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import typer
 from typer.core import TyperGroup
-from typer.testing import CliRunner
+from typer.testing import CliRunner, Result
 
 from vedit import __version__
 from vedit.cli import app
@@ -20,7 +20,7 @@ from vedit.project import FORMAT
 runner = CliRunner()
 
 
-def run(*args: str | Path, env: dict[str, str] | None = None):  # noqa: ANN201 - click Result
+def run(*args: str | Path, env: dict[str, str] | None = None) -> Result:
     return runner.invoke(app, [str(a) for a in args], env=env)
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import typer
+from typer.core import TyperGroup
 
 from vedit.cli import app
 from vedit.completions import SHELLS, render
@@ -33,7 +34,9 @@ def _complete(words: str, tmp_path: Path) -> list[str]:
 
 def test_bash_completes_commands_options_and_paths(tmp_path: Path) -> None:
     (tmp_path / "clip.mp4").write_bytes(b"")
-    commands = sorted(typer.main.get_command(app).commands)  # type: ignore[attr-defined]
+    group = typer.main.get_command(app)
+    assert isinstance(group, TyperGroup)
+    commands = sorted(group.commands)
     assert _complete("vedit ", tmp_path) == commands
     assert _complete("vedit ex", tmp_path) == ["extract"]
     assert "--frames" in _complete("vedit extract --fr", tmp_path)

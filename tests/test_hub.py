@@ -160,7 +160,7 @@ def test_fetch_resumes_a_partial_file_on_the_next_call(tiny_model: Path, fake_hu
     assert "fetch-models" in failure.value.hint
     [partial] = (tmp_path / "hf-home" / "hub").glob("models--*/blobs/*.incomplete")
     assert partial.stat().st_size == CUT
-    with pytest.raises(ModelNotFoundError, match="incomplete|not in the"):
+    with pytest.raises(ModelNotFoundError, match=r"incomplete|not in the"):
         load_components(REPO, device="cpu")  # refs/main is written only once all files are in
 
     reporter = RecordingReporter()
@@ -182,7 +182,7 @@ def test_unknown_repo_and_pickle_only_repo(tiny_model: Path, fake_hub: FakeHub) 
              for p in tiny_model.rglob("*") if p.is_file()}
     del files[UNET_FILE]
     fake_hub.add_repo(REPO, {**files, "unet/diffusion_pytorch_model.bin": b"pickle"})
-    with pytest.raises(BadInputError, match="unet/ has no .safetensors"):
+    with pytest.raises(BadInputError, match=r"unet/ has no \.safetensors"):
         fetch_model(REPO)
 
 

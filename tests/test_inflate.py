@@ -294,7 +294,7 @@ def load_parity_case(name: str) -> tuple[dict, dict[str, torch.Tensor]]:
         config = json.loads(file.metadata()[f"{name}/config"])
         tensors = {
             key[len(name) + 1 :]: file.get_tensor(key)
-            for key in file.keys()
+            for key in file.keys()  # noqa: SIM118 - safetensors' handle is not iterable
             if key.startswith(f"{name}/")
         }
     return config, tensors

@@ -24,7 +24,7 @@ def test_tiny_model_has_the_diffusers_layout_and_loads_as_a_pipeline(tiny_model:
     index = json.loads((tiny_model / "model_index.json").read_text())
     assert index["_class_name"] == "StableDiffusionPipeline"
     assert index["safety_checker"] == [None, None]
-    assert NEEDED <= snapshot_files(tiny_model)
+    assert snapshot_files(tiny_model) >= NEEDED
     assert not list(tiny_model.rglob("*.bin"))
     pipe = StableDiffusionPipeline.from_pretrained(tiny_model, safety_checker=None,
                                                    use_safetensors=True)
@@ -116,7 +116,7 @@ def test_pickle_only_and_truncated_weights_are_refused(tiny_model: Path, tmp_pat
 
 
 def test_a_path_that_is_not_a_model_is_bad_input(tmp_path: Path) -> None:
-    with pytest.raises(BadInputError, match="model_index.json"):
+    with pytest.raises(BadInputError, match=r"model_index\.json"):
         resolve_model(tmp_path)
     with pytest.raises(ModelNotFoundError, match="does not exist"):
         resolve_model(tmp_path / "missing.safetensors")

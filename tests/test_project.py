@@ -118,9 +118,9 @@ def test_a_second_writer_is_refused_and_told_who_holds_the_lock(tmp_path: Path) 
     first = Project.create(tmp_path / "p")
     second = Project.open(tmp_path / "p")
     with first.lock("tune"):
-        with pytest.raises(ProjectLockedError, match=r"vedit tune.*pid") as caught:
-            with second.lock("edit"):
-                pass
+        with pytest.raises(ProjectLockedError, match=r"vedit tune.*pid") as caught, \
+                second.lock("edit"):
+            pass
         assert caught.value.exit_code == 5
     with second.lock("edit"):  # free again once released
         pass
@@ -147,9 +147,8 @@ def test_a_killed_holder_leaves_a_lock_the_next_run_can_take(tmp_path: Path) -> 
     """)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
-        with pytest.raises(ProjectLockedError):
-            with Project.open(root).lock("edit"):
-                pass
+        with pytest.raises(ProjectLockedError), Project.open(root).lock("edit"):
+            pass
         holder.send_signal(signal.SIGKILL)
         holder.wait(timeout=10)
         deadline = time.monotonic() + 5

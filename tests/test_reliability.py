@@ -19,7 +19,7 @@ from pathlib import Path
 import av
 import pytest
 from PIL import Image
-from typer.testing import CliRunner
+from typer.testing import CliRunner, Result
 
 from vedit.checkpoints import LORA_FILE, TEMPORAL_FILE, list_checkpoints
 from vedit.cli import app
@@ -45,10 +45,10 @@ def snapshot(folder: Path) -> dict[str, str]:
             for p in sorted(folder.rglob("*")) if p.is_file() and p.name != LOCK_NAME}
 
 
-def assert_clean_failure(result: object, code: int, message: str) -> None:
+def assert_clean_failure(result: Result, code: int, message: str) -> None:
     """The CLI contract for errors: the code, `error: ...` then `hint: ...`, no traceback."""
-    stderr = result.stderr  # type: ignore[attr-defined]
-    assert result.exit_code == code, stderr  # type: ignore[attr-defined]
+    stderr = result.stderr
+    assert result.exit_code == code, stderr
     assert "Traceback" not in stderr
     lines = [line for line in stderr.splitlines() if line.strip()]
     errors = [i for i, line in enumerate(lines) if line.startswith("error: ")]
@@ -251,7 +251,7 @@ def test_full_disk_while_checkpointing_keeps_the_last_checkpoint(
     def full_when_writing(path: object, mode: str = "r", *args: object, **kwargs: object):
         if "w" in mode:
             no_space()
-        return open(path, mode, *args, **kwargs)  # noqa: SIM115
+        return open(path, mode, *args, **kwargs)
 
     monkeypatch.setattr(vedit.tensorfiles, "open", full_when_writing, raising=False)
     result = runner.invoke(app, ["tune", str(project), "--resume", "--steps", "3"])

@@ -149,9 +149,8 @@ def test_out_of_memory_is_a_clear_error(project: Path, tiny_model: Path,
 
 
 def test_a_second_tune_on_a_busy_project_is_refused(project: Path, tiny_model: Path) -> None:
-    with Project.open(project).lock("edit"):
-        with pytest.raises(ProjectLockedError):
-            tune_stage.tune(project, settings(tiny_model))
+    with Project.open(project).lock("edit"), pytest.raises(ProjectLockedError):
+        tune_stage.tune(project, settings(tiny_model))
 
 
 def test_tune_needs_a_prompt_and_frames(tmp_path: Path, project: Path, tiny_model: Path) -> None:

@@ -19,14 +19,14 @@ import av.error
 import numpy as np
 
 from vedit.errors import BadInputError
-from vedit.video import encoder_stream, open_input, probe
+from vedit.video import encoder_stream, open_input, probe, time_base
 
 #: Codecs the mp4 muxer takes as they are; others are re-encoded.
 MP4_AUDIO = {"aac", "mp3", "alac", "ac3", "eac3", "opus", "flac"}
 MP4_VIDEO = {"h264", "hevc", "mpeg4", "av1", "vp9"}
 
 #: A packet with the time (seconds) it is ordered by when streams are interleaved.
-Timed = tuple[float, av.Packet]
+Timed = tuple[float, "av.Packet[av.stream.Stream]"]
 
 
 @dataclass(frozen=True)
@@ -134,7 +134,7 @@ def _copied(inp: av.container.InputContainer, stream: av.stream.Stream,
         base = packet.pts if base is None else base
         if packet.dts is None:  # audio: decode time is presentation time
             packet.dts = packet.pts
-        seconds = float((packet.dts - base) * stream.time_base)
+        seconds = float((packet.dts - base) * time_base(stream))
         if stop is not None and seconds >= stop:
             break
         if start is not None:
@@ -185,12 +185,13 @@ def _packet_starts(inp: av.container.InputContainer,
     inp.seek(0)
     spans = []
     first_pts: int | None = None
+    unit = time_base(stream)
     for packet in inp.demux(stream):
         if packet.pts is None:
             continue
         first_pts = packet.pts if first_pts is None else first_pts
-        start = float((packet.pts - first_pts) * stream.time_base)
-        spans.append((start, start + float((packet.duration or 0) * stream.time_base), packet.pts))
+        start = float((packet.pts - first_pts) * unit)
+        spans.append((start, start + float((packet.duration or 0) * unit), packet.pts))
     return spans
 
 
@@ -260,5 +261,5 @@ def _audio_duration(path: Path) -> float | None:
             return None
         stream = container.streams.audio[0]
         if stream.duration:
-            return float(stream.duration * stream.time_base)
+            return float(stream.duration * time_base(stream))
         return float(container.duration or 0) / av.time_base

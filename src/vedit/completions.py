@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import typer
+from typer.core import TyperGroup
 
 SHELLS = {"bash": "vedit.bash", "zsh": "_vedit", "fish": "vedit.fish"}
 HEADER = "vedit completion for {shell}; generated from the app by `python -m vedit.completions`."
@@ -46,10 +47,13 @@ class Cmd:
 def describe(app: typer.Typer) -> tuple[list[Opt], list[Cmd]]:
     """The app's root options and its commands, from the Click command Typer builds."""
     group = typer.main.get_command(app)
-    root = [_option(p) for p in group.params if p.param_type_name == "option" and not p.hidden]
+    if not isinstance(group, TyperGroup):
+        raise TypeError("completions are for an app with commands")
+    root = [_option(p) for p in group.params
+            if p.param_type_name == "option" and not getattr(p, "hidden", False)]
     root.append(HELP)
     commands = []
-    for name, command in sorted(group.commands.items()):  # type: ignore[attr-defined]
+    for name, command in sorted(group.commands.items()):
         options = [_option(p) for p in command.params if p.param_type_name == "option"]
         options.append(HELP)
         arguments = [p for p in command.params if p.param_type_name == "argument"]

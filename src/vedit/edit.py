@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -44,6 +44,10 @@ from vedit.windows import (
     plan_windows,
     single_window,
 )
+
+if TYPE_CHECKING:
+    from accelerate import PartialState
+    from diffusers import AutoencoderKL
 
 DECODE_SLICE = 8  # frames the VAE decodes at once: bounded memory for long clips
 
@@ -154,7 +158,7 @@ def edit(project_dir: Path, prompts: Sequence[str], settings: EditSettings | Non
 
 
 def _render(project: Project, checkpoint: Checkpoint, jobs: list[tuple[str, str]],
-            settings: EditSettings, state: Any,
+            settings: EditSettings, state: PartialState,
             reporter: Reporter) -> list[EditOutput]:
     components = load_components(checkpoint.record["base_model"], device=state.device,
                                  reporter=reporter)
@@ -215,7 +219,7 @@ def span_clip(project: Project, components: Components, settings: EditSettings,
                     full=facts)
 
 
-def _gather(outputs: list[EditOutput], state: Any) -> list[EditOutput]:
+def _gather(outputs: list[EditOutput], state: PartialState) -> list[EditOutput]:
     if state.num_processes == 1:
         return outputs
     from accelerate.utils import gather_object
@@ -248,7 +252,7 @@ def _start_noise(shape: torch.Size, inversion: Inversion | None, count: int,
     return torch.randn((count, *shape[1:]), generator=generator)
 
 
-def decode_frames(vae: Any, latents: torch.Tensor, slice_size: int = DECODE_SLICE,
+def decode_frames(vae: AutoencoderKL, latents: torch.Tensor, slice_size: int = DECODE_SLICE,
                   reporter: Reporter | None = None) -> Iterator[np.ndarray]:
     """Latents `(c, f, h, w)` to RGB frames `(H, W, 3)` uint8, one at a time, the VAE decoding a
     slice of frames at once: memory holds a slice, not the clip."""
@@ -267,7 +271,7 @@ def decode_frames(vae: Any, latents: torch.Tensor, slice_size: int = DECODE_SLIC
             task.advance(len(chunk))
 
 
-def decode_latents(vae: Any, latents: torch.Tensor, slice_size: int = DECODE_SLICE,
+def decode_latents(vae: AutoencoderKL, latents: torch.Tensor, slice_size: int = DECODE_SLICE,
                    reporter: Reporter | None = None) -> np.ndarray:
     """All frames of `decode_frames` as one array `(f, H, W, 3)`."""
     return np.stack(list(decode_frames(vae, latents, slice_size, reporter)))

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 from vedit.errors import BadInputError, DiskError, ModelNotFoundError
@@ -214,10 +214,14 @@ def _download_repo_files(repo_id: str, revision: str | None,
     with _hub_errors(repo_id):
         info = HfApi(endpoint=hub_endpoint()).model_info(
             repo_id, revision=revision, files_metadata=True, timeout=_metadata_timeout())
+        if info.sha is None:
+            raise ModelNotFoundError(f"{hub_endpoint()} named no commit for {repo_id}.",
+                                     "Check the id and --revision, then rerun.")
+        commit = info.sha
         listing = {s.rfilename: _remote_file(s) for s in info.siblings or []}
         files = [listing[name] for name in select(listing)]
         storage = hub_cache_dir() / f"models--{repo_id.replace('/', '--')}"
-        snapshot = storage / "snapshots" / info.sha
+        snapshot = storage / "snapshots" / commit
         blobs = storage / "blobs"
         missing = [f for f in files if not (blobs / str(f.content_id)).is_file()]
         _check_free_space(storage, sum(f.size - _partial_size(blobs / str(f.content_id))
@@ -230,9 +234,9 @@ def _download_repo_files(repo_id: str, revision: str | None,
                 for remote in files:
                     if remote.name.endswith(".safetensors") == weights:
                         task.update(status=remote.name)
-                        _download_file(repo_id, remote, info.sha, storage, task,
+                        _download_file(repo_id, remote, commit, storage, task,
                                        cached=remote not in missing)
-    _write_ref(storage, revision, info.sha)
+    _write_ref(storage, revision, commit)
     return snapshot
 
 
@@ -270,6 +274,9 @@ def _download_file(repo_id: str, remote: _RemoteFile, commit: str, storage: Path
     if not cached:
         url = hf_hub_url(repo_id, remote.name, revision=commit, endpoint=endpoint)
         meta = get_hf_file_metadata(url, timeout=_metadata_timeout(), endpoint=endpoint)
+        if meta.etag is None:
+            raise ModelNotFoundError(f"{endpoint} gave no ETag for {remote.name}.",
+                                     "Rerun `vedit fetch-models`; check HF_ENDPOINT if it stays.")
         blob = storage / "blobs" / meta.etag
         blob.parent.mkdir(parents=True, exist_ok=True)
         lock = storage.parent / ".locks" / storage.name / f"{meta.etag}.vedit.lock"
@@ -302,7 +309,8 @@ def _resume_blob(url: str, meta: Any, blob: Path, task: Task, remote: _RemoteFil
         try:
             with partial_blob.open("ab") as f:
                 http_get(meta.location, f, resume_size=resume_size, headers=headers,
-                         expected_size=meta.size, tqdm_class=partial(_TaskBar, task))
+                         expected_size=meta.size,
+                         tqdm_class=cast("type[Any]", partial(_TaskBar, task)))
         except OSError as error:
             # huggingface_hub's size check raises a bare OSError; disk and HTTP errors are
             # subclasses or carry an errno, and are mapped elsewhere.

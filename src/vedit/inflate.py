@@ -82,7 +82,8 @@ class SparseCausalAttnProcessor:
         )
         hidden_states = F.scaled_dot_product_attention(query, key, value, scale=attn.scale)
         hidden_states = rearrange(hidden_states, "n h s d -> n s (h d)")
-        return attn.to_out[1](attn.to_out[0](hidden_states))
+        projected: torch.Tensor = attn.to_out[1](attn.to_out[0](hidden_states))
+        return projected
 
 
 def first_and_previous_frames(tokens: torch.Tensor, num_frames: int) -> torch.Tensor:
@@ -140,8 +141,8 @@ def temporal_attention_hook(
     """Attend over frames at each spatial position: `h = attn_temp(norm_temp(h)) + h`."""
     num_tokens = output.shape[1]
     hidden_states = rearrange(output, "(b f) n c -> (b n) f c", f=context.num_frames)
-    hidden_states = block.attn_temp(block.norm_temp(hidden_states)) + hidden_states
-    return rearrange(hidden_states, "(b n) f c -> (b f) n c", n=num_tokens)
+    attended: torch.Tensor = block.attn_temp(block.norm_temp(hidden_states))
+    return rearrange(attended + hidden_states, "(b n) f c -> (b f) n c", n=num_tokens)
 
 
 def frame_joint_norms(unet: UNet2DConditionModel) -> Iterator[tuple[nn.Module, str]]:
@@ -181,11 +182,13 @@ class InflatedUNet(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.unet.dtype
+        dtype: torch.dtype = self.unet.dtype
+        return dtype
 
     @property
     def device(self) -> torch.device:
-        return self.unet.device
+        device: torch.device = self.unet.device
+        return device
 
     def forward(
         self,
@@ -200,7 +203,7 @@ class InflatedUNet(nn.Module):
         frames = rearrange(sample, "b c f h w -> (b f) c h w")
         prompts = encoder_hidden_states.repeat_interleave(num_frames, dim=0)
         timestep = per_frame_timestep(timestep, batch, num_frames)
-        prediction = self.unet(frames, timestep, prompts, return_dict=False)[0]
+        prediction: torch.Tensor = self.unet(frames, timestep, prompts, return_dict=False)[0]
         return rearrange(prediction, "(b f) c h w -> b c f h w", f=num_frames)
 
     def enable_gradient_checkpointing(self) -> None:

@@ -17,6 +17,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -28,6 +29,9 @@ from vedit.progress import Reporter
 from vedit.project import FRAMES_VERSION, Project, cache_key, file_sha256
 from vedit.tensorfiles import cached_tensors
 from vedit.video import VideoInfo, first_frame_at, fit_frame, probe, read_span
+
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKL
 
 #: Bump when latents for the same frames and model would come out differently.
 LATENTS_VERSION = 1
@@ -70,7 +74,7 @@ def images_to_tensor(images: Sequence[np.ndarray]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def encode_frames(vae: torch.nn.Module, frames: torch.Tensor, *,
+def encode_frames(vae: AutoencoderKL, frames: torch.Tensor, *,
                   slice_size: int = ENCODE_SLICE, reporter: Reporter | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Encode `(f, 3, h, w)` frames a slice at a time; scaled mean and std, `(f, c, h, w)`."""
@@ -88,7 +92,7 @@ def encode_frames(vae: torch.nn.Module, frames: torch.Tensor, *,
     return torch.cat(means), torch.cat(stds)
 
 
-def frame_latents(project: Project, vae: torch.nn.Module, model_fingerprint: str,
+def frame_latents(project: Project, vae: AutoencoderKL, model_fingerprint: str,
                   reporter: Reporter | None = None) -> FrameLatents:
     """The clip's latents from the cache, or encoded now and cached (caller holds the lock)."""
     reporter = reporter or Reporter()
@@ -181,7 +185,7 @@ def span_latents_key(span: Span, model_fingerprint: str) -> str:
     return cache_key("span-latents", LATENTS_VERSION, span.key, model_fingerprint)
 
 
-def span_latents(project: Project, span: Span, vae: torch.nn.Module, model_fingerprint: str,
+def span_latents(project: Project, span: Span, vae: AutoencoderKL, model_fingerprint: str,
                  reporter: Reporter | None = None) -> SpanLatents:
     """The span's latents from the cache, or encoded a slice at a time now and cached (the
     caller holds the lock); only a slice of frames is ever in memory at once."""

@@ -227,7 +227,7 @@ def read_safetensors_header(path: Path) -> dict[str, Any]:
         except (UnicodeDecodeError, json.JSONDecodeError, AttributeError, KeyError, TypeError,
                 IndexError):
             raise _bad_safetensors(path) from None
-    if max(ends, default=0) > size - 8 - length:
+    if not isinstance(header, dict) or max(ends, default=0) > size - 8 - length:
         raise _bad_safetensors(path)
     return header
 

@@ -133,9 +133,9 @@ def native_bf16() -> bool:
     import torch
 
     try:
-        return torch.cuda.is_bf16_supported(including_emulation=False)
+        return bool(torch.cuda.is_bf16_supported(including_emulation=False))
     except TypeError:  # torch < 2.3 has no emulation and no argument
-        return torch.cuda.is_bf16_supported()
+        return bool(torch.cuda.is_bf16_supported())
 
 
 def load_components(model_spec: str | Path | ModelSource = DEFAULT_MODEL, *,
@@ -184,4 +184,5 @@ def native_resolution(source: ModelSource) -> int:
     its configs alone: `unet.sample_size` times the VAE's downscaling."""
     unet = read_json(source.path / "unet" / "config.json")
     vae = read_json(source.path / "vae" / "config.json")
-    return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+    downscale: int = 2 ** (len(vae["block_out_channels"]) - 1)
+    return int(unet["sample_size"]) * downscale

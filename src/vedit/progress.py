@@ -17,6 +17,7 @@ from rich.progress import (
     MofNCompleteColumn,
     Progress,
     SpinnerColumn,
+    TaskID,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
@@ -26,7 +27,7 @@ from rich.progress import (
 class Task:
     """One running progress bar; `advance` and `update` are no-ops when progress is hidden."""
 
-    def __init__(self, progress: Progress | None, task_id: int | None) -> None:
+    def __init__(self, progress: Progress | None, task_id: TaskID | None) -> None:
         self._progress = progress
         self._task_id = task_id
 
@@ -39,9 +40,10 @@ class Task:
         """Move the bar; `status` is a short text shown after it (loss, speed, memory)."""
         if self._progress is None or self._task_id is None:
             return
-        fields = {} if status is None else {"status": status}
         self._progress.update(self._task_id, completed=completed, total=total,
-                              description=description, **fields)
+                              description=description)
+        if status is not None:
+            self._progress.update(self._task_id, status=status)
 
 
 class Reporter:
@@ -51,10 +53,6 @@ class Reporter:
     def __init__(self, console: Console | None = None, *, quiet: bool = False) -> None:
         self.console = console
         self.quiet = quiet
-
-    @classmethod
-    def for_cli(cls, *, quiet: bool) -> Reporter:
-        return cls(Console(stderr=True, highlight=False), quiet=quiet)
 
     @property
     def shows_progress(self) -> bool:

@@ -6,12 +6,17 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
 from vedit.errors import BadInputError
 from vedit.progress import Reporter
+
+if TYPE_CHECKING:
+    from transformers import CLIPTokenizer
+
+    from vedit.models import Components
 
 
 def read_prompts(path: Path) -> list[str]:
@@ -25,7 +30,7 @@ def read_prompts(path: Path) -> list[str]:
             if line.strip() and not line.lstrip().startswith("#")]
 
 
-def encode_prompts(components: Any, prompts: Sequence[str],
+def encode_prompts(components: Components, prompts: Sequence[str],
                    reporter: Reporter | None = None) -> torch.Tensor:
     """CLIP hidden states `(n, tokens, d)` of `prompts`, as diffusers' SD pipelines compute
     them (the last layer of the text encoder, which SD 2.x configs already stop one early)."""
@@ -38,10 +43,12 @@ def encode_prompts(components: Any, prompts: Sequence[str],
                     return_tensors="pt").input_ids
     device = next(encoder.parameters()).device
     with torch.no_grad():
-        return encoder(ids.to(device))[0]
+        states: torch.Tensor = encoder(ids.to(device))[0]
+    return states
 
 
-def warn_if_truncated(tokenizer: Any, prompt: str, limit: int, reporter: Reporter) -> None:
+def warn_if_truncated(tokenizer: CLIPTokenizer, prompt: str, limit: int,
+                      reporter: Reporter) -> None:
     ids = tokenizer(prompt, truncation=False).input_ids
     if len(ids) <= limit:
         return

@@ -49,16 +49,15 @@ def remux(project_dir: Path, edits: list[str] | None = None, *, video: Path | No
         raise ProjectError(f"Project {project.root} has no edits yet.",
                            "Run `vedit edit` first, or give any video with --video FILE.")
     results = []
-    with project.lock("remux"):
-        with reporter.task("muxing", total=len(names)) as task:
-            for name in names:
-                folder = project.edit_dir(name)
-                if not (folder / EDIT_VIDEO).is_file():
-                    known = ", ".join(project.edit_names()) or "none"
-                    raise BadInputError(f"No edit named {name!r} in {project.root}.",
-                                        f"Known edits: {known}.")
-                results.append(_mux_one(folder / EDIT_VIDEO, sound, folder / FINAL_VIDEO, start))
-                task.advance()
+    with project.lock("remux"), reporter.task("muxing", total=len(names)) as task:
+        for name in names:
+            folder = project.edit_dir(name)
+            if not (folder / EDIT_VIDEO).is_file():
+                known = ", ".join(project.edit_names()) or "none"
+                raise BadInputError(f"No edit named {name!r} in {project.root}.",
+                                    f"Known edits: {known}.")
+            results.append(_mux_one(folder / EDIT_VIDEO, sound, folder / FINAL_VIDEO, start))
+            task.advance()
     return results
 
 

@@ -80,8 +80,9 @@ def ddim_invert(unet: Denoiser, scheduler_config: Mapping[str, Any], latents: to
     embeds = prompt_embeds.to(device)
 
     def step(sample: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
-        output = inverse.step(predict(unet, sample, timestep, embeds), timestep, sample)
-        return output.prev_sample
+        previous: torch.Tensor = inverse.step(predict(unet, sample, timestep, embeds), timestep,
+                                              sample).prev_sample
+        return previous
 
     return denoise_in_windows(latents, inverse.timesteps, step,
                               plan or single_window(latents.shape[2]), device=device,
@@ -117,7 +118,7 @@ def guided_step(unet: Denoiser, scheduler: DDIMScheduler, cond: torch.Tensor,
                            torch.cat([uncond, cond]))
             unconditional, conditional = both.chunk(2)
             model_output = unconditional + guidance * (conditional - unconditional)
-        output = scheduler.step(model_output, timestep, sample)
-        return output.prev_sample
+        previous: torch.Tensor = scheduler.step(model_output, timestep, sample).prev_sample
+        return previous
 
     return step

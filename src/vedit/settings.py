@@ -16,13 +16,16 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from vedit import tomlio
 from vedit.errors import BadInputError, UsageError
 from vedit.model_files import DEFAULT_MODEL
 
-T = TypeVar("T")
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+T = TypeVar("T", bound="DataclassInstance")
 
 #: The short side of frames when neither --size nor a base model says otherwise (SD 1.x's).
 DEFAULT_SIZE = 512
@@ -297,7 +300,7 @@ def resolve(cls: type[T], *layers: Mapping[str, Any] | None,
     user's config, a --config file), then the non-None `overrides` (command-line flags)."""
     hints = typing.get_type_hints(cls)
     values: dict[str, Any] = {}
-    for field in dataclasses.fields(cls):  # type: ignore[arg-type]
+    for field in dataclasses.fields(cls):
         for layer in layers:
             if layer and field.name in layer:
                 values[field.name] = _coerce(field.name, layer[field.name], hints[field.name])
@@ -314,9 +317,9 @@ def user_config_path() -> Path:
     return Path(base) / "vedit" / "config.toml"
 
 
-def as_record(settings: object) -> dict[str, Any]:
+def as_record(settings: DataclassInstance) -> dict[str, Any]:
     """Settings as a plain dict for the project record and `--json`."""
-    return dataclasses.asdict(settings)  # type: ignore[call-overload]
+    return dataclasses.asdict(settings)
 
 
 def _field_name(key: str) -> str:

@@ -165,7 +165,8 @@ def _checkpoint_torch_dtype(path: Path) -> torch.dtype:
     dtypes = [entry["dtype"] for key, entry in read_safetensors_header(path).items()
               if key.startswith("model.diffusion_model.")]
     most = max(set(dtypes), key=dtypes.count) if dtypes else "F32"
-    return getattr(torch, SAFETENSORS_DTYPES.get(most, "float32"))
+    dtype: torch.dtype = getattr(torch, SAFETENSORS_DTYPES.get(most, "float32"))
+    return dtype
 
 
 def converted_models() -> list[CachedModel]:

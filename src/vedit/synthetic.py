@@ -72,7 +72,8 @@ def pattern(width: int, height: int, index: int, count: int) -> np.ndarray:
     top = (height - side) // 2
     image[top:top + side, left:left + side] = 255
     image[: max(2, height // 16), :, 2] = (index * 37) % 256
-    return image.astype(np.uint8)
+    frame: np.ndarray = image.astype(np.uint8)
+    return frame
 
 
 def _write_tone(container: av.container.OutputContainer, stream: av.AudioStream,

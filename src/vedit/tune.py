@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +51,10 @@ from vedit.progress import Reporter
 from vedit.project import Project
 from vedit.prompts import encode_prompts
 from vedit.settings import ExtractSettings, TuneSettings, as_record
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+    from diffusers import DDPMScheduler, UNet2DConditionModel
 
 MAX_GRAD_NORM = 1.0  # as the original's configs
 ADAM_WEIGHT_DECAY = 1e-2
@@ -97,14 +101,14 @@ class TrainingRun:
     """Everything a training step needs, built once by `build_run` (the benchmarks build it on
     random full-size shapes, so they time exactly what `vedit tune` runs)."""
 
-    unet: Any  # the InflatedUNet, as accelerate prepared it
-    scheduler: Any
+    unet: torch.nn.Module  # the InflatedUNet, as accelerate prepared it (wrapped under DDP)
+    scheduler: DDPMScheduler
     prediction_type: str
     latents: FrameLatents
     prompt_embeds: torch.Tensor
     optimizer: torch.optim.Optimizer
     generator: torch.Generator
-    accelerator: Any
+    accelerator: Accelerator
     settings: TuneSettings
     record: dict[str, Any]
     trained: list[torch.nn.Parameter]
@@ -124,7 +128,7 @@ def weight_dtype(mixed_precision: str) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision, torch.float32)
 
 
-def make_accelerator(settings: TuneSettings) -> Any:
+def make_accelerator(settings: TuneSettings) -> Accelerator:
     from accelerate import Accelerator
 
     cuda = torch.cuda.is_available()
@@ -169,7 +173,7 @@ def _tune(project: Project | Path, settings: TuneSettings, resume: bool, reporte
 
 
 @contextmanager
-def _main_process_lock(project: Project, accelerator: Any) -> Iterator[None]:
+def _main_process_lock(project: Project, accelerator: Accelerator) -> Iterator[None]:
     """Under `accelerate launch`, the main process holds the project lock for all of them."""
     if accelerator.is_main_process:
         with project.lock("tune"):
@@ -178,7 +182,7 @@ def _main_process_lock(project: Project, accelerator: Any) -> Iterator[None]:
         yield
 
 
-def _tune_locked(project: Project, settings: TuneSettings, resume: bool, accelerator: Any,
+def _tune_locked(project: Project, settings: TuneSettings, resume: bool, accelerator: Accelerator,
                  reporter: Reporter, base: ModelSource | None) -> TuneResult:
     started = time.monotonic()
     device = accelerator.device
@@ -218,7 +222,7 @@ def _tune_locked(project: Project, settings: TuneSettings, resume: bool, acceler
     return result
 
 
-def _prepare(project: Project, settings: TuneSettings, accelerator: Any, reporter: Reporter,
+def _prepare(project: Project, settings: TuneSettings, accelerator: Accelerator, reporter: Reporter,
              resuming: Checkpoint | None, base: ModelSource | None) -> TrainingRun:
     """Load the base model, cache the latents and prompt, inflate, add LoRA, build the optimizer.
 
@@ -246,9 +250,10 @@ def _prepare(project: Project, settings: TuneSettings, accelerator: Any, reporte
                      latents, prompt_embeds, settings, accelerator, record)
 
 
-def build_run(unet2d: Any, scheduler: Any, prediction_type: str, latents: FrameLatents,
-              prompt_embeds: torch.Tensor, settings: TuneSettings, accelerator: Any,
-              record: dict[str, Any] | None = None, *, fused: bool | None = None) -> TrainingRun:
+def build_run(unet2d: UNet2DConditionModel, scheduler: DDPMScheduler, prediction_type: str,
+              latents: FrameLatents, prompt_embeds: torch.Tensor, settings: TuneSettings,
+              accelerator: Accelerator, record: dict[str, Any] | None = None, *,
+              fused: bool | None = None) -> TrainingRun:
     """Inflate the base UNet, add LoRA, keep the trained weights in fp32 (the frozen rest stays
     in its dtype), set checkpointing, build AdamW (`fused`: default on a GPU) and let
     accelerate prepare it all."""
@@ -300,7 +305,8 @@ def _param_groups(unet: InflatedUNet, settings: TuneSettings) -> list[dict[str, 
 
 
 def _unwrapped(run: TrainingRun) -> InflatedUNet:
-    return run.accelerator.unwrap_model(run.unet)
+    unet: InflatedUNet = run.accelerator.unwrap_model(run.unet)
+    return unet
 
 
 def noisy_batch(run: TrainingRun, generator: torch.Generator, batch: int

@@ -7,6 +7,7 @@ so the same numbers address video frames and, shifted by the audio's offset, the
 from __future__ import annotations
 
 import bisect
+import itertools
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -64,7 +65,7 @@ class VideoInfo:
     @property
     def variable_rate(self) -> bool:
         times = self.frame_times
-        steps = {round(b - a, 4) for a, b in zip(times[:-1], times[1:], strict=True)}
+        steps = {round(b - a, 4) for a, b in itertools.pairwise(times)}
         return len(steps) > 1
 
 
@@ -85,7 +86,7 @@ def probe(path: Path) -> VideoInfo:
             stream = container.streams.video[0]
             frame_pts, has_dts = _video_pts(container, stream)
             first = _first_frame(container, stream, path)
-            audio = _audio_info(container, frame_pts, stream.time_base)
+            audio = _audio_info(container, frame_pts, time_base(stream))
             fps = _frame_rate(stream, frame_pts)
             return _video_info(path, container, stream, first, fps, frame_pts, audio, has_dts)
     except av.error.FFmpegError as exc:
@@ -149,12 +150,20 @@ def _audio_info(container: av.container.InputContainer, frame_pts: list[int],
                      duration=duration)
 
 
+def time_base(stream: av.stream.Stream) -> Fraction:
+    """The unit of a stream's timestamps; one without any cannot be timed, so is refused."""
+    if stream.time_base is None:
+        raise BadInputError(f"A stream of {stream.container.name} has no time base.",
+                            "Re-encode the file with ffmpeg.")
+    return stream.time_base
+
+
 def _frame_rate(stream: av.VideoStream, frame_pts: list[int]) -> Fraction:
     rate = stream.average_rate or stream.guessed_rate or stream.base_rate
     if rate:
         return Fraction(rate)
     if len(frame_pts) > 1:
-        span = (frame_pts[-1] - frame_pts[0]) * stream.time_base
+        span = (frame_pts[-1] - frame_pts[0]) * time_base(stream)
         return Fraction(len(frame_pts) - 1) / span
     return Fraction(25)
 
@@ -162,17 +171,17 @@ def _frame_rate(stream: av.VideoStream, frame_pts: list[int]) -> Fraction:
 def _video_info(path: Path, container: av.container.InputContainer, stream: av.VideoStream,
                 first: av.VideoFrame, fps: Fraction, frame_pts: list[int],
                 audio: AudioInfo | None, has_dts: bool) -> VideoInfo:
-    rotation = int(round(first.rotation or 0)) % 360
+    rotation = round(first.rotation or 0) % 360
     width, height = first.width, first.height
     if rotation in (90, 270):
         width, height = height, width
-    time_base = Fraction(stream.time_base)
+    unit = time_base(stream)
     origin = frame_pts[0]
     return VideoInfo(
         path=path, container=container.format.name, codec=stream.codec_context.name,
         width=width, height=height, rotation=rotation, fps=fps,
-        frame_times=[float((p - origin) * time_base) for p in frame_pts],
-        frame_pts=frame_pts, has_dts=has_dts, time_base=time_base, audio=audio,
+        frame_times=[float((p - origin) * unit) for p in frame_pts],
+        frame_pts=frame_pts, has_dts=has_dts, time_base=unit, audio=audio,
     )
 
 
