@@ -1,7 +1,8 @@
 """`vedit` and `python -m vedit`: run the CLI.
 
-Commands map Ctrl-C and SIGTERM to a clean exit themselves (output.py); this covers the moments
-around them too (importing torch takes seconds), so no interrupt ever ends in a traceback.
+SIGTERM is treated as Ctrl-C only here, when vedit runs as a program: stages then clean up and
+keep finished work either way, and no interrupt ends in a traceback (importing torch takes
+seconds). Called as a library (or under pytest), vedit leaves the process's signals alone.
 """
 
 from __future__ import annotations

@@ -11,11 +11,8 @@ import functools
 import inspect
 import json
 import os
-import signal
-import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from types import FrameType
 from typing import Annotated, Any, TypeVar, cast
 
 import typer
@@ -51,8 +48,8 @@ class Output:
         if not self.debug:  # the libraries' own chatter, read when they are first imported
             for variable in ("DIFFUSERS_VERBOSITY", "TRANSFORMERS_VERBOSITY"):
                 os.environ.setdefault(variable, "error")
-        self.reporter = Reporter.for_cli(quiet=self.quiet)
-        self.stderr = self.reporter.console
+        self.stderr = Console(stderr=True, highlight=False)
+        self.reporter = Reporter(self.stderr, quiet=self.quiet)
         self.stdout = Console(highlight=False, soft_wrap=True)
 
     def result(self, data: dict[str, Any], human: str) -> None:
@@ -94,11 +91,10 @@ def command_output(*, json_mode: bool, quiet: bool, debug: bool) -> Iterator[Out
     """Run a command body; map whatever it raises to a message and an exit code."""
     output = Output(json_mode=json_mode, quiet=quiet, debug=debug)
     try:
-        with _sigterm_as_interrupt():
-            yield output
+        yield output
     except (typer.Exit, typer.Abort):
         raise
-    except BaseException as exc:  # noqa: BLE001 - this is the one place errors are mapped
+    except BaseException as exc:
         error = as_vedit_error(exc)
         if output.debug and output.stderr is not None:
             output.stderr.print_exception(show_locals=False)
@@ -109,21 +105,3 @@ def command_output(*, json_mode: bool, quiet: bool, debug: bool) -> Iterator[Out
                                "This is a bug: rerun with --debug and report the traceback.")
         output.fail(error)
         raise typer.Exit(error.exit_code) from None
-
-
-@contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """Treat SIGTERM like Ctrl-C, so stages clean up and keep finished work either way."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def interrupt(signum: int, frame: FrameType | None) -> None:
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
