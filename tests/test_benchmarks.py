@@ -52,6 +52,7 @@ def _one_thread() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
+@pytest.mark.slow
 def test_cpu_form_writes_rows_for_both_recipes(tmp_path: Path) -> None:
     argv = ["--tiny", "--frames", "2", "--edit-frames", "2", "--edit-steps", "2", "--steps",
             "2", "--warmup", "1", "--out", str(tmp_path)]

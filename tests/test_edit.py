@@ -93,6 +93,7 @@ def test_round_trip_with_a_model_that_fits_the_clip(tiny_model: Path, prediction
     assert errors[0] > errors[1] > errors[2]
 
 
+@pytest.mark.slow
 def test_tuning_brings_the_tiny_model_close_to_an_exact_round_trip(project: Path,
                                                                    tiny_model: Path) -> None:
     """A tuned model approaches the clip's exact denoiser (above), so inverting with the source
@@ -231,6 +232,7 @@ def test_edit_before_tune_says_what_to_run(tmp_path: Path, clip_qcif: Path) -> N
     assert result.exit_code == 4 and "vedit tune" in result.stderr
 
 
+@pytest.mark.slow
 def test_prompts_split_across_two_processes_under_accelerate_launch(project: Path) -> None:
     """Two CPU processes (gloo): each renders its share; one result lists both edits."""
     done = launch_vedit("edit", project, "-p", "a cat", "-p", "a dog", "--steps", "2", "--json")

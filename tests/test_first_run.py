@@ -22,6 +22,7 @@ def test_the_readme_starts_with_the_demo() -> None:
     assert first_command.endswith("&& vedit demo")
 
 
+@pytest.mark.slow
 def test_demo_runs_offline_and_ends_with_videos_that_have_sound(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -200,6 +200,7 @@ def test_the_unet_never_sees_more_than_a_window(project: Path,
     assert seen == [4] * 20 + [8] * 20
 
 
+@pytest.mark.slow
 def test_an_interrupted_inversion_continues_to_the_same_result(
         tmp_path: Path, project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     uninterrupted = tmp_path / "again"
@@ -232,6 +233,7 @@ def test_an_interrupted_inversion_continues_to_the_same_result(
         _pngs(Path(resumed.files["frames"])), _pngs(Path(whole.files["frames"])), strict=True))
 
 
+@pytest.mark.slow
 def test_ten_seconds_with_sound_tuned_on_24_frames(tmp_path: Path, tiny_model: Path) -> None:
     """The README's example at 64 px: extract, tune on 24 frames, edit --full, remux."""
     root = _tuned_project(tmp_path, tiny_model, 250, tuned_frames=24, stride=2, seconds=10.0)

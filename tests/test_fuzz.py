@@ -11,6 +11,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import pytest
+
 from vedit.errors import VeditError
 from vedit.extract import extract
 from vedit.settings import ExtractSettings
@@ -55,6 +57,7 @@ def deadline(seconds: int) -> Iterator[None]:
         signal.signal(signal.SIGALRM, previous)
 
 
+@pytest.mark.slow
 def test_damaged_clips_give_a_clean_error_or_frames(tmp_path: Path) -> None:
     clip = make_clip(tmp_path / "clip.mp4", width=64, height=48, fps=10, seconds=1.0)
     data = clip.read_bytes()

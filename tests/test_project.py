@@ -134,6 +134,7 @@ def test_the_lock_is_released_when_the_block_fails(tmp_path: Path) -> None:
         pass
 
 
+@pytest.mark.slow
 def test_a_killed_holder_leaves_a_lock_the_next_run_can_take(tmp_path: Path) -> None:
     root = tmp_path / "p"
     Project.create(root)

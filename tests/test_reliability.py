@@ -299,6 +299,7 @@ def test_out_of_memory_names_the_settings_to_lower(project: Path,
 # -- Ctrl-C, SIGTERM and SIGKILL in real processes ---------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signal_number", [signal.SIGINT, signal.SIGTERM])
 def test_interrupted_extract_writes_nothing(tmp_path: Path, signal_number: int) -> None:
     clip = make_clip(tmp_path / "long.mp4", width=640, height=360, fps=25, seconds=8.0)
@@ -312,6 +313,7 @@ def test_interrupted_extract_writes_nothing(tmp_path: Path, signal_number: int) 
     assert not target.exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signal_number", [signal.SIGINT, signal.SIGTERM])
 def test_interrupted_tune_saves_a_checkpoint_to_resume_from(project: Path,
                                                             signal_number: int) -> None:
@@ -332,6 +334,7 @@ def test_interrupted_tune_saves_a_checkpoint_to_resume_from(project: Path,
     assert resumed.returncode == 0, resumed.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signal_number", [signal.SIGINT, signal.SIGTERM])
 def test_interrupted_edit_leaves_no_edit_folder(project: Path, signal_number: int) -> None:
     process = start("edit", project, "-p", "a cat", "--steps", "500")
@@ -345,6 +348,7 @@ def test_interrupted_edit_leaves_no_edit_folder(project: Path, signal_number: in
     still_usable(project)
 
 
+@pytest.mark.slow
 def test_a_killed_tune_leaves_loadable_checkpoints_and_a_free_lock(project: Path) -> None:
     shutil.rmtree(project / "checkpoints")  # the project still knows its base model
     process = start("tune", project, "--prompt", PROMPT, "--steps", "100000",
@@ -362,6 +366,7 @@ def test_a_killed_tune_leaves_loadable_checkpoints_and_a_free_lock(project: Path
     assert not list(project.rglob(".*.tmp-*"))  # the next run swept what the kill left
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signal_number", [signal.SIGINT, signal.SIGTERM])
 def test_interrupted_download_resumes(tmp_path: Path, tiny_model: Path, fake_hub: object,
                                       signal_number: int) -> None:
@@ -390,6 +395,7 @@ def test_interrupted_download_resumes(tmp_path: Path, tiny_model: Path, fake_hub
     assert not list(blobs.glob("*.incomplete"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("delay", [0.3, 0.8])
 def test_ctrl_c_while_vedit_starts_up_is_clean_too(tmp_path: Path, delay: float) -> None:
     process = start("extract", tmp_path / "missing.mp4")
@@ -403,6 +409,7 @@ def test_ctrl_c_while_vedit_starts_up_is_clean_too(tmp_path: Path, delay: float)
 # -- two writers at once -------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_two_edits_at_once_one_waits_its_turn_or_is_refused(project: Path) -> None:
     first = start("edit", project, "-p", "a cat", "--steps", "3", "--name", "first")
     second = start("edit", project, "-p", "a dog", "--steps", "3", "--name", "second")

@@ -104,6 +104,7 @@ def test_one_inversion_step_and_one_sampling_step_match_ddim(tiny_model: Path,
     torch.testing.assert_close(sampled, expected, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_v_prediction_round_trip_is_as_close_as_epsilons(tmp_path: Path, clip_720p: Path,
                                                          tiny_model_v: Path) -> None:
     """The same bound as for the epsilon model (tests/test_edit.py): within 10 % after 80 quick

@@ -35,6 +35,7 @@ def settings(model: Path, **changes: object) -> TuneSettings:
     return TuneSettings(**values)
 
 
+@pytest.mark.slow
 def test_one_shot_tune_writes_checkpoints_then_resumes(tmp_path: Path, clip_qcif: Path,
                                                        tiny_model: Path) -> None:
     clip = tmp_path / "talk.mp4"
@@ -73,6 +74,7 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
     return load_tensors(folder / LORA_FILE)[0] | load_tensors(folder / TEMPORAL_FILE)[0]
 
 
+@pytest.mark.slow
 def test_resuming_gives_the_same_weights_as_an_uninterrupted_run(tmp_path: Path, clip_qcif: Path,
                                                                  tiny_model: Path) -> None:
     for name in ("straight", "resumed"):
@@ -89,12 +91,14 @@ def test_resuming_gives_the_same_weights_as_an_uninterrupted_run(tmp_path: Path,
     assert any(straight[k].abs().sum() > 0 for k in straight if "lora_B" in k)  # it trained
 
 
+@pytest.mark.slow
 def test_the_loss_on_fixed_draws_falls_clearly(project: Path, tiny_model: Path) -> None:
     result = tune_stage.tune(project, settings(tiny_model, steps=40, lr=1e-2, lora_lr=1e-2))
     assert result.eval_loss_before is not None and result.eval_loss_after is not None
     assert result.eval_loss_after < 0.85 * result.eval_loss_before
 
 
+@pytest.mark.slow
 def test_latents_are_cached_by_frames_and_model(project: Path, tiny_model: Path,
                                                 clip_qcif: Path) -> None:
     assert not tune_stage.tune(project, settings(tiny_model, steps=1)).latents_reused
@@ -166,6 +170,7 @@ def test_a_long_prompt_is_warned_about(project: Path, tiny_model: Path) -> None:
         tune_stage.tune(project, settings(tiny_model, prompt=long_prompt, steps=1))
 
 
+@pytest.mark.slow
 def test_two_processes_under_accelerate_launch(tmp_path: Path, project: Path,
                                                tiny_model: Path) -> None:
     """Data parallel on two CPU processes (gloo): the same command, one result on stdout."""
