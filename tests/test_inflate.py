@@ -22,27 +22,16 @@ from vedit.inflate import (
     SparseCausalAttnProcessor,
     inflate_unet,
 )
+from vedit.tiny_model import unet_config
 
 PARITY_FILE = Path(__file__).parent / "data" / "tav_parity.safetensors"
 
-SD1 = dict(
-    sample_size=8,
-    block_out_channels=(32, 64),
-    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-    layers_per_block=1,
-    cross_attention_dim=32,
-    attention_head_dim=8,
-    norm_num_groups=8,
-)
-SD2 = dict(
-    SD1,
+SD1 = unet_config()
+SD2 = dict(  # the tiny SD 2.x shape, with attention at both levels and its own context width
+    unet_config(sd2=True),
     down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
     up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
     cross_attention_dim=24,
-    attention_head_dim=(2, 4),
-    use_linear_projection=True,
-    upcast_attention=True,
 )
 CONFIGS = {"sd1": SD1, "sd2": SD2}
 

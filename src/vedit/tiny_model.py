@@ -58,25 +58,30 @@ def build_tiny_model(path: Path, *, prediction_type: str = "epsilon", seed: int 
     return path
 
 
+def unet_config(sd2: bool = False) -> dict[str, Any]:
+    """SD's UNet shape at toy scale: attention in the first level, none in the last (the tests
+    build their UNets from it too, so they test the shape the tiny model has)."""
+    return {
+        "sample_size": TINY_RESOLUTION // 8,
+        "in_channels": 4,
+        "out_channels": 4,
+        "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
+        "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
+        "block_out_channels": (32, 64),
+        "layers_per_block": 1,
+        "cross_attention_dim": 32,
+        # SD 1.x passes one number (really the head count); SD 2.x a list and linear projections.
+        "attention_head_dim": (2, 4) if sd2 else 8,
+        "use_linear_projection": sd2,
+        "upcast_attention": sd2,
+        "norm_num_groups": 8,
+    }
+
+
 def _unet(sd2: bool) -> Any:
-    """SD's UNet shape at toy scale: attention in the first level, none in the last."""
     from diffusers import UNet2DConditionModel
 
-    return UNet2DConditionModel(
-        sample_size=TINY_RESOLUTION // 8,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        cross_attention_dim=32,
-        # SD 1.x passes one number (really the head count); SD 2.x a list and linear projections.
-        attention_head_dim=(2, 4) if sd2 else 8,
-        use_linear_projection=sd2,
-        upcast_attention=sd2,
-        norm_num_groups=8,
-    )
+    return UNet2DConditionModel(**unet_config(sd2))
 
 
 def _vae() -> Any:
