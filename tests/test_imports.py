@@ -32,6 +32,7 @@ finally:
     (["--help"], 0),
     (["tune", "--help"], 0),
     (["extract", "MISSING.mp4"], 3),
+    (["tune", "MISSING.mp4", "--prompt", "a cat"], 3),
     (["fetch-models", "nobody/nothing"], 6),
     (["remux", "MISSING"], 4),
 ])

@@ -157,11 +157,17 @@ def test_a_second_tune_on_a_busy_project_is_refused(project: Path, tiny_model: P
         tune_stage.tune(project, settings(tiny_model))
 
 
-def test_tune_needs_a_prompt_and_frames(tmp_path: Path, project: Path, tiny_model: Path) -> None:
+def test_tune_needs_a_prompt_and_frames(tmp_path: Path, project: Path, tiny_model: Path,
+                                        clip_qcif: Path) -> None:
     with pytest.raises(BadInputError, match="needs the prompt"):
         tune_stage.tune(project, settings(tiny_model, prompt=" "))
     result = runner.invoke(app, ["tune", str(project), "--prompt", PROMPT, "--frames", "4"])
     assert result.exit_code == 2 and "go with a clip" in result.stderr
+    clip = tmp_path / "clip.mp4"
+    clip.write_bytes(clip_qcif.read_bytes())
+    with pytest.raises(BadInputError, match="needs the prompt"):  # before extracting anything
+        tune_stage.tune_clip(clip, settings(tiny_model, prompt=""))
+    assert not (tmp_path / "clip.vedit").exists()
 
 
 def test_a_long_prompt_is_warned_about(project: Path, tiny_model: Path) -> None:

@@ -292,6 +292,10 @@ def tune(
     config: ConfigOpt = None,
 ) -> None:
     """LoRA-tune the inflated UNet on a project's frames (or a clip's, extracting them first)."""
+    from vedit.video import check_clip
+
+    if not target.is_dir():
+        check_clip(target)  # a mistyped path fails before torch is imported (seconds)
     from vedit import tune as tune_stage
 
     values = config_values(config, ["extract", "tune"])

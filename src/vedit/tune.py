@@ -51,6 +51,7 @@ from vedit.progress import Reporter
 from vedit.project import Project
 from vedit.prompts import encode_prompts
 from vedit.settings import ExtractSettings, TuneSettings, as_record
+from vedit.video import check_clip
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -151,6 +152,8 @@ def tune_clip(clip: Path, settings: TuneSettings, frames: ExtractSettings | None
     at the base model's native size unless `frames.size` says otherwise, then tune it."""
     reporter = reporter or Reporter()
     frames = frames or ExtractSettings()
+    check_clip(clip)  # the clip and the prompt first: they are the user's, and cheap to check
+    _require_prompt(settings)
     base = resolve_model(settings.model, reporter=reporter)
     if frames.size is None:
         frames = dataclasses.replace(frames, size=str(native_resolution(base)))
@@ -161,15 +164,19 @@ def tune_clip(clip: Path, settings: TuneSettings, frames: ExtractSettings | None
 def _tune(project: Project | Path, settings: TuneSettings, resume: bool, reporter: Reporter, *,
           base: ModelSource | None) -> TuneResult:
     """`base`: `settings.model` resolved already (the one-shot form sized the frames by it)."""
-    if not settings.prompt.strip():
-        raise BadInputError("tune needs the prompt that describes the clip.",
-                            'Add --prompt "a man is skiing" (what the clip shows).')
+    _require_prompt(settings)
     if not isinstance(project, Project):
         project = Project.open(Path(project))
     project.require("frames", "extract")
     accelerator = make_accelerator(settings)
     with _main_process_lock(project, accelerator):
         return _tune_locked(project, settings, resume, accelerator, reporter, base)
+
+
+def _require_prompt(settings: TuneSettings) -> None:
+    if not settings.prompt.strip():
+        raise BadInputError("tune needs the prompt that describes the clip.",
+                            'Add --prompt "a man is skiing" (what the clip shows).')
 
 
 @contextmanager

@@ -77,7 +77,7 @@ def open_input(path: Path) -> av.container.InputContainer:
 def probe(path: Path) -> VideoInfo:
     """Read a clip's facts: streams, codecs, rotation, and every frame's timestamp."""
     path = Path(path)
-    _check_file(path)
+    check_clip(path)
     try:
         with open_input(path) as container:
             if not container.streams.video:
@@ -94,7 +94,8 @@ def probe(path: Path) -> VideoInfo:
                             "Check the file plays; re-encode it with ffmpeg if it does.") from None
 
 
-def _check_file(path: Path) -> None:
+def check_clip(path: Path) -> None:
+    """Refuse a clip path that cannot be a video (missing, a folder, empty) before any work."""
     if not path.exists():
         raise BadInputError(f"{path} does not exist.", "Check the clip's path.")
     if path.is_dir():
