@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+import torch
 
 from vedit.errors import BadInputError
-from vedit.models import load_components, resolve_model
+from vedit.models import Components, load_components, resolve_model
+from vedit.sdxl import clip_time_ids, encode_sdxl_prompts, unconditional_sdxl
+
+if TYPE_CHECKING:
+    from diffusers import StableDiffusionXLPipeline
 
 # --- the tiny SDXL model and loading -------------------------------------------------------
 
@@ -67,3 +74,51 @@ def test_sdxl_components_are_checked_and_fingerprinted(tiny_model_xl: Path,
     shutil.rmtree(copy / "tokenizer_2")
     with pytest.raises(BadInputError, match="tokenizer_2"):
         resolve_model(copy, allow_sdxl=True)
+
+
+# --- conditioning --------------------------------------------------------------------------
+
+PROMPTS = ["a man is talking", "a cat is talking, in the style of a watercolour painting"]
+
+
+def sdxl_pipeline(parts: Components, force_zeros: bool) -> StableDiffusionXLPipeline:
+    from diffusers import StableDiffusionXLPipeline
+
+    return StableDiffusionXLPipeline(
+        vae=parts.vae, text_encoder=parts.text_encoder, text_encoder_2=parts.text_encoder_2,
+        tokenizer=parts.tokenizer, tokenizer_2=parts.tokenizer_2, unet=parts.unet,
+        scheduler=parts.scheduler, force_zeros_for_empty_prompt=force_zeros)
+
+
+@pytest.fixture(scope="module")
+def sdxl_parts(tiny_model_xl: Path) -> Components:
+    return load_components(tiny_model_xl, device="cpu", allow_sdxl=True)
+
+
+@pytest.mark.parametrize("force_zeros", [True, False])
+def test_sdxl_conditioning_equals_diffusers_encode_prompt(sdxl_parts: Components,
+                                                          force_zeros: bool) -> None:
+    parts = dataclasses.replace(sdxl_parts, force_zeros_for_empty_prompt=force_zeros)
+    expected = sdxl_pipeline(parts, force_zeros).encode_prompt(
+        PROMPTS, device=torch.device("cpu"), num_images_per_prompt=1,
+        do_classifier_free_guidance=True)
+    text = encode_sdxl_prompts(parts, PROMPTS)
+    empty = unconditional_sdxl(parts, len(PROMPTS))
+    for actual, wanted in zip((text.states, empty.states, text.pooled, empty.pooled), expected,
+                              strict=True):
+        assert actual.shape == wanted.shape and actual.dtype == wanted.dtype
+        assert torch.equal(actual, wanted)
+    assert text.states.shape == (2, 77, 64) and text.pooled.shape == (2, 32)
+    assert bool(empty.states.any()) is not force_zeros
+
+
+def test_time_ids_come_from_the_clip_size_and_crop(sdxl_parts: Components) -> None:
+    pipe = sdxl_pipeline(sdxl_parts, True)
+    # 1280 x 720 to 112 x 64 frames: scaled to 114 x 64, the centre crop starts at x = 1.
+    ids = clip_time_ids(1280, 720, 112, 64)
+    assert ids.tolist() == [[720, 1280, 0, 1, 64, 112]]
+    expected = pipe._get_add_time_ids((720, 1280), (0, 1), (64, 112), dtype=torch.float32,
+                                      text_encoder_projection_dim=32)
+    assert torch.equal(ids, expected)
+    # A portrait clip cropped square: scaled to 64 x 114, the crop starts at y = 25.
+    assert clip_time_ids(720, 1280, 64, 64).tolist() == [[1280, 720, 25, 0, 64, 64]]
