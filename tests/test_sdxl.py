@@ -10,13 +10,16 @@ from typing import TYPE_CHECKING
 
 import pytest
 import torch
+from diffusers.models.attention import BasicTransformerBlock
 
 from vedit.errors import BadInputError
+from vedit.inflate import SparseCausalAttnProcessor, inflate_unet
 from vedit.models import Components, load_components, resolve_model
 from vedit.sdxl import clip_time_ids, encode_sdxl_prompts, unconditional_sdxl
+from vedit.tiny_model import sdxl_unet_config
 
 if TYPE_CHECKING:
-    from diffusers import StableDiffusionXLPipeline
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
 
 # --- the tiny SDXL model and loading -------------------------------------------------------
 
@@ -122,3 +125,60 @@ def test_time_ids_come_from_the_clip_size_and_crop(sdxl_parts: Components) -> No
     assert torch.equal(ids, expected)
     # A portrait clip cropped square: scaled to 64 x 114, the crop starts at y = 25.
     assert clip_time_ids(720, 1280, 64, 64).tolist() == [[1280, 720, 25, 0, 64, 64]]
+
+
+# --- the inflated SDXL UNet ----------------------------------------------------------------
+
+
+def sdxl_inputs(num_frames: int, batch: int = 2) -> tuple[torch.Tensor, torch.Tensor,
+                                                          torch.Tensor, dict[str, torch.Tensor]]:
+    """(sample, timestep, prompt states, added conditioning) for the tiny SDXL UNet."""
+    generator = torch.Generator().manual_seed(2)
+    sample = torch.randn(batch, 4, num_frames, 8, 8, generator=generator)
+    prompts = torch.randn(batch, 7, 64, generator=generator)
+    added = {"text_embeds": torch.randn(batch, 32, generator=generator),
+             "time_ids": torch.cat([clip_time_ids(1280, 720, 112, 64),
+                                    clip_time_ids(720, 1280, 64, 64)])[:batch]}
+    return sample, torch.tensor([10, 500][:batch]), prompts, added
+
+
+def tiny_sdxl_unet() -> UNet2DConditionModel:
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    return UNet2DConditionModel(**sdxl_unet_config()).eval()
+
+
+def test_untuned_inflated_sdxl_unet_on_one_frame_equals_the_2d_unet() -> None:
+    unet = tiny_sdxl_unet()
+    sample, timestep, prompts, added = sdxl_inputs(num_frames=1)
+    with torch.no_grad():
+        expected = unet(sample[:, :, 0], timestep, prompts, added_cond_kwargs=added).sample
+        inflated = inflate_unet(unet)
+        actual = inflated(sample, timestep, prompts, added)[:, :, 0]
+        # The added conditioning is used: other size ids give another prediction.
+        other = dict(added, time_ids=added["time_ids"].flip(0))
+        moved = inflated(sample, timestep, prompts, other)[:, :, 0]
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+    assert (moved - actual).abs().max() > 1e-4
+
+
+def test_inflated_sdxl_unet_has_temporal_attention_in_every_deep_block() -> None:
+    model = inflate_unet(tiny_sdxl_unet())
+    blocks = [m for m in model.unet.modules() if isinstance(m, BasicTransformerBlock)]
+    # Down 1 x depth 2, mid depth 2, up 2 x depth 2 (layers_per_block + 1).
+    assert len(blocks) == 8 and all(hasattr(block, "attn_temp") for block in blocks)
+    assert "down_blocks.1.attentions.0.transformer_blocks.1.attn_temp.to_q.weight" in (
+        model.temporal_parameters())
+    assert all(isinstance(block.attn1.processor, SparseCausalAttnProcessor) for block in blocks)
+
+
+def test_inflated_sdxl_unet_trains_with_checkpointing() -> None:
+    model = inflate_unet(tiny_sdxl_unet()).train()
+    model.enable_gradient_checkpointing()
+    sample, timestep, prompts, added = sdxl_inputs(num_frames=3)
+    prediction = model(sample, timestep, prompts, added)
+    assert prediction.shape == sample.shape
+    prediction.square().mean().backward()
+    grads = [p.grad for p in model.temporal_parameters().values()]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
