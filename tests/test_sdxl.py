@@ -75,8 +75,9 @@ def test_sdxl_components_are_checked_and_fingerprinted(tiny_model_xl: Path,
     config.write_text(config.read_text().replace('"hidden_act": "gelu"', '"hidden_act": "relu"'))
     assert resolve_model(copy, allow_sdxl=True).fingerprint != fingerprint
     shutil.rmtree(copy / "tokenizer_2")
-    with pytest.raises(BadInputError, match="tokenizer_2"):
+    with pytest.raises(BadInputError, match="tokenizer_2") as missing:
         resolve_model(copy, allow_sdxl=True)
+    assert "SDXL" in missing.value.hint
 
 
 # --- conditioning --------------------------------------------------------------------------

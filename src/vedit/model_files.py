@@ -155,9 +155,11 @@ def _inspect_component(root: Path, name: str, variant: str | None) -> ComponentI
 
 
 def _missing(root: Path, component: str, detail: str) -> BadInputError:
-    return BadInputError(f"The model at {root} lacks its {component}: {detail}.",
-                         "Use a complete diffusers Stable Diffusion 1.x/2.x folder "
-                         "(unet, vae, text_encoder, tokenizer, scheduler).")
+    hint = ("Use a complete diffusers SDXL folder (it also has text_encoder_2 and tokenizer_2)."
+            if component in SDXL_EXTRA_COMPONENTS else
+            "Use a complete diffusers Stable Diffusion 1.x/2.x folder "
+            "(unet, vae, text_encoder, tokenizer, scheduler).")
+    return BadInputError(f"The model at {root} lacks its {component}: {detail}.", hint)
 
 
 def check_is_sd_unet(root: Path, *, allow_sdxl: bool = False) -> ModelFamily:
