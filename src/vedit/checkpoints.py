@@ -4,7 +4,7 @@ optimizer state, all in safetensors (no pickle, so loading a checkpoint never ru
     checkpoints/step-N/
       lora.safetensors       LoRA adapters, diffusers/peft keys prefixed `unet.`
       temporal.safetensors   the temporal attention (`...attn_temp.*`), keyed like the original
-      training.safetensors   optimizer state and random generator state, for --resume
+      training.safetensors   optimizer, random generator and fp16 loss-scale state, for --resume
       checkpoint.toml        step, base model and its fingerprint, settings, frames key
 
 A folder is written whole under a temporary name and renamed, so one that exists is complete.
@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from diffusers import UNet2DConditionModel
@@ -27,10 +27,15 @@ from vedit.lora import add_lora, load_lora_state_dict
 from vedit.project import Project, atomic_dir
 from vedit.tensorfiles import load_tensors, save_tensors
 
+if TYPE_CHECKING:
+    from torch.amp import GradScaler
+
 RECORD = "checkpoint.toml"
 LORA_FILE = "lora.safetensors"
 TEMPORAL_FILE = "temporal.safetensors"
 TRAINING_FILE = "training.safetensors"
+#: The fp16 gradient scaler's state in the training file (loss scale, growth tracker).
+SCALER_KEY = "scaler.state"
 
 
 @dataclass(frozen=True)
@@ -101,27 +106,31 @@ def write_checkpoint(folder: Path, record: dict[str, Any], lora: dict[str, torch
 # -- optimizer and generator state as plain tensors --------------------------------------------
 
 
-def training_state(optimizer: torch.optim.Optimizer,
-                   generators: dict[str, torch.Generator]) -> dict[str, torch.Tensor]:
-    """Flatten an optimizer's state and generator states into named tensors."""
+def training_state(optimizer: torch.optim.Optimizer, generator_states: dict[str, torch.Tensor],
+                   scaler: GradScaler | None = None) -> dict[str, torch.Tensor]:
+    """Flatten an optimizer's state, generator states and an fp16 gradient scaler's state into
+    named tensors."""
     state = optimizer.state_dict()
     tensors: dict[str, torch.Tensor] = {}
     for param_id, values in state["state"].items():
         for key, value in values.items():
             tensors[f"optimizer.{param_id}.{key}"] = torch.as_tensor(value)
     groups = [{k: v for k, v in group.items()} for group in state["param_groups"]]
-    tensors["optimizer.param_groups"] = torch.tensor(list(json.dumps(groups).encode()),
-                                                     dtype=torch.uint8)
-    for name, generator in generators.items():
-        tensors[f"generator.{name}"] = generator.get_state()
+    tensors["optimizer.param_groups"] = _json_tensor(groups)
+    for name, generator_state in generator_states.items():
+        tensors[f"generator.{name}"] = generator_state
+    if scaler is not None and scaler.is_enabled():
+        tensors[SCALER_KEY] = _json_tensor(scaler.state_dict())
     return tensors
 
 
 def load_training_state(checkpoint: Checkpoint, optimizer: torch.optim.Optimizer,
-                        generators: dict[str, torch.Generator]) -> None:
-    """Restore a checkpoint's optimizer and generator states (`training_state`), for --resume."""
+                        generators: dict[str, torch.Generator],
+                        scaler: GradScaler | None = None) -> None:
+    """Restore a checkpoint's optimizer, generator and fp16 scaler states (`training_state`),
+    for --resume. A scaler starts afresh when the checkpoint has none (tuned without fp16)."""
     tensors, _ = load_tensors(checkpoint.path / TRAINING_FILE)
-    groups = json.loads(bytes(tensors["optimizer.param_groups"].tolist()).decode())
+    groups = _from_json_tensor(tensors["optimizer.param_groups"])
     state: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         parts = key.split(".")
@@ -135,6 +144,17 @@ def load_training_state(checkpoint: Checkpoint, optimizer: torch.optim.Optimizer
     for name, generator in generators.items():
         if f"generator.{name}" in tensors:
             generator.set_state(tensors[f"generator.{name}"])
+    if scaler is not None and scaler.is_enabled() and SCALER_KEY in tensors:
+        scaler.load_state_dict(_from_json_tensor(tensors[SCALER_KEY]))
+
+
+def _json_tensor(value: Any) -> torch.Tensor:
+    """Plain numbers and lists as a uint8 tensor of their JSON, for a safetensors file."""
+    return torch.tensor(list(json.dumps(value).encode()), dtype=torch.uint8)
+
+
+def _from_json_tensor(tensor: torch.Tensor) -> Any:
+    return json.loads(bytes(tensor.tolist()).decode())
 
 
 # -- the tuned model --------------------------------------------------------------------------
