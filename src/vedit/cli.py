@@ -20,6 +20,7 @@ from vedit.settings import (
     ExtractSettings,
     TuneSettings,
     config_values,
+    edit_prompts,
     resolve,
 )
 
@@ -387,7 +388,6 @@ def edit(
     config: ConfigOpt = None,
 ) -> None:
     """Render the tuned clip under new prompts into edits/NAME/ (mp4, side-by-side, ...)."""
-    from vedit import edit as edit_stage
     from vedit.prompts import read_prompts
 
     values = config_values(config, ["edit"])
@@ -396,7 +396,10 @@ def edit(
         negative_prompt=negative_prompt, seed=seed, formats=formats, batch=batch,
         inversion=inversion, inversion_prompt=inversion_prompt, full=full, window=window,
         overlap=overlap))
-    prompts = list(prompt or []) + (read_prompts(prompts_file) if prompts_file else [])
+    prompts = edit_prompts(list(prompt or []) + (read_prompts(prompts_file)
+                                                 if prompts_file else []))
+    from vedit import edit as edit_stage
+
     result = edit_stage.edit(project, prompts, settings, name=name, reporter=out.reporter)
     lines = [f"{e.files['video']}  ({e.prompt}, {e.frames} frames)" for e in result.edits]
     out.result(result.to_dict(), "\n".join(lines))

@@ -28,7 +28,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from vedit import __version__, tomlio
 from vedit.checkpoints import Checkpoint, find_checkpoint, tuned_unet
-from vedit.errors import BadInputError, OutOfMemoryError
+from vedit.errors import OutOfMemoryError
 from vedit.invert import Inversion, cached_inversion, inversion_key
 from vedit.latents import clip_span, frame_latents, span_images, span_latents
 from vedit.models import Components, load_components
@@ -36,7 +36,7 @@ from vedit.progress import Reporter
 from vedit.project import EDIT_VIDEO, Project, atomic_dir, frame_file
 from vedit.prompts import encode_prompts
 from vedit.sampler import Denoiser, ddim_invert, ddim_sample
-from vedit.settings import EditSettings, as_record
+from vedit.settings import EditSettings, as_record, edit_prompts
 from vedit.video import Mp4Writer, write_gif
 from vedit.windows import (
     ResumeFile,
@@ -133,10 +133,10 @@ def edit(project_dir: Path, prompts: Sequence[str], settings: EditSettings | Non
 
     settings = settings or EditSettings()
     reporter = reporter or Reporter()
-    prompts = [p.strip() for p in prompts if p.strip()]
-    if not prompts:
-        raise BadInputError("edit needs at least one prompt.",
-                            'Add --prompt "..." or --prompts-file FILE.')
+    prompts = edit_prompts(prompts)
+    if settings.negative_prompt and settings.guidance <= 1:
+        reporter.info(f"--negative-prompt has no effect at --guidance {settings.guidance:g}: "
+                      "only a guidance above 1 uses it.")
     started = time.monotonic()
     state = PartialState(cpu=not torch.cuda.is_available())
     project = Project.open(Path(project_dir))
@@ -235,7 +235,7 @@ def _inversion(project: Project, checkpoint: Checkpoint, components: Components,
 
     def compute(resume: ResumeFile) -> torch.Tensor:
         embeds = encode_prompts(components, [prompt], reporter)
-        return ddim_invert(unet, components.scheduler.config, clip.latents.float(), embeds,
+        return ddim_invert(unet, components.scheduler, clip.latents.float(), embeds,
                            settings.steps, reporter, plan=clip.plan, resume=resume)
 
     return cached_inversion(project, key, compute, reporter)

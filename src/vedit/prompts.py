@@ -20,12 +20,20 @@ if TYPE_CHECKING:
 
 
 def read_prompts(path: Path) -> list[str]:
-    """Prompts from a file (or stdin for '-'), one a line; blank lines and # comments skipped."""
+    """Prompts from a file (or stdin for '-'), one a line, in UTF-8; blank lines and # comments
+    skipped."""
     try:
-        text = sys.stdin.read() if str(path) == "-" else path.read_text(encoding="utf-8")
+        data = sys.stdin.buffer.read() if str(path) == "-" else path.read_bytes()
     except OSError as exc:
         raise BadInputError(f"Cannot read --prompts-file {path}: {exc.strerror}.",
                             "Check the path.") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        where = "stdin" if str(path) == "-" else str(path)
+        raise BadInputError(f"Line {line} of --prompts-file {where} is not valid UTF-8.",
+                            "Save the file as UTF-8, e.g. with `iconv -t UTF-8`.") from None
     return [line.strip() for line in text.splitlines()
             if line.strip() and not line.lstrip().startswith("#")]
 
