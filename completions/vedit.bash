@@ -33,9 +33,10 @@ _vedit() {
                 --batch) return ;;
                 --window) return ;;
                 --overlap) return ;;
+                --full-stride) return ;;
                 --config) COMPREPLY=($(compgen -f -- "$cur")); return ;;
             esac
-            if [[ $cur == -* ]]; then COMPREPLY=($(compgen -W "--prompt -p --prompts-file --name --checkpoint --steps --guidance --negative-prompt --seed --formats --batch --inversion --no-inversion --inversion-prompt --empty-inversion-prompt --full --tuned-frames --window --overlap --config --json --quiet -q --debug --help -h" -- "$cur")); else COMPREPLY=($(compgen -f -- "$cur")); fi ;;
+            if [[ $cur == -* ]]; then COMPREPLY=($(compgen -W "--prompt -p --prompts-file --name --checkpoint --steps --guidance --negative-prompt --seed --formats --batch --inversion --no-inversion --inversion-prompt --empty-inversion-prompt --full --tuned-frames --window --overlap --full-stride --config --json --quiet -q --debug --help -h" -- "$cur")); else COMPREPLY=($(compgen -f -- "$cur")); fi ;;
         extract)
             case "$prev" in
                 --output|-o) COMPREPLY=($(compgen -f -- "$cur")); return ;;

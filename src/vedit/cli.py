@@ -383,8 +383,13 @@ def edit(
         "--window", help="With --full: frames the UNet sees at once.  \\[default: the tuned "
         "frame count]", show_default=False)] = None,
     overlap: Annotated[int | None, typer.Option(
-        "--overlap", help="With --full: frames neighbouring windows share.  \\[default: a "
-        "quarter of the window]", show_default=False)] = None,
+        "--overlap", help="With --full: frames neighbouring windows share at least (frames to "
+        "spare lengthen the overlaps evenly).  \\[default: a quarter of the window, 1 or more]",
+        show_default=False)] = None,
+    full_stride: Annotated[int | None, typer.Option(
+        "--full-stride", help="With --full: source frames between the frames a window holds; "
+        "every frame is still edited, in interleaved sequences.  \\[default: the tuned "
+        "frames' spacing, e.g. extract's --stride]", show_default=False)] = None,
     config: ConfigOpt = None,
 ) -> None:
     """Render the tuned clip under new prompts into edits/NAME/ (mp4, side-by-side, ...)."""
@@ -395,7 +400,7 @@ def edit(
         checkpoint=checkpoint, steps=steps, guidance=guidance,
         negative_prompt=negative_prompt, seed=seed, formats=formats, batch=batch,
         inversion=inversion, inversion_prompt=inversion_prompt, full=full, window=window,
-        overlap=overlap))
+        overlap=overlap, full_stride=full_stride))
     prompts = edit_prompts(list(prompt or []) + (read_prompts(prompts_file)
                                                  if prompts_file else []))
     from vedit import edit as edit_stage

@@ -235,7 +235,10 @@ class EditSettings:
     inversion_prompt: bool = False  # invert with the source prompt instead of the empty one
     full: bool = False  # every frame of the clip's span, in windows, not only the tuned frames
     window: int | None = None  # with full: frames per UNet call (None: the tuned frame count)
-    overlap: int | None = None  # with full: frames neighbouring windows share (None: a quarter)
+    overlap: int | None = None  # with full: frames neighbouring windows share at least (None:
+    # a quarter of the window, and 1 or more)
+    full_stride: int | None = None  # with full: source frames between the frames a window
+    # holds (None: the tuned frames' spacing)
 
     def __post_init__(self) -> None:
         if not 1 <= self.steps <= MAX_EDIT_STEPS:
@@ -249,9 +252,14 @@ class EditSettings:
         if self.batch < 1:
             raise BadInputError(f"--batch {self.batch} must be 1 or more.",
                                 "It is how many prompts are sampled at once.")
-        if not self.full and (self.window is not None or self.overlap is not None):
-            raise UsageError("--window and --overlap go with --full.",
+        if not self.full and any(v is not None for v in (self.window, self.overlap,
+                                                          self.full_stride)):
+            raise UsageError("--window, --overlap and --full-stride go with --full.",
                              "Add --full to edit every frame of the clip in windows.")
+        if self.full_stride is not None and self.full_stride < 1:
+            raise BadInputError(f"--full-stride {self.full_stride} must be 1 or more.",
+                                "1 denoises consecutive frames together; the default is the "
+                                "tuned frames' spacing.")
         if self.window is not None and self.window < 1:
             raise BadInputError(f"--window {self.window} must be 1 or more.",
                                 "It is how many frames the UNet sees at once.")
