@@ -13,7 +13,7 @@ from vedit import __version__
 from vedit.errors import EXIT_CODES, EnvironmentProblem, UsageError
 from vedit.model_files import DEFAULT_MODEL, CachedModel, ModelSource
 from vedit.output import Output, with_output
-from vedit.project import Project
+from vedit.project import Project, default_project_dir, locked_early
 from vedit.settings import (
     DEFAULT_SIZE,
     EditSettings,
@@ -293,12 +293,13 @@ def tune(
     config: ConfigOpt = None,
 ) -> None:
     """LoRA-tune the inflated UNet on a project's frames (or a clip's, extracting them first)."""
+    from vedit.checkpoints import recorded_settings
     from vedit.video import check_clip
 
+    # Every check that needs no model library comes first, the lock included: a mistyped
+    # path, a bad option or a busy project is refused in well under a second.
     if not target.is_dir():
-        check_clip(target)  # a mistyped path fails before torch is imported (seconds)
-    from vedit import tune as tune_stage
-
+        check_clip(target)
     values = config_values(config, ["extract", "tune"])
     frame_flags = dict(frames=frames, stride=stride, start=start, end=end, spread=spread,
                        size=size, crop=crop)
@@ -307,22 +308,30 @@ def tune(
         lora_targets=lora_targets, batch=batch, grad_accum=grad_accum, seed=seed,
         mixed_precision=mixed_precision, gradient_checkpointing=gradient_checkpointing,
         checkpoint_every=checkpoint_every)
-    result: dict[str, object] = {}
+    opened: Project | None = None
     if target.is_dir():
         if project or any(v is not None for v in frame_flags.values()):
             raise UsageError("Frame options and --project go with a clip, not a project.",
                              "Give the clip instead, or run `vedit extract` again.")
         opened = Project.open(target)
-        recorded = tune_stage.recorded_settings(opened, resume=resume)
-        settings = resolve(TuneSettings, recorded, values, overrides=flags)
-        tuned = tune_stage.tune(opened, settings, resume=resume, reporter=out.reporter)
+        settings = resolve(TuneSettings, recorded_settings(opened, resume=resume), values,
+                           overrides=flags)
     else:
         settings = resolve(TuneSettings, values, overrides=flags)
-        extracted, tuned = tune_stage.tune_clip(
-            target, settings, resolve(ExtractSettings, values, overrides=frame_flags),
-            project_dir=project, resume=resume, reporter=out.reporter)
-        result["extract"] = extracted.to_dict()
-        target = extracted.project
+        frame_settings = resolve(ExtractSettings, values, overrides=frame_flags)
+    result: dict[str, object] = {}
+    with locked_early(opened.root if opened else project or default_project_dir(target),
+                      "tune", enabled=not out.secondary):
+        from vedit import tune as tune_stage
+
+        if opened is not None:
+            tuned = tune_stage.tune(opened, settings, resume=resume, reporter=out.reporter)
+        else:
+            extracted, tuned = tune_stage.tune_clip(
+                target, settings, frame_settings, project_dir=project, resume=resume,
+                reporter=out.reporter)
+            result["extract"] = extracted.to_dict()
+            target = extracted.project
     result.update(tuned.to_dict())
     last = tuned.checkpoints[-1] if tuned.checkpoints else None
     if tuned.start_step >= tuned.steps:
@@ -403,9 +412,10 @@ def edit(
         overlap=overlap, full_stride=full_stride))
     prompts = edit_prompts(list(prompt or []) + (read_prompts(prompts_file)
                                                  if prompts_file else []))
-    from vedit import edit as edit_stage
+    with locked_early(project, "edit", enabled=not out.secondary):
+        from vedit import edit as edit_stage
 
-    result = edit_stage.edit(project, prompts, settings, name=name, reporter=out.reporter)
+        result = edit_stage.edit(project, prompts, settings, name=name, reporter=out.reporter)
     lines = [f"{e.files['video']}  ({e.prompt}, {e.frames} frames)" for e in result.edits]
     out.result(result.to_dict(), "\n".join(lines))
 

@@ -8,12 +8,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
-
 from vedit.errors import BadInputError
 from vedit.progress import Reporter
 
 if TYPE_CHECKING:
+    import torch
     from transformers import CLIPTokenizer
 
     from vedit.models import Components
@@ -49,6 +48,8 @@ def encode_prompts(components: Components, prompts: Sequence[str],
         warn_if_truncated(tokenizer, prompt, limit, reporter)
     ids = tokenizer(list(prompts), padding="max_length", max_length=limit, truncation=True,
                     return_tensors="pt").input_ids
+    import torch
+
     device = next(encoder.parameters()).device
     with torch.no_grad():
         states: torch.Tensor = encoder(ids.to(device))[0]

@@ -512,17 +512,6 @@ def _resume_from(checkpoint: Checkpoint, run: TrainingRun, reporter: Reporter) -
     return checkpoint.step
 
 
-def recorded_settings(project: Project, *, resume: bool) -> dict[str, Any]:
-    """Defaults from the project's last tuning run: all its settings for --resume, else only its
-    base model (a project keeps its base model unless --model says otherwise)."""
-    latest = latest_checkpoint(project)
-    if latest is not None:
-        settings = dict(latest.record.get("settings", {}))
-    else:
-        settings = dict((project.section("tune") or {}).get("settings", {}))
-    return settings if resume else {k: v for k, v in settings.items() if k == "model"}
-
-
 def check_compatible(checkpoint: Checkpoint, record: dict[str, Any]) -> None:
     """Refuse a checkpoint tuned on another base model, other frames or another LoRA shape."""
     mine = checkpoint.record
