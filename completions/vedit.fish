@@ -10,6 +10,7 @@ complete -c vedit -n __fish_use_subcommand -a edit -d 'Render the tuned clip und
 complete -c vedit -n __fish_use_subcommand -a extract -d 'Take frames of a clip into a project folder, with its audio and facts'
 complete -c vedit -n __fish_use_subcommand -a fetch-models -d 'Download a Stable Diffusion 1.x/2.x model (only what vedit needs), or check a local one'
 complete -c vedit -n __fish_use_subcommand -a remux -d 'Put the source clip\'s original sound back under edits (or any --video)'
+complete -c vedit -n __fish_use_subcommand -a status -d 'Say what a project holds, what is stale or damaged, and what the next command reuses'
 complete -c vedit -n __fish_use_subcommand -a tune -d 'LoRA-tune the inflated UNet on a project\'s frames (or a clip\'s, extracting them first)'
 complete -c vedit -n '__fish_seen_subcommand_from demo' -l output -s o -r -F -d 'A new folder for the demo\'s files'
 complete -c vedit -n '__fish_seen_subcommand_from demo' -l model -s m -x -d 'Run the chain on a real base model instead of the tiny one'
@@ -71,6 +72,11 @@ complete -c vedit -n '__fish_seen_subcommand_from remux' -l quiet -s q -d 'No pr
 complete -c vedit -n '__fish_seen_subcommand_from remux' -l debug -d 'Show tracebacks (also VEDIT_DEBUG=1)'
 complete -c vedit -n '__fish_seen_subcommand_from remux' -l help -s h -d 'Show this message and exit'
 complete -c vedit -n '__fish_seen_subcommand_from remux' -F
+complete -c vedit -n '__fish_seen_subcommand_from status' -l json -d 'Print one JSON document on stdout'
+complete -c vedit -n '__fish_seen_subcommand_from status' -l quiet -s q -d 'No progress or notices'
+complete -c vedit -n '__fish_seen_subcommand_from status' -l debug -d 'Show tracebacks (also VEDIT_DEBUG=1)'
+complete -c vedit -n '__fish_seen_subcommand_from status' -l help -s h -d 'Show this message and exit'
+complete -c vedit -n '__fish_seen_subcommand_from status' -F
 complete -c vedit -n '__fish_seen_subcommand_from tune' -l prompt -s p -x -d 'What the clip shows, e.g'
 complete -c vedit -n '__fish_seen_subcommand_from tune' -l project -r -F -d 'With a clip: the project folder'
 complete -c vedit -n '__fish_seen_subcommand_from tune' -l model -s m -x -d 'Base model: hub id, diffusers folder or .safetensors file'

@@ -37,6 +37,7 @@ finally:
     (["tune", "MISSING.mp4", "--prompt", "a cat"], 3),
     (["fetch-models", "nobody/nothing"], 6),
     (["remux", "MISSING"], 4),
+    (["status", "MISSING"], 4),
 ])
 def test_start_up_and_early_errors_import_no_model_library(tmp_path: Path, args: list[str],
                                                           code: int) -> None:

@@ -439,3 +439,15 @@ def remux(
                             reporter=out.reporter)
     lines = [f"{r.path} ({r.video_duration:.2f} s, audio: {r.audio_mode})" for r in results]
     out.result({"outputs": [r.to_dict() for r in results]}, "\n".join(lines))
+
+
+@command()
+def status(
+    out: Output,
+    project: Annotated[Path, typer.Argument(help="The project folder.", show_default=False)],
+) -> None:
+    """Say what a project holds, what is stale or damaged, and what the next command reuses."""
+    from vedit.status import describe, project_status
+
+    found = project_status(project)
+    out.result(found.to_dict(), describe(found))
