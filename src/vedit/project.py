@@ -13,17 +13,25 @@ Stages share nothing but this folder, and every name in it is spelled here:
 Every write goes to a hidden temporary name first and is renamed into place, so an interrupted
 stage never leaves a file a later stage would trust. A stage that writes holds the project lock
 (`flock`, released by the kernel if the process dies).
+
+A project may come from someone else (a copy, an archive): no path in it is followed through a
+symbolic link, since a link could make vedit write, or read, anywhere. Every path here is built
+by `Project.path`, which refuses one with a link (or a `..`) on its way; the files vedit opens in
+place (the lock, the loss log) are opened with O_NOFOLLOW, and every other write is a rename,
+which replaces a link instead of following it.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import hashlib
 import json
 import os
 import re
 import shutil
 import socket
+import stat
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -43,6 +51,9 @@ LOCK_NAME = ".vedit.lock"
 EDIT_VIDEO = "video.mp4"
 FINAL_VIDEO = "final.mp4"
 _TMP_MARK = ".tmp-"
+#: The names vedit keeps at a project's top; none may be a symbolic link.
+_TOP_NAMES = (RECORD_NAME, LOCK_NAME, "frames", "source", "latents", "checkpoints", "logs",
+              "inversions", "edits")
 _STEP_DIR = re.compile(r"^step-\d+$")
 
 
@@ -141,7 +152,11 @@ class Project:
         if not record_path.is_file():
             raise ProjectError(f"{root} is not a vedit project (no {RECORD_NAME}).",
                                f"Create one with `vedit extract CLIP -o {root}`.")
-        return cls(root, _read_record(record_path))
+        project = cls(root, {})
+        for name in _TOP_NAMES:  # refused at once, whatever the command would touch
+            project.path(name)
+        project.record = _read_record(record_path)
+        return project
 
     @staticmethod
     def check_usable(root: Path) -> None:
@@ -174,39 +189,61 @@ class Project:
 
     # -- paths ---------------------------------------------------------------------------
 
+    def path(self, *parts: str) -> Path:
+        """The path `parts` inside the project, refused (ProjectError) where it would leave the
+        folder or pass through a symbolic link: a project never sends a write elsewhere."""
+        path = self.root.joinpath(*parts)
+        try:
+            relative = path.relative_to(self.root)
+        except ValueError:
+            relative = None
+        if relative is None or ".." in relative.parts:
+            raise ProjectError(f"{RECORD_NAME} names a path outside the project: "
+                               f"{'/'.join(parts)!r}.",
+                               "The record was edited by hand; rerun the stage that wrote it.")
+        current = self.root
+        for part in relative.parts:
+            current = current / part
+            if current.is_symlink():
+                raise ProjectError(f"{current} is a symbolic link; vedit does not follow links "
+                                   "inside a project.",
+                                   "Replace the link by the real file or folder (or remove it), "
+                                   "then rerun.")
+        return path
+
     @property
     def record_path(self) -> Path:
-        return self.root / RECORD_NAME
+        return self.path(RECORD_NAME)
 
     @property
     def frames_dir(self) -> Path:
-        return self.root / "frames"
+        return self.path("frames")
 
     @property
     def source_dir(self) -> Path:
-        return self.root / "source"
+        return self.path("source")
 
     @property
     def edits_dir(self) -> Path:
-        return self.root / "edits"
+        return self.path("edits")
 
     @property
     def checkpoints_dir(self) -> Path:
-        return self.root / "checkpoints"
+        return self.path("checkpoints")
 
     @property
     def loss_log(self) -> Path:
-        return self.root / "logs" / "tune.jsonl"
+        return self.path("logs", "tune.jsonl")
 
     def frame_paths(self) -> list[Path]:
         """The tuned frames in order; raises ProjectError when extract has not run."""
         frames = self.require("frames", "extract")
         folder = self.inside(str(frames.get("dir", "frames")))
-        return sorted(folder.glob("*.png"))
+        return [self.path(*p.relative_to(self.root).parts) for p in sorted(folder.glob("*.png"))]
 
     def audio_path(self, suffix: str) -> Path:
         """Where the source's sound is kept, in a file of type `suffix` (`.m4a`, `.mka`)."""
-        return self.source_dir / f"audio{suffix}"
+        return self.path("source", f"audio{suffix}")
 
     def audio_files(self) -> list[Path]:
         """Every kept sound file (one at most, unless an extract was cut short)."""
@@ -218,42 +255,48 @@ class Project:
         return self.inside(name) if name else None
 
     def latents_file(self, key: str) -> Path:
-        return self.root / "latents" / f"{key}.safetensors"
+        return self.path("latents", f"{key}.safetensors")
 
     def inversion_file(self, key: str) -> Path:
-        return self.root / "inversions" / f"{key}.safetensors"
+        return self.path("inversions", f"{key}.safetensors")
 
     def inversion_progress_file(self, key: str) -> Path:
         """Where an interrupted inversion keeps the work it finished."""
-        return self.root / "inversions" / f"{key}.partial.safetensors"
+        return self.path("inversions", f"{key}.partial.safetensors")
 
     def checkpoint_dir(self, step: int | str) -> Path:
-        return self.checkpoints_dir / f"step-{step}"
+        return self.path("checkpoints", f"step-{step}")
 
     def checkpoint_dirs(self) -> list[Path]:
-        """The `step-N` folders under checkpoints/ (complete or not: the caller checks)."""
-        if not self.checkpoints_dir.is_dir():
+        """The `step-N` folders under checkpoints/ (complete or not: the caller checks); one
+        that is a link is refused."""
+        folder = self.checkpoints_dir
+        if not folder.is_dir():
             return []
-        return sorted(p for p in self.checkpoints_dir.iterdir() if _STEP_DIR.match(p.name))
+        return sorted(self.path("checkpoints", p.name) for p in folder.iterdir()
+                      if _STEP_DIR.match(p.name))
 
     def edit_dir(self, name: str) -> Path:
         """edits/NAME/; a name that would leave the project is refused."""
         return self.inside(f"edits/{name}")
 
+    def edit_file(self, name: str, file: str) -> Path:
+        """A file of edits/NAME/ (`EDIT_VIDEO`, `FINAL_VIDEO`...), never through a link."""
+        return self.path("edits", name, file)
+
     def edit_names(self) -> list[str]:
         """Names of the finished edits (an edit folder appears whole, with its video)."""
-        if not self.edits_dir.is_dir():
+        folder = self.edits_dir
+        if not folder.is_dir():
             return []
-        return sorted(p.name for p in self.edits_dir.iterdir() if (p / EDIT_VIDEO).is_file())
+        return sorted(p.name for p in folder.iterdir()
+                      if self.edit_file(p.name, EDIT_VIDEO).is_file())
 
     def inside(self, relative: str) -> Path:
-        """Resolve a path read from the record; refuse one that leaves the project folder."""
-        candidate = (self.root / relative).resolve()
-        root = self.root.resolve()
-        if candidate != root and root not in candidate.parents:
-            raise ProjectError(f"{RECORD_NAME} names a path outside the project: {relative!r}.",
-                               "The record was edited by hand; rerun the stage that wrote it.")
-        return self.root / relative
+        """A path read from the record, checked as `path` checks (inside, no link)."""
+        if Path(relative).is_absolute():
+            return self.path(str(Path(relative)))  # refused: it is not under the root
+        return self.path(*Path(relative).parts)
 
     # -- the record ----------------------------------------------------------------------
 
@@ -282,7 +325,7 @@ class Project:
     @contextmanager
     def lock(self, command: str) -> Iterator[Project]:
         """Hold the project's write lock for the block; a second vedit gets ProjectLockedError."""
-        handle = _acquire_lock(self.root / LOCK_NAME, command)
+        handle = _acquire_lock(self.path(LOCK_NAME), command)
         try:
             self._sweep_temporaries()
             # Another process may have written while we waited: start from its record.
@@ -295,7 +338,7 @@ class Project:
     def _sweep_temporaries(self) -> None:
         """Remove temporaries a killed vedit left behind (only the lock holder may)."""
         for path in self.root.rglob(f".*{_TMP_MARK}*"):
-            if path.is_dir():
+            if path.is_dir() and not path.is_symlink():
                 shutil.rmtree(path, ignore_errors=True)
             else:
                 path.unlink(missing_ok=True)
@@ -325,10 +368,29 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
 
 
+def open_no_follow(path: Path, flags: int) -> int:
+    """`os.open` a regular file of a project in place, never through a link (the lock, the loss
+    log: the files vedit does not replace by a rename); anything else is a ProjectError."""
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        if exc.errno != errno.ELOOP:
+            raise
+        fd = -1
+    if fd >= 0 and stat.S_ISREG(os.fstat(fd).st_mode):
+        return fd
+    if fd >= 0:
+        os.close(fd)
+    raise ProjectError(f"{path} is a symbolic link or not a regular file; vedit does not "
+                       "follow links inside a project.",
+                       "Remove it (vedit makes it again), then rerun.")
+
+
 def _acquire_lock(path: Path, command: str) -> Any:
     import fcntl
 
-    handle = open(path, "a+", encoding="utf-8")  # noqa: SIM115 - held for the lock's life
+    fd = open_no_follow(path, os.O_RDWR | os.O_CREAT)
+    handle = os.fdopen(fd, "r+", encoding="utf-8")  # held for the lock's life
     try:
         fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import shutil
 import time
 import uuid
@@ -48,7 +49,7 @@ from vedit.lora import (
 from vedit.model_files import ModelSource
 from vedit.models import load_components, native_bf16, native_resolution, resolve_model
 from vedit.progress import Reporter
-from vedit.project import Project
+from vedit.project import Project, open_no_follow, write_text_atomic
 from vedit.prompts import encode_prompts
 from vedit.settings import ExtractSettings, TuneSettings, as_record
 from vedit.video import check_clip
@@ -412,13 +413,13 @@ class _LossLog:
         self.handle = None
         if not enabled:
             return
-        path.parent.mkdir(parents=True, exist_ok=True)
         kept = []
-        if start_step and path.exists():
+        if start_step and path.is_file():
             kept = [line for line in path.read_text(encoding="utf-8").splitlines()
                     if _logged_step(line) <= start_step]
-        path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-        self.handle = path.open("a", encoding="utf-8")
+        write_text_atomic(path, "".join(line + "\n" for line in kept))
+        self.handle = os.fdopen(open_no_follow(path, os.O_WRONLY | os.O_APPEND), "a",
+                                encoding="utf-8")
 
     def write(self, step: int, loss: float, smoothed: float) -> None:
         if self.handle is not None:
