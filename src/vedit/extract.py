@@ -34,6 +34,9 @@ from vedit.project import (
 from vedit.settings import ExtractSettings, FrameSize, as_record
 from vedit.video import TIME_EPSILON, VideoInfo, first_frame_at, fit_frame, probe, read_frames
 
+#: The sections of the record extract writes (a damaged one is simply written anew).
+SECTIONS = ("extract", "source", "frames")
+
 
 @dataclass(frozen=True)
 class FramePlan:
@@ -180,11 +183,11 @@ def extract(clip: Path, project_dir: Path | None = None, settings: ExtractSettin
     settings = settings or ExtractSettings()
     reporter = reporter or Reporter()
     project_dir = Path(project_dir) if project_dir is not None else default_project_dir(clip)
-    Project.check_usable(project_dir)
+    Project.check_usable(project_dir, replacing=SECTIONS)
     info = probe(Path(clip))
     plan = plan_frames(info, settings)
     created = not (project_dir / RECORD_NAME).exists()
-    project = Project.open_or_create(project_dir)
+    project = Project.open_or_create(project_dir, replacing=SECTIONS)
     with project.lock("extract"):  # a second vedit here stops at once, touching nothing
         try:
             return _extract_into(project, info, plan, settings, reporter)

@@ -33,13 +33,14 @@ import shutil
 import socket
 import stat
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from vedit import __version__, tomlio
+from vedit import __version__, schema, tomlio
 from vedit.errors import ProjectError, ProjectLockedError
+from vedit.settings import MAX_SIDE, MIN_SIDE, ExtractSettings, TuneSettings
 
 #: Version of the folder layout and record; a project with a higher one is refused.
 FORMAT = 1
@@ -134,16 +135,19 @@ def _fsync(path: Path) -> None:
 class Project:
     """A vedit project folder and its record. Open with `Project.open` or `Project.create`."""
 
-    def __init__(self, root: Path, record: dict[str, Any]) -> None:
+    def __init__(self, root: Path, record: dict[str, Any],
+                 replacing: Collection[str] = ()) -> None:
         self.root = root
         self.record = record
-        self._lock_handle: Any = None
+        self._replacing = tuple(replacing)  # the sections this opener writes anew
 
     # -- opening -------------------------------------------------------------------------
 
     @classmethod
-    def open(cls, root: Path) -> Project:
-        """Open an existing project; refuse what is not one, or one from a newer vedit."""
+    def open(cls, root: Path, *, replacing: Collection[str] = ()) -> Project:
+        """Open an existing project; refuse what is not one, or one from a newer vedit, or
+        a damaged record (but for the sections in `replacing`, which the caller writes anew:
+        a damaged one is dropped, so rerunning the stage that writes it repairs it)."""
         root = Path(root)
         record_path = root / RECORD_NAME
         if not root.exists():
@@ -152,18 +156,18 @@ class Project:
         if not record_path.is_file():
             raise ProjectError(f"{root} is not a vedit project (no {RECORD_NAME}).",
                                f"Create one with `vedit extract CLIP -o {root}`.")
-        project = cls(root, {})
+        project = cls(root, {}, replacing)
         for name in _TOP_NAMES:  # refused at once, whatever the command would touch
             project.path(name)
-        project.record = _read_record(record_path)
+        project.record = _read_record(record_path, replacing)
         return project
 
     @staticmethod
-    def check_usable(root: Path) -> None:
+    def check_usable(root: Path, *, replacing: Collection[str] = ()) -> None:
         """Refuse early a folder that neither is a project nor could become one."""
         root = Path(root)
         if (root / RECORD_NAME).exists():
-            Project.open(root)
+            Project.open(root, replacing=replacing)
         elif root.exists() and not root.is_dir():
             raise ProjectError(f"{root} is a file, not a project folder.", "Choose another -o.")
         elif root.exists() and any(root.iterdir()):
@@ -181,10 +185,10 @@ class Project:
         return project
 
     @classmethod
-    def open_or_create(cls, root: Path) -> Project:
+    def open_or_create(cls, root: Path, *, replacing: Collection[str] = ()) -> Project:
         root = Path(root)
         if (root / RECORD_NAME).exists():
-            return cls.open(root)
+            return cls.open(root, replacing=replacing)
         return cls.create(root)
 
     # -- paths ---------------------------------------------------------------------------
@@ -301,10 +305,8 @@ class Project:
     # -- the record ----------------------------------------------------------------------
 
     def section(self, name: str) -> dict[str, Any] | None:
-        value = self.record.get(name)
-        if value is not None and not isinstance(value, dict):
-            raise ProjectError(f"{RECORD_NAME} has a malformed [{name}] section.",
-                               "Rerun the stage that writes it.")
+        """A section of the record (checked when read: see RECORD_SECTIONS), or None."""
+        value: dict[str, Any] | None = self.record.get(name)
         return value
 
     def require(self, name: str, stage: str) -> dict[str, Any]:
@@ -330,7 +332,7 @@ class Project:
             self._sweep_temporaries()
             # Another process may have written while we waited: start from its record.
             if self.record_path.exists():
-                self.record = _read_record(self.record_path)
+                self.record = _read_record(self.record_path, self._replacing)
             yield self
         finally:
             _release_lock(handle)
@@ -344,7 +346,62 @@ class Project:
                 path.unlink(missing_ok=True)
 
 
-def _read_record(path: Path) -> dict[str, Any]:
+def _frames_agree(frames: dict[str, Any]) -> str | None:
+    lengths = {len(frames["times"]), len(frames["source_indices"]), frames["count"]}
+    if len(lengths) > 1:
+        return "count, times and source_indices disagree"
+    if frames["times"] != sorted(frames["times"]) or (
+            frames["source_indices"] != sorted(frames["source_indices"])):
+        return "times or source_indices go backwards"
+    return None
+
+
+_SIDE = schema.integer(MIN_SIDE, MAX_SIDE)
+#: What each stage's section of the record must hold, checked when the record is read, so a
+#: hand-edited or damaged record fails at once with the key that is wrong (exit 4).
+RECORD_SECTIONS: dict[str, schema.Check] = {
+    "extract": schema.settings_of(ExtractSettings),
+    "source": schema.table({
+        "path": schema.text(), "sha256": schema.text(r"[0-9a-f]{64}"),
+        "size_bytes": schema.integer(0), "duration": schema.number(0),
+        "video": schema.table({"width": schema.integer(1), "height": schema.integer(1),
+                               "fps": schema.number(above=0), "frame_count": schema.integer(1)},
+                              required=("frame_count",)),
+        "audio": schema.table({"offset": schema.number(), "duration": schema.number(0),
+                               "sample_rate": schema.integer(0), "channels": schema.integer(0)}),
+        "audio_file": schema.text(r"source/audio\.[a-z0-9]+"),
+    }, required=("path", "sha256", "duration", "video")),
+    "frames": schema.table({
+        "key": schema.text(), "count": schema.integer(1), "width": _SIDE, "height": _SIDE,
+        "interval": schema.number(above=0), "fps": schema.number(above=0),
+        "times": schema.items(schema.number(0), at_least=1),
+        "source_indices": schema.items(schema.integer(0), at_least=1),
+        "dir": schema.text(r"[A-Za-z0-9_][\w.-]*"), "seconds": schema.number(0),
+    }, required=("key", "count", "width", "height", "interval", "times", "source_indices"),
+        rule=_frames_agree),
+    "tune": schema.table({"settings": schema.settings_of(TuneSettings),
+                          "last_step": schema.integer(0), "checkpoint": schema.text()}),
+}
+#: The command that writes each section, for the hint of a damaged one.
+_WRITER = {"extract": "extract", "source": "extract", "frames": "extract", "tune": "tune"}
+
+
+def _frames_in_source(record: dict[str, Any]) -> None:
+    """The frames must be frames of the source: a time or index past its end is damage."""
+    frames, source = record.get("frames"), record.get("source")
+    if frames is None or source is None:
+        return
+    if frames["times"][-1] > source["duration"]:
+        raise schema.Invalid("frames.times", frames["times"][-1],
+                             f"after the source's end, {source['duration']:g} s")
+    if frames["source_indices"][-1] >= source["video"]["frame_count"]:
+        raise schema.Invalid("frames.source_indices", frames["source_indices"][-1],
+                             f"past the source's {source['video']['frame_count']} frames")
+
+
+def _read_record(path: Path, replacing: Collection[str] = ()) -> dict[str, Any]:
+    """The record at `path`, checked; a damaged section in `replacing` (those the caller is
+    about to write anew) is dropped rather than refused, so rerunning its stage repairs it."""
     try:
         record = tomlio.loads(path.read_text(encoding="utf-8"))
     except (tomlio.TOMLDecodeError, UnicodeDecodeError) as exc:
@@ -352,7 +409,7 @@ def _read_record(path: Path) -> dict[str, Any]:
             f"{path} is not valid TOML ({exc}).",
             "Restore it from a backup or rerun `vedit extract` into a new project.") from exc
     version = record.get("format")
-    if not isinstance(version, int):
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
         raise ProjectError(f"{path} has no valid format number.",
                            "It was not written by vedit, or was edited by hand.")
     if version > FORMAT:
@@ -361,7 +418,22 @@ def _read_record(path: Path) -> dict[str, Any]:
             f"this vedit {__version__} reads format {FORMAT}).",
             "Upgrade vedit: pip install -U vedit.",
         )
-    return record
+    while True:
+        try:
+            for name, check in RECORD_SECTIONS.items():
+                if name in record:
+                    check(record[name], name)
+            _frames_in_source(record)
+            return record
+        except schema.Invalid as exc:
+            section = re.split(r"[.\[]", exc.where)[0]
+            if section in replacing and section in record:
+                del record[section]
+                continue
+            stage = _WRITER[section]
+            raise ProjectError(f"{path} holds a bad value: {exc}.",
+                               f"It was edited by hand or damaged: restore it, or rerun "
+                               f"`vedit {stage}` (and the stages after it).") from None
 
 
 def _now() -> dt.datetime:

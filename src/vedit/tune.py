@@ -62,6 +62,8 @@ MAX_GRAD_NORM = 1.0  # as the original's configs
 ADAM_WEIGHT_DECAY = 1e-2
 EVAL_DRAWS = 8  # fixed noise/timestep draws on which the loss is reported before and after
 _SMOOTHING = 0.9
+#: The section of the record tune writes (a damaged one is simply written anew).
+SECTIONS = ("tune",)
 
 
 @dataclass
@@ -167,7 +169,7 @@ def _tune(project: Project | Path, settings: TuneSettings, resume: bool, reporte
     """`base`: `settings.model` resolved already (the one-shot form sized the frames by it)."""
     _require_prompt(settings)
     if not isinstance(project, Project):
-        project = Project.open(Path(project))
+        project = Project.open(Path(project), replacing=SECTIONS)
     project.require("frames", "extract")
     accelerator = make_accelerator(settings)
     with _main_process_lock(project, accelerator):
