@@ -130,7 +130,7 @@ def _scan_video(container: av.container.InputContainer, stream: av.VideoStream,
         if packet.size == 0:
             continue
         if first is None:  # a cut packet is decoded too: the shown frames may need it
-            first = _first_picture(packet)
+            first = _first_picture(stream, packet)
         has_dts = has_dts and packet.dts is not None
         if packet.is_discard:
             continue
@@ -139,7 +139,7 @@ def _scan_video(container: av.container.InputContainer, stream: av.VideoStream,
         else:
             pts.append(packet.pts)
     if first is None:
-        first = _first_picture(None, stream)
+        first = _first_picture(stream, None)
     if not pts and not untimed:
         raise BadInputError(f"{container.name} has a video stream with no frames.",
                             "The file is truncated or empty; fetch it again.")
@@ -151,12 +151,12 @@ def _scan_video(container: av.container.InputContainer, stream: av.VideoStream,
     return sorted(set(pts)), True, has_dts, first
 
 
-def _first_picture(packet: av.Packet | None,
-                   stream: av.VideoStream | None = None) -> av.VideoFrame | None:
-    """The first picture out of the decoder fed `packet` (None flushes `stream`'s decoder);
-    a packet it cannot decode yields none (the next one may)."""
+def _first_picture(stream: av.VideoStream,
+                   packet: av.Packet[av.VideoStream] | None) -> av.VideoFrame | None:
+    """The first picture out of `stream`'s decoder fed `packet` (None flushes it); a packet it
+    cannot decode yields none (the next one may)."""
     try:
-        frames = packet.decode() if packet is not None else stream.codec_context.decode(None)
+        frames = stream.codec_context.decode(packet)
     except av.error.FFmpegError:
         return None
     return next(iter(frames), None)
