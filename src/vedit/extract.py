@@ -31,7 +31,7 @@ from vedit.project import (
     frame_file,
     temp_beside,
 )
-from vedit.settings import ExtractSettings, FrameSize, as_record
+from vedit.settings import MAX_SIDE, ExtractSettings, FrameSize, as_record
 from vedit.video import TIME_EPSILON, VideoInfo, first_frame_at, fit_frame, probe, read_frames
 
 #: The sections of the record extract writes (a damaged one is simply written anew).
@@ -157,6 +157,13 @@ def plan_frames(info: VideoInfo, settings: ExtractSettings) -> FramePlan:
     """Choose the frames and their size; raises BadInputError when the clip cannot give them."""
     indices, interval = select_frames(info.frame_times, info.fps, settings, name=info.path.name)
     width, height = output_size(info.width, info.height, settings.frame_size, settings.crop)
+    if max(width, height) > MAX_SIDE:  # a very narrow clip: the long side follows the short
+        raise BadInputError(
+            f"{info.path.name} is {info.width}x{info.height}: at --size "
+            f"{settings.frame_size} its frames would be {width}x{height}, over {MAX_SIDE} "
+            "pixels a side.",
+            "Give a smaller --size, an exact one (--size WIDTHxHEIGHT) or a square crop "
+            "(--crop).")
     return FramePlan(indices=indices, times=[info.frame_times[i] for i in indices],
                      interval=interval, width=width, height=height)
 
