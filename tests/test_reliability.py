@@ -407,6 +407,37 @@ def test_ctrl_c_while_vedit_starts_up_is_clean_too(tmp_path: Path, delay: float)
     assert "Traceback" not in stderr
 
 
+# The entry point as the console script runs it, sent SIGNAL by itself at MOMENT: while vedit
+# imports Typer, or while Typer parses the command line. No timing: the moment is an event.
+AT_A_MOMENT = """
+import os, signal, sys
+number = getattr(signal, sys.argv[1])
+kill = lambda: os.kill(os.getpid(), number)
+if sys.argv[2] == "import":
+    sys.addaudithook(lambda event, args: event == "import" and args[0] == "typer" and kill())
+else:
+    import typer.core
+    parse = typer.core.TyperCommand.parse_args
+    typer.core.TyperCommand.parse_args = lambda self, *a: (kill(), parse(self, *a))[1]
+from vedit.__main__ import main
+sys.argv = ["vedit", *sys.argv[3:]]
+main()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("moment", ["import", "parse"])
+@pytest.mark.parametrize("signal_number", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_while_vedit_starts_is_reported_too(tmp_path: Path, moment: str,
+                                                     signal_number: int) -> None:
+    done = subprocess.run([sys.executable, "-c", AT_A_MOMENT, signal.Signals(signal_number).name,
+                           moment, "extract", str(tmp_path / "missing.mp4")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 130, done.stderr
+    assert done.stderr.startswith("error: Interrupted."), done.stderr
+    assert "Traceback" not in done.stderr
+
+
 # -- two writers at once -------------------------------------------------------------------------
 
 
