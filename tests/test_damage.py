@@ -3,6 +3,7 @@ record, and rerunning the stage that wrote a damaged part repairs it."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -11,11 +12,13 @@ import pytest
 from typer.testing import CliRunner
 
 from vedit import tomlio
+from vedit.checkpoints import RECORD
 from vedit.cli import app
 from vedit.extract import extract
 from vedit.project import RECORD_NAME
-from vedit.settings import ExtractSettings
+from vedit.settings import ExtractSettings, TuneSettings
 from vedit.synthetic import make_clip
+from vedit.tune import tune
 
 runner = CliRunner()
 
@@ -90,3 +93,79 @@ def test_extract_again_repairs_a_damaged_record(project: Path) -> None:
     record = tomlio.loads((project / RECORD_NAME).read_text())
     assert len(record["frames"]["times"]) == 3
     assert record["source"]["audio_file"].startswith("source/audio.")
+
+
+# -- checkpoints -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory: pytest.TempPathFactory, extracted: Path, tiny_model: Path) -> Path:
+    """A project with three checkpoints, step-1 to step-3."""
+    root = tmp_path_factory.mktemp("tuned")
+    shutil.copytree(extracted, root / "p")
+    tune(root / "p", TuneSettings(prompt="a square slides", model=str(tiny_model), steps=3,
+                                  checkpoint_every=1))
+    return root / "p"
+
+
+@pytest.fixture()
+def tuned_copy(tmp_path: Path, tuned: Path) -> Path:
+    shutil.copytree(tuned, tmp_path / "p")
+    return tmp_path / "p"
+
+
+def edit_checkpoint(project: Path, where: str, value: Any, step: int = 2) -> Path:
+    """Set (or, with None, remove) a key of step-STEP's checkpoint.toml."""
+    path = project / "checkpoints" / f"step-{step}" / RECORD
+    record = tomlio.loads(path.read_text())
+    *tables, key = where.split(".")
+    table = record
+    for name in tables:
+        table = table[name]
+    if value is None:
+        del table[key]
+    else:
+        table[key] = value
+    path.write_text(tomlio.dumps(record))
+    return path
+
+
+def test_damaged_checkpoints_are_named_and_skipped(tuned_copy: Path) -> None:
+    edit_checkpoint(tuned_copy, "step", float("inf"), step=3)
+    edit_checkpoint(tuned_copy, "step", [6], step=2)
+    result = runner.invoke(app, ["edit", str(tuned_copy), "-p", "a dog", "--steps", "1",
+                                 "--json"])
+    assert result.exit_code == 0, result.output
+    assert "step-3 has a damaged checkpoint.toml: step = inf" in said(result)
+    assert "step-2 has a damaged checkpoint.toml: step = [6]" in said(result)
+    assert "It is skipped" in said(result)
+    [edit] = json.loads(result.stdout)["edits"]
+    assert tomlio.loads((Path(edit["folder"]) / "edit.toml").read_text())["checkpoint"] == \
+        "step-1"
+
+
+@pytest.mark.parametrize(("where", "value", "named"), [
+    ("settings", None, "settings = None (missing)"),
+    ("settings.rank", "abc", "settings = "),
+    ("settings.rank", 10**9, "above 1024"),
+    ("lora_targets", ["attn3.to_z"], "lora_targets[0] = 'attn3.to_z'"),
+    ("lora_targets", "q", "lora_targets = 'q'"),
+])
+def test_a_checkpoint_with_a_damaged_record_is_exit_4(tuned_copy: Path, where: str, value: Any,
+                                                      named: str) -> None:
+    edit_checkpoint(tuned_copy, where, value)
+    result = runner.invoke(app, ["edit", str(tuned_copy), "-p", "a dog", "--checkpoint",
+                                 "step-2"])
+    assert result.exit_code == 4, result.output
+    assert "step-2 has a damaged checkpoint.toml" in said(result) and named in said(result)
+    assert "Traceback" not in result.output
+
+
+def test_edit_refuses_a_checkpoint_of_other_frames_as_resume_does(tuned_copy: Path) -> None:
+    clip = tomlio.loads((tuned_copy / RECORD_NAME).read_text())["source"]["path"]
+    assert extract(Path(clip), tuned_copy, ExtractSettings(frames=2, size="64")).frames
+    for command in (["edit", str(tuned_copy), "-p", "a dog"],
+                    ["tune", str(tuned_copy), "--resume", "--steps", "4"]):
+        result = runner.invoke(app, command)
+        assert result.exit_code == 3, result.output
+        assert "was tuned on other frames of this project" in said(result)

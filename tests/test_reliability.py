@@ -208,7 +208,7 @@ def test_a_record_edited_into_nonsense(project: Path) -> None:
     record = project / "vedit.toml"
     record.write_text(record.read_text().replace('dir = "frames"', 'dir = "../../etc"'))
     result = runner.invoke(app, ["edit", str(project), "-p", "a cat"])
-    assert_clean_failure(result, 4, "outside the project")
+    assert_clean_failure(result, 4, "holds a bad value: frames.dir = '../../etc'")
     record.write_text("format = 1\n[frames\nbroken")
     assert_clean_failure(runner.invoke(app, ["tune", str(project), "--prompt", "x"]), 4,
                          "not valid TOML")

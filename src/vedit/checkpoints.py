@@ -13,6 +13,7 @@ A folder is written whole under a temporary name and renamed, so one that exists
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,17 +21,27 @@ from typing import Any
 import torch
 from diffusers import UNet2DConditionModel
 
-from vedit import tomlio
+from vedit import schema, tomlio
 from vedit.errors import BadInputError, ProjectError
 from vedit.inflate import InflatedUNet, inflate_unet
 from vedit.lora import add_lora, load_lora_state_dict
+from vedit.progress import Reporter
 from vedit.project import Project, atomic_dir
+from vedit.settings import ATTENTIONS, PROJECTIONS, TuneSettings
 from vedit.tensorfiles import load_tensors, save_tensors
 
 RECORD = "checkpoint.toml"
 LORA_FILE = "lora.safetensors"
 TEMPORAL_FILE = "temporal.safetensors"
 TRAINING_FILE = "training.safetensors"
+
+_TARGET = "|".join(re.escape(f"{a}.{p}") for a in ATTENTIONS for p in PROJECTIONS)
+#: What checkpoint.toml must hold, checked when it is read: a damaged one is named, not loaded.
+RECORD_SCHEMA = schema.table({
+    "step": schema.integer(0), "settings": schema.settings_of(TuneSettings),
+    "lora_targets": schema.items(schema.text(_TARGET), at_least=1),
+    "base_model": schema.text(), "base_fingerprint": schema.text(), "frames_key": schema.text(),
+}, required=("step", "settings", "lora_targets", "base_model", "base_fingerprint"))
 
 
 @dataclass(frozen=True)
@@ -46,22 +57,29 @@ class Checkpoint:
         return self.path.name
 
 
-def list_checkpoints(project: Project) -> list[Checkpoint]:
-    """Every complete checkpoint, by step."""
-    found = [read_checkpoint(path) for path in project.checkpoint_dirs()
-             if (path / RECORD).is_file()]
+def list_checkpoints(project: Project, reporter: Reporter | None = None) -> list[Checkpoint]:
+    """Every complete checkpoint, by step; a damaged one is skipped (and named to `reporter`),
+    so that it does not stop the use of the others."""
+    found = []
+    for path in project.checkpoint_dirs():
+        if (path / RECORD).is_file():
+            try:
+                found.append(read_checkpoint(path))
+            except ProjectError as exc:
+                (reporter or Reporter()).warn(f"{exc.message} It is skipped.")
     return sorted(found, key=lambda c: c.step)
 
 
-def latest_checkpoint(project: Project) -> Checkpoint | None:
-    found = list_checkpoints(project)
+def latest_checkpoint(project: Project, reporter: Reporter | None = None) -> Checkpoint | None:
+    found = list_checkpoints(project, reporter)
     return found[-1] if found else None
 
 
-def find_checkpoint(project: Project, name: str | None = None) -> Checkpoint:
+def find_checkpoint(project: Project, name: str | None = None,
+                    reporter: Reporter | None = None) -> Checkpoint:
     """The named checkpoint (`step-300`, `300` or a path), or the latest one."""
     if name is None:
-        latest = latest_checkpoint(project)
+        latest = latest_checkpoint(project, reporter)
         if latest is None:
             raise ProjectError(f"Project {project.root} has no checkpoint yet.",
                                f"Run `vedit tune {project.root} --prompt ...` first.")
@@ -76,14 +94,18 @@ def find_checkpoint(project: Project, name: str | None = None) -> Checkpoint:
 
 
 def read_checkpoint(path: Path) -> Checkpoint:
+    """A checkpoint folder's record, checked (RECORD_SCHEMA); a damaged one is a ProjectError."""
+    hint = "Delete that checkpoint folder; resume from an earlier one or tune again."
     try:
         record = tomlio.loads((path / RECORD).read_text(encoding="utf-8"))
-        step = int(record["step"])
-    except (OSError, ValueError, KeyError, tomlio.TOMLDecodeError) as exc:
-        raise BadInputError(
-            f"Checkpoint {path} has an unreadable {RECORD} ({exc}).",
-            "Delete that checkpoint folder and resume from an earlier one.") from None
-    return Checkpoint(path, step, record)
+    except (OSError, UnicodeDecodeError, tomlio.TOMLDecodeError) as exc:
+        raise ProjectError(f"Checkpoint {path} has an unreadable {RECORD} ({exc}).",
+                           hint) from None
+    try:
+        RECORD_SCHEMA(record, "")
+    except schema.Invalid as exc:
+        raise ProjectError(f"Checkpoint {path} has a damaged {RECORD}: {exc}.", hint) from None
+    return Checkpoint(path, record["step"], record)
 
 
 def write_checkpoint(folder: Path, record: dict[str, Any], lora: dict[str, torch.Tensor],
@@ -171,6 +193,14 @@ def check_base(checkpoint: Checkpoint, model: str, fingerprint: str, hint: str) 
     if checkpoint.record.get("base_fingerprint") != fingerprint:
         now = "the model loaded now" if model == tuned_on else model
         raise BadInputError(f"{checkpoint.name} was tuned on {tuned_on}, not on {now}.", hint)
+
+
+def check_frames(checkpoint: Checkpoint, frames_key: str) -> None:
+    """Refuse a checkpoint tuned on other frames than the project's (`frames_key`: extracted
+    again since): resuming it, or editing with it, would use a model of other frames."""
+    if checkpoint.record.get("frames_key") != frames_key:
+        raise BadInputError(f"{checkpoint.name} was tuned on other frames of this project.",
+                            "The frames were extracted again since; tune from the start.")
 
 
 def tuned_unet(checkpoint: Checkpoint, base_unet: UNet2DConditionModel,

@@ -27,7 +27,7 @@ from einops import rearrange
 from PIL import Image, ImageDraw, ImageFont
 
 from vedit import __version__, tomlio
-from vedit.checkpoints import Checkpoint, find_checkpoint, tuned_unet
+from vedit.checkpoints import Checkpoint, check_frames, find_checkpoint, tuned_unet
 from vedit.errors import BadInputError, OutOfMemoryError
 from vedit.invert import Inversion, cached_inversion, inversion_key
 from vedit.latents import clip_span, frame_latents, span_images, span_latents
@@ -140,7 +140,8 @@ def edit(project_dir: Path, prompts: Sequence[str], settings: EditSettings | Non
     started = time.monotonic()
     state = PartialState(cpu=not torch.cuda.is_available())
     project = Project.open(Path(project_dir))
-    checkpoint = find_checkpoint(project, settings.checkpoint)
+    checkpoint = find_checkpoint(project, settings.checkpoint, reporter)
+    check_frames(checkpoint, project.require("frames", "extract")["key"])
     names = unique_names(project, prompts, name)
     jobs = list(zip(prompts, names, strict=True))
     try:

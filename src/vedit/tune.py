@@ -29,6 +29,7 @@ from vedit import __version__
 from vedit.checkpoints import (
     Checkpoint,
     check_base,
+    check_frames,
     latest_checkpoint,
     list_checkpoints,
     load_training_state,
@@ -197,7 +198,7 @@ def _tune_locked(project: Project, settings: TuneSettings, resume: bool, acceler
     started = time.monotonic()
     device = accelerator.device
     precision = accelerator.mixed_precision
-    checkpoint = _checkpoint_to_resume(project) if resume else None
+    checkpoint = _checkpoint_to_resume(project, reporter) if resume else None
     if checkpoint is not None and checkpoint.step >= settings.steps:
         reporter.info(f"Already tuned to step {checkpoint.step}; give --steps above it to go on.")
         return TuneResult(project=project.root, steps=checkpoint.step,
@@ -463,8 +464,8 @@ def _start_fresh(project: Project, reporter: Reporter) -> None:
         shutil.rmtree(checkpoint.path)
 
 
-def _checkpoint_to_resume(project: Project) -> Checkpoint:
-    latest = latest_checkpoint(project)
+def _checkpoint_to_resume(project: Project, reporter: Reporter) -> Checkpoint:
+    latest = latest_checkpoint(project, reporter)
     if latest is None:
         raise ProjectError(f"Project {project.root} has no checkpoint to resume from.",
                            "Run tune without --resume first.")
@@ -495,9 +496,7 @@ def check_compatible(checkpoint: Checkpoint, record: dict[str, Any]) -> None:
     mine = checkpoint.record
     check_base(checkpoint, record["base_model"], record["base_fingerprint"],
                f"Use --model {mine.get('base_model')} or tune again from the start.")
-    if mine.get("frames_key") != record["frames_key"]:
-        raise BadInputError(f"{checkpoint.name} was tuned on other frames of this project.",
-                            "The frames were extracted again since; tune from the start.")
+    check_frames(checkpoint, record["frames_key"])
     ours = (record["settings"]["rank"], record["lora_targets"])
     theirs = (mine.get("settings", {}).get("rank"), mine.get("lora_targets"))
     if ours != theirs:
