@@ -1,5 +1,6 @@
 """A damaged or hand-edited project is a sentence and exit 4, never a traceback (exit 1): its
-record, and rerunning the stage that wrote a damaged part repairs it."""
+record, checkpoints, frames and training state; caches that fail to load are computed again,
+and rerunning the stage that wrote a damaged record repairs it."""
 
 from __future__ import annotations
 
@@ -9,15 +10,21 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
+from PIL import Image
 from typer.testing import CliRunner
 
 from vedit import tomlio
-from vedit.checkpoints import RECORD
+from vedit.checkpoints import RECORD, TRAINING_FILE, list_checkpoints, load_training_state
 from vedit.cli import app
+from vedit.errors import ProjectError
 from vedit.extract import extract
-from vedit.project import RECORD_NAME
+from vedit.latents import load_frames
+from vedit.progress import Reporter
+from vedit.project import RECORD_NAME, Project
 from vedit.settings import ExtractSettings, TuneSettings
 from vedit.synthetic import make_clip
+from vedit.tensorfiles import cached_tensors, load_tensors, save_tensors
 from vedit.tune import tune
 
 runner = CliRunner()
@@ -169,3 +176,66 @@ def test_edit_refuses_a_checkpoint_of_other_frames_as_resume_does(tuned_copy: Pa
         result = runner.invoke(app, command)
         assert result.exit_code == 3, result.output
         assert "was tuned on other frames of this project" in said(result)
+
+
+# -- cached tensors and frames -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("damage", ["truncated", "no mean", "other shape", "integers"])
+def test_a_damaged_cache_is_computed_again(tmp_path: Path, damage: str) -> None:
+    path = tmp_path / "cache.safetensors"
+    good = {"mean": torch.ones(1, 4, 3, 8, 8), "std": torch.ones(1, 4, 3, 8, 8)}
+    if damage == "truncated":
+        save_tensors(path, good, {})
+        path.write_bytes(path.read_bytes()[:100])
+    else:
+        stored = {"no mean": {"std": good["std"]},
+                  "other shape": {"mean": torch.ones(1, 4, 2, 8, 8), "std": good["std"]},
+                  "integers": {"mean": torch.ones(1, 4, 3, 8, 8, dtype=torch.int64),
+                               "std": good["std"]}}[damage]
+        save_tensors(path, stored, {})
+    shapes = {"mean": (1, 4, 3, 8, 8), "std": (1, 4, 3, 8, 8)}
+    with pytest.warns(UserWarning, match="The cached cache.safetensors is damaged"):
+        tensors, reused = cached_tensors(path, lambda: good, {}, "reused", Reporter(),
+                                         shapes=shapes)
+    assert not reused and torch.equal(tensors["mean"], good["mean"])
+    again, reused = cached_tensors(path, lambda: {}, {}, "reused", Reporter(), shapes=shapes)
+    assert reused and torch.equal(again["std"], good["std"])  # stored anew, whole
+
+
+def test_damaged_latents_and_inversion_are_recomputed_by_edit(tuned_copy: Path) -> None:
+    edit = ["edit", str(tuned_copy), "-p", "a dog", "--steps", "1"]
+    assert runner.invoke(app, edit).exit_code == 0
+    [latents] = (tuned_copy / "latents").glob("*.safetensors")
+    [inversion] = (tuned_copy / "inversions").glob("*.safetensors")
+    latents.write_bytes(latents.read_bytes()[:1000])  # a truncated file: stuck until deleted
+    save_tensors(inversion, {"noise": torch.zeros(1, 4, 2, 8, 8)}, {})  # frames it lacks
+    result = runner.invoke(app, [*edit, "--name", "again"])
+    assert result.exit_code == 0, result.output
+    assert f"The cached {latents.name} is damaged" in said(result)
+    assert f"The cached {inversion.name} is damaged" in said(result)
+    assert load_tensors(inversion)[0]["noise"].shape[2] == 3
+
+
+@pytest.mark.parametrize("damage", ["garbage", "other size"])
+def test_a_damaged_frame_is_exit_4_naming_it(tmp_path: Path, damage: str) -> None:
+    frame = tmp_path / "00001.png"
+    if damage == "garbage":
+        frame.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    else:
+        Image.new("RGB", (64, 48)).save(frame)
+    with pytest.raises(ProjectError, match=f"The frame {frame} is") as caught:
+        load_frames([frame], 64, 64)
+    assert caught.value.exit_code == 4 and "vedit extract" in caught.value.hint
+
+
+def test_a_garbage_training_state_is_exit_4_naming_it(tuned_copy: Path) -> None:
+    project = Project.open(tuned_copy)
+    checkpoint = list_checkpoints(project)[-1]
+    path = checkpoint.path / TRAINING_FILE
+    tensors, metadata = load_tensors(path)
+    tensors["optimizer.param_groups"] = torch.tensor(list(b'[{"params": 5}]'), dtype=torch.uint8)
+    save_tensors(path, tensors, metadata)
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))])
+    with pytest.raises(ProjectError, match=f"{path} holds a damaged training state"):
+        load_training_state(checkpoint, optimizer, {})

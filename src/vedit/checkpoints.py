@@ -142,21 +142,35 @@ def training_state(optimizer: torch.optim.Optimizer,
 def load_training_state(checkpoint: Checkpoint, optimizer: torch.optim.Optimizer,
                         generators: dict[str, torch.Generator]) -> None:
     """Restore a checkpoint's optimizer and generator states (`training_state`), for --resume."""
-    tensors, _ = load_tensors(checkpoint.path / TRAINING_FILE)
-    groups = json.loads(bytes(tensors["optimizer.param_groups"].tolist()).decode())
-    state: dict[int, dict[str, torch.Tensor]] = {}
-    for key, value in tensors.items():
-        parts = key.split(".")
-        if parts[0] == "optimizer" and len(parts) == 3:
-            state.setdefault(int(parts[1]), {})[parts[2]] = value
+    path = checkpoint.path / TRAINING_FILE
+    tensors, _ = load_tensors(path)
+    try:
+        groups = json.loads(bytes(tensors["optimizer.param_groups"].tolist()).decode())
+        state: dict[int, dict[str, torch.Tensor]] = {}
+        for key, value in tensors.items():
+            parts = key.split(".")
+            if parts[0] == "optimizer" and len(parts) == 3:
+                state.setdefault(int(parts[1]), {})[parts[2]] = value
+        counts = [len(group["params"]) for group in groups]
+    except (KeyError, TypeError, ValueError) as exc:  # JSON, UTF-8 and int() errors among them
+        raise _damaged_state(path, exc) from None
     expected = sum(len(group["params"]) for group in optimizer.state_dict()["param_groups"])
-    if sum(len(group["params"]) for group in groups) != expected:
+    if sum(counts) != expected:
         raise BadInputError("The checkpoint's optimizer state is for other trainable weights.",
                             "Resume with the LoRA rank and targets it was tuned with.")
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
-    for name, generator in generators.items():
-        if f"generator.{name}" in tensors:
-            generator.set_state(tensors[f"generator.{name}"])
+    try:
+        optimizer.load_state_dict({"state": state, "param_groups": groups})
+        for name, generator in generators.items():
+            if f"generator.{name}" in tensors:
+                generator.set_state(tensors[f"generator.{name}"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise _damaged_state(path, exc) from None
+
+
+def _damaged_state(path: Path, exc: Exception) -> ProjectError:
+    return ProjectError(f"{path} holds a damaged training state ({type(exc).__name__}: "
+                        f"{str(exc)[:100]}).",
+                        "Resume from an earlier checkpoint (delete this one), or tune again.")
 
 
 # -- the tuned model --------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from vedit import __version__, tomlio
 from vedit.checkpoints import Checkpoint, check_frames, find_checkpoint, tuned_unet
 from vedit.errors import BadInputError, OutOfMemoryError
 from vedit.invert import Inversion, cached_inversion, inversion_key
-from vedit.latents import clip_span, frame_latents, span_images, span_latents
+from vedit.latents import clip_span, frame_latents, read_frame, span_images, span_latents
 from vedit.models import Components, load_components
 from vedit.progress import Reporter
 from vedit.project import EDIT_VIDEO, Project, atomic_dir, frame_file
@@ -196,7 +196,7 @@ def tuned_clip(project: Project, components: Components, reporter: Reporter) -> 
         latents_key=latents.key,
         times=[float(t) for t in frames["times"]], interval=float(frames["interval"]),
         plan=single_window(latents.num_frames),
-        sources=lambda: (np.asarray(Image.open(p).convert("RGB")) for p in paths),
+        sources=lambda: (read_frame(p, frames["width"], frames["height"]) for p in paths),
         full=None)
 
 
@@ -239,7 +239,7 @@ def _inversion(project: Project, checkpoint: Checkpoint, components: Components,
         return ddim_invert(unet, components.scheduler.config, clip.latents.float(), embeds,
                            settings.steps, reporter, plan=clip.plan, resume=resume)
 
-    return cached_inversion(project, key, compute, reporter)
+    return cached_inversion(project, key, compute, clip.latents.shape, reporter)
 
 
 def _start_noise(shape: torch.Size, inversion: Inversion | None, count: int,
