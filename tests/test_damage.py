@@ -6,16 +6,25 @@ from __future__ import annotations
 
 import json
 import shutil
+import struct
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from PIL import Image
+from pipeline_files import UNET_FILE
 from typer.testing import CliRunner
 
 from vedit import tomlio
-from vedit.checkpoints import RECORD, TRAINING_FILE, list_checkpoints, load_training_state
+from vedit.checkpoints import (
+    LORA_FILE,
+    RECORD,
+    TEMPORAL_FILE,
+    TRAINING_FILE,
+    list_checkpoints,
+    load_training_state,
+)
 from vedit.cli import app
 from vedit.errors import ProjectError
 from vedit.extract import extract
@@ -239,3 +248,53 @@ def test_a_garbage_training_state_is_exit_4_naming_it(tuned_copy: Path) -> None:
     optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))])
     with pytest.raises(ProjectError, match=f"{path} holds a damaged training state"):
         load_training_state(checkpoint, optimizer, {})
+
+
+# -- crafted model files and checkpoint weights ------------------------------------------------
+
+CONV_IN = "model.diffusion_model.input_blocks.0.0.weight"
+HEADERS = {  # the red team's crafted entries, each for 16 bytes of data
+    "no shape": {"dtype": "F32", "data_offsets": [0, 16]},
+    "empty shape": {"dtype": "F32", "shape": [], "data_offsets": [0, 16]},
+    "scalar": {"dtype": "F32", "shape": [], "data_offsets": [0, 4]},  # valid, but not a conv
+    "string offsets": {"dtype": "F32", "shape": [4], "data_offsets": ["0", "16"]},
+    "no dtype": {"shape": [4], "data_offsets": [0, 16]},
+    "offsets past the end": {"dtype": "F32", "shape": [8], "data_offsets": [0, 32]},
+}
+
+
+def crafted(path: Path, entry: dict[str, Any]) -> Path:
+    header = json.dumps({CONV_IN: entry}).encode()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(struct.pack("<Q", len(header)) + header + bytes(16))
+    return path
+
+
+@pytest.mark.parametrize("damage", HEADERS)
+def test_a_crafted_single_file_header_is_exit_3(tmp_path: Path, damage: str) -> None:
+    path = crafted(tmp_path / "model.safetensors", HEADERS[damage])
+    result = runner.invoke(app, ["fetch-models", str(path)])
+    assert result.exit_code == 3, result.output
+    assert "Traceback" not in result.output and "model.safetensors" in said(result)
+
+
+@pytest.mark.parametrize("damage", ["no shape", "string offsets", "no dtype"])
+def test_a_crafted_model_folder_header_is_exit_3(tmp_path: Path, tiny_model: Path,
+                                                 damage: str) -> None:
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model, folder)
+    crafted(folder / UNET_FILE, HEADERS[damage])
+    result = runner.invoke(app, ["fetch-models", str(folder)])
+    assert result.exit_code == 3, result.output
+    assert "is not a complete safetensors file" in said(result)
+
+
+@pytest.mark.parametrize(("file", "dtype"), [(TEMPORAL_FILE, torch.int64), (LORA_FILE, torch.bool)])
+def test_checkpoint_weights_that_are_not_floats_are_refused(tuned_copy: Path, file: str,
+                                                            dtype: torch.dtype) -> None:
+    path = tuned_copy / "checkpoints" / "step-3" / file
+    tensors, metadata = load_tensors(path)
+    save_tensors(path, {k: v.to(dtype) for k, v in tensors.items()}, metadata)
+    result = runner.invoke(app, ["edit", str(tuned_copy), "-p", "a dog", "--steps", "1"])
+    assert result.exit_code == 3, result.output
+    assert f"step-3/{file} holds" in said(result) and "not a vedit checkpoint" in said(result)

@@ -178,9 +178,9 @@ def _damaged_state(path: Path, exc: Exception) -> ProjectError:
 
 def load_weights(checkpoint: Checkpoint, unet: InflatedUNet) -> None:
     """Load a checkpoint's LoRA and temporal weights into an inflated UNet with LoRA added."""
-    lora, _ = load_tensors(checkpoint.path / LORA_FILE)
+    lora = _float_weights(checkpoint, LORA_FILE)
     load_lora_state_dict(unet, {k.removeprefix("unet."): v for k, v in lora.items()})
-    temporal, _ = load_tensors(checkpoint.path / TEMPORAL_FILE)
+    temporal = _float_weights(checkpoint, TEMPORAL_FILE)
     own = unet.temporal_parameters()
     for name, tensor in temporal.items():
         if name not in own:
@@ -198,6 +198,18 @@ def load_weights(checkpoint: Checkpoint, unet: InflatedUNet) -> None:
     with torch.no_grad():
         for name, tensor in temporal.items():
             own[name].copy_(tensor)
+
+
+def _float_weights(checkpoint: Checkpoint, file: str) -> dict[str, torch.Tensor]:
+    """The weights in a checkpoint's `file`; tuned weights are floats, anything else (int64,
+    bool) is not a vedit checkpoint and would be silently cast."""
+    tensors, _ = load_tensors(checkpoint.path / file)
+    for name, tensor in tensors.items():
+        if not tensor.is_floating_point():
+            raise BadInputError(f"{checkpoint.name}/{file} holds {name} as {tensor.dtype}, not "
+                                "as floating-point weights: it is not a vedit checkpoint.",
+                                "Use a checkpoint written by `vedit tune`.")
+    return tensors
 
 
 def check_base(checkpoint: Checkpoint, model: str, fingerprint: str, hint: str) -> None:
