@@ -282,19 +282,24 @@ def test_full_disk_while_writing_an_edit_leaves_no_edit(project: Path,
 # -- out of GPU memory -------------------------------------------------------------------------
 
 
-def test_out_of_memory_names_the_settings_to_lower(project: Path,
+@pytest.mark.parametrize("device", ["GPU", "CPU"])
+def test_out_of_memory_names_the_settings_to_lower(project: Path, device: str,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
 
     import vedit.tune
 
     def no_memory(*args: object, **kwargs: object) -> None:
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        if device == "GPU":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: "
+                           "can't allocate memory: you tried to allocate 40000000000000 bytes.")
 
     monkeypatch.setattr(vedit.tune, "training_loss", no_memory)
     result = runner.invoke(app, ["tune", str(project), "--prompt", PROMPT, "--steps", "3"])
-    assert_clean_failure(result, 7, "ran out of GPU memory")
+    assert_clean_failure(result, 7, "ran out of")
     assert "--frames" in result.stderr and "--size" in result.stderr
+    assert "--rank" in result.stderr
 
 
 # -- Ctrl-C, SIGTERM and SIGKILL in real processes ---------------------------------------------

@@ -28,7 +28,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from vedit import __version__, tomlio
 from vedit.checkpoints import Checkpoint, check_frames, find_checkpoint, tuned_unet
-from vedit.errors import BadInputError, OutOfMemoryError
+from vedit.errors import BadInputError, OutOfMemoryError, is_out_of_memory
 from vedit.invert import Inversion, cached_inversion, inversion_key
 from vedit.latents import clip_span, frame_latents, read_frame, span_images, span_latents
 from vedit.models import Components, load_components
@@ -150,9 +150,11 @@ def edit(project_dir: Path, prompts: Sequence[str], settings: EditSettings | Non
                 outputs = _render(project, checkpoint, jobs, settings, state, reporter)
         else:
             outputs = _render(project, checkpoint, jobs, settings, state, reporter)
-    except torch.OutOfMemoryError:
+    except (RuntimeError, MemoryError) as exc:  # torch.OutOfMemoryError is a RuntimeError
+        if not is_out_of_memory(exc):
+            raise
         raise OutOfMemoryError(
-            "Editing ran out of GPU memory.",
+            f"Editing ran out of {'CPU' if state.device.type == 'cpu' else 'GPU'} memory.",
             "Try a smaller --window (or --batch 1)." if settings.full else
             "Try --batch 1, fewer frames (vedit extract --frames) or a smaller --size.") from None
     return EditResult(project.root, outputs, time.monotonic() - started, str(state.device))

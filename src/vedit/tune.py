@@ -37,7 +37,13 @@ from vedit.checkpoints import (
     training_state,
     write_checkpoint,
 )
-from vedit.errors import BadInputError, Interrupted, OutOfMemoryError, ProjectError
+from vedit.errors import (
+    BadInputError,
+    Interrupted,
+    OutOfMemoryError,
+    ProjectError,
+    is_out_of_memory,
+)
 from vedit.extract import ExtractResult, extract
 from vedit.inflate import InflatedUNet, inflate_unet
 from vedit.latents import FrameLatents, frame_latents
@@ -214,9 +220,13 @@ def _tune_locked(project: Project, settings: TuneSettings, resume: bool, acceler
         before = fixed_draw_loss(run) if start_step == 0 else None
         written, smoothed = _loop(project, run, start_step, reporter)
         after = fixed_draw_loss(run)
-    except torch.OutOfMemoryError:
+    except (RuntimeError, MemoryError) as exc:  # torch.OutOfMemoryError is a RuntimeError
+        if not is_out_of_memory(exc):
+            raise
+        memory = ("CPU memory" if device.type == "cpu" else
+                  f"GPU memory ({_memory_summary(device)})")
         raise OutOfMemoryError(
-            f"Tuning ran out of GPU memory ({_memory_summary(device)}).",
+            f"Tuning ran out of {memory}.",
             "Try fewer frames (vedit extract --frames), a smaller --size, "
             "--gradient-checkpointing, or a lower --rank.") from None
     result = TuneResult(
