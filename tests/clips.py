@@ -98,3 +98,107 @@ def stream_durations(path: Path) -> dict[str, float]:
     """Seconds each stream type plays for, as the container states it."""
     with av.open(str(path)) as container:
         return {s.type: float(s.duration * s.time_base) for s in container.streams if s.duration}
+
+
+# -- other containers, made the way ffmpeg users make them -----------------------------------
+
+CONTAINER_SIZE = (128, 96)
+CONTAINER_FRAMES = 50  # 2 s at 25 fps
+
+
+def _bframe_clip(path: Path) -> Path:
+    """H.264 with B-frames (x264's defaults) and an AAC tone, frames numbered by their bar."""
+    from vedit.synthetic import pattern
+
+    width, height = CONTAINER_SIZE
+    with av.open(str(path), "w") as container:
+        video = container.add_stream("libx264", rate=25)
+        video.width, video.height, video.pix_fmt = width, height, "yuv420p"
+        video.options = {"preset": "ultrafast", "crf": "12", "bf": "2", "g": "12"}
+        for i in range(CONTAINER_FRAMES):
+            image = pattern(width, height, i, CONTAINER_FRAMES)
+            container.mux(video.encode(av.VideoFrame.from_ndarray(image, "rgb24")))
+        container.mux(video.encode())
+    return path
+
+
+def remux_packets(source: Path, target: Path, *, container_format: str | None = None,
+                  cut: float = 0.0, kinds: tuple[str, ...] = ("video", "audio")) -> Path:
+    """Copy the packets of `source` into another container, as `ffmpeg -c copy` does; `cut`
+    seconds start earlier (negative times), which mp4 writes as an edit list, as
+    `ffmpeg -ss CUT -i in.mp4 -c copy out.mp4` does."""
+    with av.open(str(source)) as inp, \
+            av.open(str(target), "w", format=container_format) as out:
+        streams = {s.index: out.add_stream_from_template(s) for s in inp.streams
+                   if s.type in kinds}
+        for packet in inp.demux():
+            if packet.size == 0 or packet.stream.index not in streams:
+                continue
+            shift = round(cut / packet.stream.time_base)
+            packet.pts = None if packet.pts is None else packet.pts - shift
+            packet.dts = None if packet.dts is None else packet.dts - shift
+            packet.stream = streams[packet.stream.index]
+            out.mux(packet)
+    return target
+
+
+def _mpeg2_ts(path: Path) -> Path:
+    from vedit.synthetic import pattern
+
+    width, height = CONTAINER_SIZE
+    with av.open(str(path), "w", format="mpegts") as container:
+        video = container.add_stream("mpeg2video", rate=25)
+        video.width, video.height, video.pix_fmt = width, height, "yuv420p"
+        video.options = {"qscale": "2", "bf": "2", "g": "12"}
+        for i in range(CONTAINER_FRAMES):
+            frame = av.VideoFrame.from_ndarray(pattern(width, height, i, CONTAINER_FRAMES),
+                                               "rgb24")
+            frame.pts = i
+            container.mux(video.encode(frame))
+        container.mux(video.encode())
+    return path
+
+
+#: name -> (file name, index of the source frame shown first, frame count)
+CONTAINERS = {
+    "mp4 with an edit list": ("cut.mp4", 18, CONTAINER_FRAMES - 18),
+    "H.264 in MPEG-TS": ("h264.ts", 0, CONTAINER_FRAMES),
+    "MPEG-2 in MPEG-TS": ("mpeg2.ts", 0, CONTAINER_FRAMES),
+    "raw H.264": ("raw.h264", 0, CONTAINER_FRAMES),
+    "JPEG still": ("still.jpg", 3, 1),
+}
+
+
+@pytest.fixture(scope="session")
+def container_clips(clip_dir: Path) -> dict[str, Path]:
+    """One clip of each kind in CONTAINERS, made in code."""
+    from PIL import Image
+
+    from vedit.synthetic import pattern
+
+    base = _bframe_clip(clip_dir / "bframes.mp4")
+    with_sound = make_clip(clip_dir / "sound.mp4", width=CONTAINER_SIZE[0],
+                           height=CONTAINER_SIZE[1], fps=25, seconds=2.0)
+    folder = clip_dir / "containers"
+    folder.mkdir()
+    made = {
+        "mp4 with an edit list": remux_packets(with_sound, folder / "cut.mp4", cut=0.72),
+        "H.264 in MPEG-TS": remux_packets(base, folder / "h264.ts", container_format="mpegts"),
+        "MPEG-2 in MPEG-TS": _mpeg2_ts(folder / "mpeg2.ts"),
+        "raw H.264": remux_packets(base, folder / "raw.h264", container_format="h264",
+                                   kinds=("video",)),
+    }
+    still = folder / "still.jpg"
+    Image.fromarray(pattern(*CONTAINER_SIZE, 3, CONTAINER_FRAMES)).save(still, quality=95)
+    made["JPEG still"] = still
+    return made
+
+
+def frame_number(image: np.ndarray, count: int = CONTAINER_FRAMES) -> int:
+    """Which frame of `vedit.synthetic.pattern` (of `count`) an image shows, from where its
+    white square is: it moves about two pixels a frame at 128 pixels wide."""
+    height, width = image.shape[:2]
+    side = max(4, min(width, height) // 4)
+    white = np.flatnonzero(image[height // 2, :, 1:].min(axis=1) > 200)
+    left = float(white.mean()) - (side - 1) / 2
+    return round(left * (count - 1) / (width - side))

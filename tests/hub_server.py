@@ -4,7 +4,8 @@ Two stdlib servers on ephemeral ports share one state: the "hub" answers the API
 (`/api/models/{id}/revision/{rev}`, `/api/models/{id}/tree/{rev}`) and `/{id}/resolve/{rev}/{file}`
 (HEAD and GET); large (LFS) files are redirected, like on huggingface.co, to a "CDN" on the other
 port, which serves byte ranges. Every request is logged so tests can check what was asked for
-(and that nothing else was, e.g. xet endpoints). `cut_off` drops one transfer mid-file.
+(and that nothing else was, e.g. xet endpoints). `cut_off` drops one transfer mid-file;
+`slow_down` trickles one; `serve_etag` and `listing_ids` make a hub that lies or says little.
 """
 
 from __future__ import annotations
@@ -89,6 +90,9 @@ class FakeHub:
         self.requests: list[LoggedRequest] = []
         self._cut_offs: dict[str, _CutOff] = {}
         self._slow: dict[str, int] = {}
+        self._etags: dict[str, str] = {}
+        #: False: the listing gives no content ids (sizes only), as some mirrors.
+        self.listing_ids = True
         self._lock = threading.Lock()
         self._servers: list[ThreadingHTTPServer] = []
 
@@ -111,6 +115,10 @@ class FakeHub:
     def slow_down(self, filename: str, bytes_per_second: int) -> None:
         """Send `filename` at about this rate, so a test can interrupt a transfer midway."""
         self._slow[filename] = bytes_per_second
+
+    def serve_etag(self, filename: str, etag: str) -> None:
+        """Answer `etag` (unquoted text) as `filename`'s ETag, whatever its content is."""
+        self._etags[filename] = etag
 
     def cut_off(self, filename: str, after_bytes: int, *, then_fail: int = 0) -> None:
         """The next transfer of `filename` stops after `after_bytes` bytes and the connection
@@ -231,7 +239,8 @@ class _HubHandler(BaseHTTPRequestHandler):
                    query: dict[str, list[str]]) -> None:
         sha, files = repo
         with_blobs = query.get("blobs", ["false"])[0].lower() == "true"
-        siblings = [_sibling(path, f, with_blobs) for path, f in sorted(files.items())]
+        siblings = [_sibling(path, f, with_blobs, self.hub.listing_ids)
+                    for path, f in sorted(files.items())]
         body = {"id": repo_id, "modelId": repo_id, "sha": sha, "private": False,
                 "tags": ["diffusers"], "library_name": "diffusers", "siblings": siblings}
         self._json(body, {"X-Repo-Commit": sha})
@@ -260,16 +269,17 @@ class _HubHandler(BaseHTTPRequestHandler):
             self._answer(404, b"", {"X-Error-Code": "EntryNotFound", "X-Repo-Commit": sha})
             return
         headers = {"X-Repo-Commit": sha, "Accept-Ranges": "bytes"}
+        etag = self.hub._etags.get(filename)
         if hub_file.is_lfs:
             headers.update({
                 "Location": f"{self.hub.cdn}/cdn/{hub_file.sha256}/{quote(filename)}",
-                "X-Linked-Etag": f'"{hub_file.sha256}"',
+                "X-Linked-Etag": f'"{etag or hub_file.sha256}"',
                 "X-Linked-Size": str(len(hub_file.content)),
                 "ETag": f'"{hub_file.git_oid}"',  # the pointer's: clients must prefer X-Linked-Etag
             })
             self._answer(302, b"", headers, head=head)
             return
-        headers["ETag"] = f'"{hub_file.git_oid}"'
+        headers["ETag"] = f'"{etag or hub_file.git_oid}"'
         self._send_content(filename, hub_file.content, headers, head=head)
 
     def _cdn(self, path: str, *, head: bool) -> None:
@@ -368,12 +378,15 @@ class _HubHandler(BaseHTTPRequestHandler):
                                     range_start, sent, dict(headers or {})))
 
 
-def _sibling(path: str, hub_file: HubFile, with_blobs: bool) -> dict[str, object]:
-    """A `siblings` entry; sizes and ids only when asked with `?blobs=true`, as on the hub."""
+def _sibling(path: str, hub_file: HubFile, with_blobs: bool, ids: bool) -> dict[str, object]:
+    """A `siblings` entry; sizes and ids only when asked with `?blobs=true`, as on the hub (and
+    no ids at all from a mirror that gives none)."""
     if not with_blobs:
         return {"rfilename": path}
-    entry: dict[str, object] = {"rfilename": path, "size": len(hub_file.content),
-                                "blobId": hub_file.git_oid}
+    entry: dict[str, object] = {"rfilename": path, "size": len(hub_file.content)}
+    if not ids:
+        return entry
+    entry["blobId"] = hub_file.git_oid
     if hub_file.is_lfs:
         entry["lfs"] = {"sha256": hub_file.sha256, "size": len(hub_file.content),
                         "pointerSize": _LFS_POINTER_SIZE}

@@ -94,6 +94,12 @@ def test_default_project_folder_is_beside_the_clip(tmp_path: Path, clip_silent: 
     (["extract", "CLIP", "-o", "NEWER"], 4, "newer vedit"),
     (["remux", "NOTPROJECT"], 4, "not a vedit project"),
     (["extract", "CLIP", "--bogus"], 2, "No such option"),
+    (["extract", "CLIP", "--start", "nan"], 3, "--start nan is not a time in the clip"),
+    (["extract", "CLIP", "--end", "inf"], 3, "--end inf is not a time in the clip"),
+    (["extract", "CLIP", "--size", "\uff16\uff14"], 3, "not a size"),
+    (["extract", "CLIP", "--size", ""], 3, "--size is empty"),
+    (["extract", "CLIP", "--frames", "\uff14"], 2, "not a number in ASCII digits"),
+    (["extract", "CLIP", "--start", "\uff11"], 2, "not a number in ASCII digits"),
 ])
 def test_errors_are_one_sentence_a_hint_and_a_documented_code(
         tmp_path: Path, clip_qcif: Path, args: list[str], code: int, message: str) -> None:

@@ -11,10 +11,10 @@ from clips import VFR_TIMES, audio_packets
 from PIL import Image
 
 from vedit.errors import BadInputError, ProjectError
-from vedit.extract import extract, output_size, select_frames
+from vedit.extract import extract, output_size, plan_frames, select_frames
 from vedit.project import Project
 from vedit.settings import ExtractSettings, FrameSize
-from vedit.video import probe
+from vedit.video import VideoInfo, probe
 
 # -- choosing frames (pure) ------------------------------------------------------------------
 
@@ -74,6 +74,15 @@ def test_a_window_with_no_frames_is_refused() -> None:
 def test_output_size(source: tuple[int, int], size: FrameSize, crop: bool,
                      expected: tuple[int, int]) -> None:
     assert output_size(*source, size, crop) == expected
+
+
+def test_the_side_limit_holds_for_the_long_side_too() -> None:
+    narrow = VideoInfo(path=Path("narrow.mp4"), container="mp4", codec="h264", width=4098,
+                       height=16, rotation=0, fps=Fraction(10), frame_times=[0.0, 0.1, 0.2],
+                       frame_pts=[0, 1, 2], has_dts=True)
+    with pytest.raises(BadInputError, match="would be 262272x1024, over 4096 pixels a side"):
+        plan_frames(narrow, ExtractSettings(frames=2, size="1024"))
+    assert plan_frames(narrow, ExtractSettings(frames=2, size="1024x64")).width == 1024
 
 
 # -- real clips ------------------------------------------------------------------------------

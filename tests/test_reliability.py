@@ -208,7 +208,7 @@ def test_a_record_edited_into_nonsense(project: Path) -> None:
     record = project / "vedit.toml"
     record.write_text(record.read_text().replace('dir = "frames"', 'dir = "../../etc"'))
     result = runner.invoke(app, ["edit", str(project), "-p", "a cat"])
-    assert_clean_failure(result, 4, "outside the project")
+    assert_clean_failure(result, 4, "holds a bad value: frames.dir = '../../etc'")
     record.write_text("format = 1\n[frames\nbroken")
     assert_clean_failure(runner.invoke(app, ["tune", str(project), "--prompt", "x"]), 4,
                          "not valid TOML")
@@ -282,19 +282,24 @@ def test_full_disk_while_writing_an_edit_leaves_no_edit(project: Path,
 # -- out of GPU memory -------------------------------------------------------------------------
 
 
-def test_out_of_memory_names_the_settings_to_lower(project: Path,
+@pytest.mark.parametrize("device", ["GPU", "CPU"])
+def test_out_of_memory_names_the_settings_to_lower(project: Path, device: str,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
 
     import vedit.tune
 
     def no_memory(*args: object, **kwargs: object) -> None:
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        if device == "GPU":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: "
+                           "can't allocate memory: you tried to allocate 40000000000000 bytes.")
 
     monkeypatch.setattr(vedit.tune, "training_loss", no_memory)
     result = runner.invoke(app, ["tune", str(project), "--prompt", PROMPT, "--steps", "3"])
-    assert_clean_failure(result, 7, "ran out of GPU memory")
+    assert_clean_failure(result, 7, "ran out of")
     assert "--frames" in result.stderr and "--size" in result.stderr
+    assert "--rank" in result.stderr
 
 
 # -- Ctrl-C, SIGTERM and SIGKILL in real processes ---------------------------------------------
@@ -405,6 +410,37 @@ def test_ctrl_c_while_vedit_starts_up_is_clean_too(tmp_path: Path, delay: float)
     _, stderr = process.communicate(timeout=60)
     assert process.returncode in (130, 3), stderr  # 3 if it got as far as the missing clip
     assert "Traceback" not in stderr
+
+
+# The entry point as the console script runs it, sent SIGNAL by itself at MOMENT: while vedit
+# imports Typer, or while Typer parses the command line. No timing: the moment is an event.
+AT_A_MOMENT = """
+import os, signal, sys
+number = getattr(signal, sys.argv[1])
+kill = lambda: os.kill(os.getpid(), number)
+if sys.argv[2] == "import":
+    sys.addaudithook(lambda event, args: event == "import" and args[0] == "typer" and kill())
+else:
+    import typer.core
+    parse = typer.core.TyperCommand.parse_args
+    typer.core.TyperCommand.parse_args = lambda self, *a: (kill(), parse(self, *a))[1]
+from vedit.__main__ import main
+sys.argv = ["vedit", *sys.argv[3:]]
+main()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("moment", ["import", "parse"])
+@pytest.mark.parametrize("signal_number", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_while_vedit_starts_is_reported_too(tmp_path: Path, moment: str,
+                                                     signal_number: int) -> None:
+    done = subprocess.run([sys.executable, "-c", AT_A_MOMENT, signal.Signals(signal_number).name,
+                           moment, "extract", str(tmp_path / "missing.mp4")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 130, done.stderr
+    assert done.stderr.startswith("error: Interrupted."), done.stderr
+    assert "Traceback" not in done.stderr
 
 
 # -- two writers at once -------------------------------------------------------------------------

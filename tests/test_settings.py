@@ -44,13 +44,38 @@ def test_parse_size_refuses_absurd_sizes(text: str, message: str) -> None:
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"frames": 0}, "at least one frame"),
     ({"stride": 0}, "--stride 0"),
-    ({"start": -1.0}, "negative"),
+    ({"start": -1.0}, "not a time in the clip"),
+    ({"start": float("nan")}, "not a time in the clip"),
+    ({"end": float("inf")}, "not a time in the clip"),
     ({"start": 2.0, "end": 1.0}, "not after"),
     ({"size": "64x48", "crop": True}, "--crop takes a single"),
+    ({"size": ""}, "--size is empty"),
+    ({"size": "\uff16\uff14"}, "not a size"),  # full-width digits: int() would read 64
 ])
 def test_extract_settings_refuse_impossible_values(kwargs: dict, message: str) -> None:
     with pytest.raises(BadInputError, match=message):
         ExtractSettings(**kwargs)
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"rank": 1_000_000_000}, "--rank 1000000000 is above 1024"),
+    ({"lr": float("nan")}, "--lr must be a finite number"),
+    ({"lora_lr": float("inf")}, "--lora-lr must be a finite number"),
+    ({"seed": 2**64}, "--seed .* is out of range"),
+])
+def test_tune_settings_refuse_values_that_would_only_fail_later(kwargs: dict,
+                                                                message: str) -> None:
+    with pytest.raises(BadInputError, match=message):
+        TuneSettings(prompt="a clip", **kwargs)
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"guidance": float("nan")}, "--guidance nan is not a number"),
+    ({"seed": -(2**64)}, "--seed .* is out of range"),
+])
+def test_edit_settings_refuse_non_finite_or_huge_values(kwargs: dict, message: str) -> None:
+    with pytest.raises(BadInputError, match=message):
+        EditSettings(**kwargs)
 
 
 def test_flags_beat_the_config_which_beats_the_defaults(tmp_path: Path) -> None:

@@ -38,7 +38,8 @@ def make_project(tmp_path: Path) -> Path:
         "size_bytes": clip.stat().st_size, "duration": 2.0,
         "video": {"codec": "h264", "width": 640, "height": 360, "fps": 25.0, "frame_count": 50}}
     project.record["frames"] = {"key": FRAMES_KEY, "count": 3, "width": 64, "height": 64,
-                                "fps": 12.5, "times": [0.0, 0.08, 0.16], "dir": "frames"}
+                                "fps": 12.5, "interval": 0.08, "times": [0.0, 0.08, 0.16],
+                                "source_indices": [0, 2, 4], "dir": "frames"}
     project.save()
     root = project.root
     (root / "frames").mkdir()
@@ -50,7 +51,7 @@ def make_project(tmp_path: Path) -> Path:
         _tensors(folder / TEMPORAL_FILE, {})
         (folder / RECORD).write_text(tomlio.dumps({
             "step": step, "base_model": "/models/sd", "base_fingerprint": MODEL,
-            "frames_key": FRAMES_KEY, "settings": {"prompt": "a man skiing", "steps": 6,
+            "lora_targets": ["attn1.to_q", "attn2.to_q"], "frames_key": FRAMES_KEY, "settings": {"prompt": "a man skiing", "steps": 6,
                                                    "lr": 3e-5, "rank": 16}}))
     (root / "logs").mkdir()
     (root / "logs" / "tune.jsonl").write_text("".join(

@@ -15,13 +15,16 @@ status` answers, in well under a second); the functions that handle weights impo
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from vedit import tomlio
+from vedit import schema, tomlio
 from vedit.errors import BadInputError, ProjectError
+from vedit.progress import Reporter
 from vedit.project import Project, atomic_dir
+from vedit.settings import ATTENTIONS, PROJECTIONS, TuneSettings
 
 if TYPE_CHECKING:
     import torch
@@ -37,6 +40,14 @@ TRAINING_FILE = "training.safetensors"
 #: The fp16 gradient scaler's state in the training file (loss scale, growth tracker).
 SCALER_KEY = "scaler.state"
 
+_TARGET = "|".join(re.escape(f"{a}.{p}") for a in ATTENTIONS for p in PROJECTIONS)
+#: What checkpoint.toml must hold, checked when it is read: a damaged one is named, not loaded.
+RECORD_SCHEMA = schema.table({
+    "step": schema.integer(0), "settings": schema.settings_of(TuneSettings),
+    "lora_targets": schema.items(schema.text(_TARGET), at_least=1),
+    "base_model": schema.text(), "base_fingerprint": schema.text(), "frames_key": schema.text(),
+}, required=("step", "settings", "lora_targets", "base_model", "base_fingerprint"))
+
 
 @dataclass(frozen=True)
 class Checkpoint:
@@ -51,22 +62,29 @@ class Checkpoint:
         return self.path.name
 
 
-def list_checkpoints(project: Project) -> list[Checkpoint]:
-    """Every complete checkpoint, by step."""
-    found = [read_checkpoint(path) for path in project.checkpoint_dirs()
-             if (path / RECORD).is_file()]
+def list_checkpoints(project: Project, reporter: Reporter | None = None) -> list[Checkpoint]:
+    """Every complete checkpoint, by step; a damaged one is skipped (and named to `reporter`),
+    so that it does not stop the use of the others."""
+    found = []
+    for path in project.checkpoint_dirs():
+        if (path / RECORD).is_file():
+            try:
+                found.append(read_checkpoint(path))
+            except ProjectError as exc:
+                (reporter or Reporter()).warn(f"{exc.message} It is skipped.")
     return sorted(found, key=lambda c: c.step)
 
 
-def latest_checkpoint(project: Project) -> Checkpoint | None:
-    found = list_checkpoints(project)
+def latest_checkpoint(project: Project, reporter: Reporter | None = None) -> Checkpoint | None:
+    found = list_checkpoints(project, reporter)
     return found[-1] if found else None
 
 
-def find_checkpoint(project: Project, name: str | None = None) -> Checkpoint:
+def find_checkpoint(project: Project, name: str | None = None,
+                    reporter: Reporter | None = None) -> Checkpoint:
     """The named checkpoint (`step-300`, `300` or a path), or the latest one."""
     if name is None:
-        latest = latest_checkpoint(project)
+        latest = latest_checkpoint(project, reporter)
         if latest is None:
             raise ProjectError(f"Project {project.root} has no checkpoint yet.",
                                f"Run `vedit tune {project.root} --prompt ...` first.")
@@ -81,14 +99,18 @@ def find_checkpoint(project: Project, name: str | None = None) -> Checkpoint:
 
 
 def read_checkpoint(path: Path) -> Checkpoint:
+    """A checkpoint folder's record, checked (RECORD_SCHEMA); a damaged one is a ProjectError."""
+    hint = "Delete that checkpoint folder; resume from an earlier one or tune again."
     try:
         record = tomlio.loads((path / RECORD).read_text(encoding="utf-8"))
-        step = int(record["step"])
-    except (OSError, ValueError, KeyError, tomlio.TOMLDecodeError) as exc:
-        raise BadInputError(
-            f"Checkpoint {path} has an unreadable {RECORD} ({exc}).",
-            "Delete that checkpoint folder and resume from an earlier one.") from None
-    return Checkpoint(path, step, record)
+    except (OSError, UnicodeDecodeError, tomlio.TOMLDecodeError) as exc:
+        raise ProjectError(f"Checkpoint {path} has an unreadable {RECORD} ({exc}).",
+                           hint) from None
+    try:
+        RECORD_SCHEMA(record, "")
+    except schema.Invalid as exc:
+        raise ProjectError(f"Checkpoint {path} has a damaged {RECORD}: {exc}.", hint) from None
+    return Checkpoint(path, record["step"], record)
 
 
 def recorded_settings(project: Project, *, resume: bool) -> dict[str, Any]:
@@ -146,23 +168,37 @@ def load_training_state(checkpoint: Checkpoint, optimizer: torch.optim.Optimizer
     for --resume. A scaler starts afresh when the checkpoint has none (tuned without fp16)."""
     from vedit.tensorfiles import load_tensors
 
-    tensors, _ = load_tensors(checkpoint.path / TRAINING_FILE)
-    groups = _from_json_tensor(tensors["optimizer.param_groups"])
-    state: dict[int, dict[str, torch.Tensor]] = {}
-    for key, value in tensors.items():
-        parts = key.split(".")
-        if parts[0] == "optimizer" and len(parts) == 3:
-            state.setdefault(int(parts[1]), {})[parts[2]] = value
+    path = checkpoint.path / TRAINING_FILE
+    tensors, _ = load_tensors(path)
+    try:
+        groups = _from_json_tensor(tensors["optimizer.param_groups"])
+        state: dict[int, dict[str, torch.Tensor]] = {}
+        for key, value in tensors.items():
+            parts = key.split(".")
+            if parts[0] == "optimizer" and len(parts) == 3:
+                state.setdefault(int(parts[1]), {})[parts[2]] = value
+        counts = [len(group["params"]) for group in groups]
+    except (KeyError, TypeError, ValueError) as exc:  # JSON, UTF-8 and int() errors among them
+        raise _damaged_state(path, exc) from None
     expected = sum(len(group["params"]) for group in optimizer.state_dict()["param_groups"])
-    if sum(len(group["params"]) for group in groups) != expected:
+    if sum(counts) != expected:
         raise BadInputError("The checkpoint's optimizer state is for other trainable weights.",
                             "Resume with the LoRA rank and targets it was tuned with.")
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
-    for name, generator in generators.items():
-        if f"generator.{name}" in tensors:
-            generator.set_state(tensors[f"generator.{name}"])
-    if scaler is not None and scaler.is_enabled() and SCALER_KEY in tensors:
-        scaler.load_state_dict(_from_json_tensor(tensors[SCALER_KEY]))
+    try:
+        optimizer.load_state_dict({"state": state, "param_groups": groups})
+        for name, generator in generators.items():
+            if f"generator.{name}" in tensors:
+                generator.set_state(tensors[f"generator.{name}"])
+        if scaler is not None and scaler.is_enabled() and SCALER_KEY in tensors:
+            scaler.load_state_dict(_from_json_tensor(tensors[SCALER_KEY]))
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise _damaged_state(path, exc) from None
+
+
+def _damaged_state(path: Path, exc: Exception) -> ProjectError:
+    return ProjectError(f"{path} holds a damaged training state ({type(exc).__name__}: "
+                        f"{str(exc)[:100]}).",
+                        "Resume from an earlier checkpoint (delete this one), or tune again.")
 
 
 def _json_tensor(value: Any) -> torch.Tensor:
@@ -184,11 +220,10 @@ def load_weights(checkpoint: Checkpoint, unet: InflatedUNet) -> None:
     import torch
 
     from vedit.lora import load_lora_state_dict
-    from vedit.tensorfiles import load_tensors
 
-    lora, _ = load_tensors(checkpoint.path / LORA_FILE)
+    lora = _float_weights(checkpoint, LORA_FILE)
     load_lora_state_dict(unet, {k.removeprefix("unet."): v for k, v in lora.items()})
-    temporal, _ = load_tensors(checkpoint.path / TEMPORAL_FILE)
+    temporal = _float_weights(checkpoint, TEMPORAL_FILE)
     own = unet.temporal_parameters()
     for name, tensor in temporal.items():
         if name not in own:
@@ -208,6 +243,20 @@ def load_weights(checkpoint: Checkpoint, unet: InflatedUNet) -> None:
             own[name].copy_(tensor)
 
 
+def _float_weights(checkpoint: Checkpoint, file: str) -> dict[str, torch.Tensor]:
+    """The weights in a checkpoint's `file`; tuned weights are floats, anything else (int64,
+    bool) is not a vedit checkpoint and would be silently cast."""
+    from vedit.tensorfiles import load_tensors
+
+    tensors, _ = load_tensors(checkpoint.path / file)
+    for name, tensor in tensors.items():
+        if not tensor.is_floating_point():
+            raise BadInputError(f"{checkpoint.name}/{file} holds {name} as {tensor.dtype}, not "
+                                "as floating-point weights: it is not a vedit checkpoint.",
+                                "Use a checkpoint written by `vedit tune`.")
+    return tensors
+
+
 def check_base(checkpoint: Checkpoint, model: str, fingerprint: str, hint: str) -> None:
     """Refuse a checkpoint tuned on other base weights than `model`'s (named by `fingerprint`,
     so a folder whose weights changed since tuning is refused too)."""
@@ -215,6 +264,14 @@ def check_base(checkpoint: Checkpoint, model: str, fingerprint: str, hint: str) 
     if checkpoint.record.get("base_fingerprint") != fingerprint:
         now = "the model loaded now" if model == tuned_on else model
         raise BadInputError(f"{checkpoint.name} was tuned on {tuned_on}, not on {now}.", hint)
+
+
+def check_frames(checkpoint: Checkpoint, frames_key: str) -> None:
+    """Refuse a checkpoint tuned on other frames than the project's (`frames_key`: extracted
+    again since): resuming it, or editing with it, would use a model of other frames."""
+    if checkpoint.record.get("frames_key") != frames_key:
+        raise BadInputError(f"{checkpoint.name} was tuned on other frames of this project.",
+                            "The frames were extracted again since; tune from the start.")
 
 
 def tuned_unet(checkpoint: Checkpoint, base_unet: UNet2DConditionModel,

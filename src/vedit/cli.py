@@ -13,7 +13,13 @@ from vedit import __version__
 from vedit.errors import EXIT_CODES, EnvironmentProblem, UsageError
 from vedit.model_files import DEFAULT_MODEL, CachedModel, ModelSource
 from vedit.output import Output, with_output
-from vedit.project import Project, default_project_dir, locked_early
+from vedit.project import (
+    EXTRACT_SECTIONS,
+    TUNE_SECTIONS,
+    Project,
+    default_project_dir,
+    locked_early,
+)
 from vedit.settings import (
     DEFAULT_SIZE,
     EditSettings,
@@ -73,6 +79,24 @@ def command(name: str | None = None) -> Callable[[Body], Body]:
     return register
 
 
+def _ascii_number(kind: type[int] | type[float], name: str) -> Callable[[str], int | float]:
+    """A parser of numbers in ASCII digits only: Python's `int()` and `float()` also read
+    full-width digits. (Finite, in range: the settings check that, for config files too.)"""
+
+    def parse(text: str) -> int | float:
+        if not str(text).isascii():
+            raise typer.BadParameter(f"{text!r} is not a number in ASCII digits.")
+        try:
+            return kind(text)
+        except ValueError:
+            raise typer.BadParameter(f"{text!r} is not a valid {name}.") from None
+
+    parse.__name__ = name  # Typer's metavar, as for a plain int or float option
+    return parse
+
+
+ASCII_INT, ASCII_FLOAT = _ascii_number(int, "integer"), _ascii_number(float, "float")
+
 # Options shared by several commands, declared once.
 ConfigOpt = Annotated[Path | None, typer.Option(
     "--config", help="TOML file of option values; flags given here win.", show_default=False)]
@@ -80,15 +104,16 @@ ConfigOpt = Annotated[Path | None, typer.Option(
 # Frame options, shared by `extract` and the one-shot `tune CLIP`.
 FramesOpt = Annotated[int | None, typer.Option(
     "--frames", "-n", help=f"Frames to take.  \\[default: {ExtractSettings.frames}]",
-    show_default=False)]
+    show_default=False, parser=ASCII_INT)]
 StrideOpt = Annotated[int | None, typer.Option(
     "--stride", help=f"Take every K-th source frame.  \\[default: {ExtractSettings.stride}]",
-    show_default=False)]
+    show_default=False, parser=ASCII_INT)]
 StartOpt = Annotated[float | None, typer.Option(
     "--start", help=f"Start time, seconds.  \\[default: {ExtractSettings.start:g}]",
-    show_default=False)]
+    show_default=False, parser=ASCII_FLOAT)]
 EndOpt = Annotated[float | None, typer.Option(
-    "--end", help="End time, seconds.  \\[default: the clip's end]", show_default=False)]
+    "--end", help="End time, seconds.  \\[default: the clip's end]", show_default=False,
+    parser=ASCII_FLOAT)]
 SpreadOpt = Annotated[bool | None, typer.Option(
     "--spread/--no-spread", help="Spread the frames evenly from --start to --end instead of "
     "every --stride frames.", show_default=False)]
@@ -248,28 +273,29 @@ def tune(
         f"\\[default: {TuneSettings.model}]", show_default=False)] = None,
     steps: Annotated[int | None, typer.Option(
         "--steps", help=f"Total optimizer steps.  \\[default: {TuneSettings.steps}]",
-        show_default=False)] = None,
+        show_default=False, parser=ASCII_INT)] = None,
     lr: Annotated[float | None, typer.Option(
         "--lr", help=f"Learning rate of the temporal attention.  \\[default: {TuneSettings.lr:g}]",
-        show_default=False)] = None,
+        show_default=False, parser=ASCII_FLOAT)] = None,
     lora_lr: Annotated[float | None, typer.Option(
         "--lora-lr", help="Learning rate of the LoRA adapters.  "
-        f"\\[default: {TuneSettings.lora_lr:g}]", show_default=False)] = None,
+        f"\\[default: {TuneSettings.lora_lr:g}]", show_default=False, parser=ASCII_FLOAT)] = None,
     rank: Annotated[int | None, typer.Option(
-        "--rank", help=f"LoRA rank.  \\[default: {TuneSettings.rank}]", show_default=False)] = None,
+        "--rank", help=f"LoRA rank.  \\[default: {TuneSettings.rank}]", show_default=False,
+        parser=ASCII_INT)] = None,
     lora_targets: Annotated[str | None, typer.Option(
         "--lora-targets", help="Projections to adapt: q, k, v, out, or attn1.to_q, attn2.to_v, "
         f"... (comma-separated).  \\[default: {TuneSettings.lora_targets}]",
         show_default=False)] = None,
     batch: Annotated[int | None, typer.Option(
         "--batch", help=f"Noise samples of the clip per step.  \\[default: {TuneSettings.batch}]",
-        show_default=False)] = None,
+        show_default=False, parser=ASCII_INT)] = None,
     grad_accum: Annotated[int | None, typer.Option(
         "--grad-accum", help=f"Batches per optimizer step.  \\[default: {TuneSettings.grad_accum}]",
-        show_default=False)] = None,
+        show_default=False, parser=ASCII_INT)] = None,
     seed: Annotated[int | None, typer.Option(
         "--seed", help=f"Random seed.  \\[default: {TuneSettings.seed}]",
-        show_default=False)] = None,
+        show_default=False, parser=ASCII_INT)] = None,
     mixed_precision: Annotated[str | None, typer.Option(
         "--mixed-precision", help="auto, no, fp16 or bf16.  \\[default: auto: bf16 or fp16 "
         "on a GPU, no on the CPU]", show_default=False)] = None,
@@ -279,7 +305,8 @@ def tune(
         show_default=False)] = None,
     checkpoint_every: Annotated[int | None, typer.Option(
         "--checkpoint-every", help="Save a checkpoint every N steps (0: only at the end).  "
-        f"\\[default: {TuneSettings.checkpoint_every}]", show_default=False)] = None,
+        f"\\[default: {TuneSettings.checkpoint_every}]", show_default=False,
+        parser=ASCII_INT)] = None,
     resume: Annotated[bool, typer.Option(
         "--resume", help="Continue from the latest checkpoint, with its settings, to --steps.")
     ] = False,
@@ -313,15 +340,17 @@ def tune(
         if project or any(v is not None for v in frame_flags.values()):
             raise UsageError("Frame options and --project go with a clip, not a project.",
                              "Give the clip instead, or run `vedit extract` again.")
-        opened = Project.open(target)
+        opened = Project.open(target, replacing=TUNE_SECTIONS)
         settings = resolve(TuneSettings, recorded_settings(opened, resume=resume), values,
                            overrides=flags)
     else:
         settings = resolve(TuneSettings, values, overrides=flags)
         frame_settings = resolve(ExtractSettings, values, overrides=frame_flags)
     result: dict[str, object] = {}
+    # The clip form writes the extract sections too; a damaged one is repaired, not refused.
+    sections = TUNE_SECTIONS if opened else (*EXTRACT_SECTIONS, *TUNE_SECTIONS)
     with locked_early(opened.root if opened else project or default_project_dir(target),
-                      "tune", enabled=not out.secondary):
+                      "tune", enabled=not out.secondary, replacing=sections):
         from vedit import tune as tune_stage
 
         if opened is not None:
@@ -361,22 +390,22 @@ def edit(
         show_default=False)] = None,
     steps: Annotated[int | None, typer.Option(
         "--steps", help="DDIM steps, for inversion and sampling.  "
-        f"\\[default: {EditSettings.steps}]", show_default=False)] = None,
+        f"\\[default: {EditSettings.steps}]", show_default=False, parser=ASCII_INT)] = None,
     guidance: Annotated[float | None, typer.Option(
         "--guidance", help="Classifier-free guidance scale.  "
-        f"\\[default: {EditSettings.guidance:g}]", show_default=False)] = None,
+        f"\\[default: {EditSettings.guidance:g}]", show_default=False, parser=ASCII_FLOAT)] = None,
     negative_prompt: Annotated[str | None, typer.Option(
         "--negative-prompt", help="What to steer away from.  \\[default: none]",
         show_default=False)] = None,
     seed: Annotated[int | None, typer.Option(
         "--seed", help="Seed of the start noise with --no-inversion.  "
-        f"\\[default: {EditSettings.seed}]", show_default=False)] = None,
+        f"\\[default: {EditSettings.seed}]", show_default=False, parser=ASCII_INT)] = None,
     formats: Annotated[str | None, typer.Option(
         "--formats", help="mp4 (always), gif, frames (PNG), comma-separated.  "
         f"\\[default: {EditSettings.formats}]", show_default=False)] = None,
     batch: Annotated[int | None, typer.Option(
         "--batch", help=f"Prompts sampled at once.  \\[default: {EditSettings.batch}]",
-        show_default=False)] = None,
+        show_default=False, parser=ASCII_INT)] = None,
     inversion: Annotated[bool | None, typer.Option(
         "--inversion/--no-inversion", help="Start from the clip's DDIM-inverted noise (or "
         "from seeded random noise).  \\[default: inversion]", show_default=False)] = None,
@@ -390,15 +419,15 @@ def edit(
         "frames.  \\[default: the tuned frames]", show_default=False)] = None,
     window: Annotated[int | None, typer.Option(
         "--window", help="With --full: frames the UNet sees at once.  \\[default: the tuned "
-        "frame count]", show_default=False)] = None,
+        "frame count]", show_default=False, parser=ASCII_INT)] = None,
     overlap: Annotated[int | None, typer.Option(
         "--overlap", help="With --full: frames neighbouring windows share at least (frames to "
         "spare lengthen the overlaps evenly).  \\[default: a quarter of the window, 1 or more]",
-        show_default=False)] = None,
+        show_default=False, parser=ASCII_INT)] = None,
     full_stride: Annotated[int | None, typer.Option(
         "--full-stride", help="With --full: source frames between the frames a window holds; "
         "every frame is still edited, in interleaved sequences.  \\[default: the tuned "
-        "frames' spacing, e.g. extract's --stride]", show_default=False)] = None,
+        "frames' spacing, e.g. extract's --stride]", show_default=False, parser=ASCII_INT)] = None,
     config: ConfigOpt = None,
 ) -> None:
     """Render the tuned clip under new prompts into edits/NAME/ (mp4, side-by-side, ...)."""

@@ -27,10 +27,10 @@ from einops import rearrange
 from PIL import Image, ImageDraw, ImageFont
 
 from vedit import __version__, tomlio
-from vedit.checkpoints import Checkpoint, find_checkpoint, tuned_unet
-from vedit.errors import OutOfMemoryError
+from vedit.checkpoints import Checkpoint, check_frames, find_checkpoint, tuned_unet
+from vedit.errors import OutOfMemoryError, is_out_of_memory
 from vedit.invert import Inversion, cached_inversion, inversion_key
-from vedit.latents import clip_span, frame_latents, span_images, span_latents
+from vedit.latents import clip_span, frame_latents, read_frame, span_images, span_latents
 from vedit.models import Components, load_components
 from vedit.progress import Reporter
 from vedit.project import EDIT_VIDEO, Project, atomic_dir, frame_file
@@ -140,7 +140,8 @@ def edit(project_dir: Path, prompts: Sequence[str], settings: EditSettings | Non
     started = time.monotonic()
     state = PartialState(cpu=not torch.cuda.is_available())
     project = Project.open(Path(project_dir))
-    checkpoint = find_checkpoint(project, settings.checkpoint)
+    checkpoint = find_checkpoint(project, settings.checkpoint, reporter)
+    check_frames(checkpoint, project.require("frames", "extract")["key"])
     names = unique_names(project, prompts, name)
     jobs = list(zip(prompts, names, strict=True))
     try:
@@ -149,9 +150,11 @@ def edit(project_dir: Path, prompts: Sequence[str], settings: EditSettings | Non
                 outputs = _render(project, checkpoint, jobs, settings, state, reporter)
         else:
             outputs = _render(project, checkpoint, jobs, settings, state, reporter)
-    except torch.OutOfMemoryError:
+    except (RuntimeError, MemoryError) as exc:  # torch.OutOfMemoryError is a RuntimeError
+        if not is_out_of_memory(exc):
+            raise
         raise OutOfMemoryError(
-            "Editing ran out of GPU memory.",
+            f"Editing ran out of {'CPU' if state.device.type == 'cpu' else 'GPU'} memory.",
             "Try a smaller --window (or --batch 1)." if settings.full else
             "Try --batch 1, fewer frames (vedit extract --frames) or a smaller --size.") from None
     return EditResult(project.root, outputs, time.monotonic() - started, str(state.device))
@@ -195,7 +198,7 @@ def tuned_clip(project: Project, components: Components, reporter: Reporter) -> 
         latents_key=latents.key,
         times=[float(t) for t in frames["times"]], interval=float(frames["interval"]),
         plan=single_window(latents.num_frames),
-        sources=lambda: (np.asarray(Image.open(p).convert("RGB")) for p in paths),
+        sources=lambda: (read_frame(p, frames["width"], frames["height"]) for p in paths),
         full=None)
 
 
@@ -253,7 +256,7 @@ def _inversion(project: Project, checkpoint: Checkpoint, components: Components,
         return ddim_invert(unet, components.scheduler, clip.latents.float(), embeds,
                            settings.steps, reporter, plan=clip.plan, resume=resume)
 
-    return cached_inversion(project, key, compute, reporter)
+    return cached_inversion(project, key, compute, clip.latents.shape, reporter)
 
 
 def _start_noise(shape: torch.Size, inversion: Inversion | None, count: int,

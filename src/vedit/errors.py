@@ -116,7 +116,7 @@ def as_vedit_error(exc: BaseException) -> VeditError | None:
         return exc
     if isinstance(exc, KeyboardInterrupt):
         return Interrupted("Interrupted.", "Finished stages are kept; rerun the command to go on.")
-    if _is_out_of_memory(exc):
+    if is_out_of_memory(exc):
         return OutOfMemoryError(
             "The device ran out of memory.",
             "Try fewer frames (--frames), a smaller --size, or gradient checkpointing.",
@@ -136,10 +136,14 @@ def as_vedit_error(exc: BaseException) -> VeditError | None:
     return None
 
 
-def _is_out_of_memory(exc: BaseException) -> bool:
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether `exc` is an allocation that failed, on any device: torch's out-of-memory error
+    (GPUs), its CPU allocator's RuntimeError, or Python's own MemoryError."""
+    if isinstance(exc, MemoryError):
+        return True
     torch = sys.modules.get("torch")  # never imported: cannot be torch's out-of-memory error
     if torch is None:
         return False
     return isinstance(exc, torch.OutOfMemoryError) or (
-        isinstance(exc, RuntimeError) and "out of memory" in str(exc)
-    )
+        isinstance(exc, RuntimeError) and ("out of memory" in str(exc)
+                                           or "can't allocate memory" in str(exc)))

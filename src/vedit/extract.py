@@ -20,6 +20,7 @@ from vedit import audio
 from vedit.errors import BadInputError
 from vedit.progress import Reporter
 from vedit.project import (
+    EXTRACT_SECTIONS,
     FORMAT,
     FRAMES_VERSION,
     RECORD_NAME,
@@ -31,8 +32,10 @@ from vedit.project import (
     frame_file,
     temp_beside,
 )
-from vedit.settings import ExtractSettings, FrameSize, as_record
+from vedit.settings import MAX_SIDE, ExtractSettings, FrameSize, as_record
 from vedit.video import TIME_EPSILON, VideoInfo, first_frame_at, fit_frame, probe, read_frames
+
+#: The sections of the record extract writes (a damaged one is simply written anew).
 
 
 @dataclass(frozen=True)
@@ -154,6 +157,13 @@ def plan_frames(info: VideoInfo, settings: ExtractSettings) -> FramePlan:
     """Choose the frames and their size; raises BadInputError when the clip cannot give them."""
     indices, interval = select_frames(info.frame_times, info.fps, settings, name=info.path.name)
     width, height = output_size(info.width, info.height, settings.frame_size, settings.crop)
+    if max(width, height) > MAX_SIDE:  # a very narrow clip: the long side follows the short
+        raise BadInputError(
+            f"{info.path.name} is {info.width}x{info.height}: at --size "
+            f"{settings.frame_size} its frames would be {width}x{height}, over {MAX_SIDE} "
+            "pixels a side.",
+            "Give a smaller --size, an exact one (--size WIDTHxHEIGHT) or a square crop "
+            "(--crop).")
     return FramePlan(indices=indices, times=[info.frame_times[i] for i in indices],
                      interval=interval, width=width, height=height)
 
@@ -180,11 +190,11 @@ def extract(clip: Path, project_dir: Path | None = None, settings: ExtractSettin
     settings = settings or ExtractSettings()
     reporter = reporter or Reporter()
     project_dir = Path(project_dir) if project_dir is not None else default_project_dir(clip)
-    Project.check_usable(project_dir)
+    Project.check_usable(project_dir, replacing=EXTRACT_SECTIONS)
     info = probe(Path(clip))
     plan = plan_frames(info, settings)
     created = not (project_dir / RECORD_NAME).exists()
-    project = Project.open_or_create(project_dir)
+    project = Project.open_or_create(project_dir, replacing=EXTRACT_SECTIONS)
     with project.lock("extract"):  # a second vedit here stops at once, touching nothing
         try:
             return _extract_into(project, info, plan, settings, reporter)

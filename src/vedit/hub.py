@@ -4,19 +4,28 @@ This is the only module that talks to the network, with short timeouts and resum
 transfers: only the pipeline's own files are downloaded (safetensors weights, configs,
 tokenizer; never pickles or the safety checker), small files first so an unusable model is
 refused before its weights. Failures become ModelNotFoundError naming the next step.
+
+The files land in huggingface_hub's own cache layout (`blobs/ID`, `snapshots/COMMIT/NAME`,
+`refs/REVISION`), so every tool that reads that cache finds them. What huggingface_hub's
+`hf_hub_download` does not do, this does: keep a partial file across failed runs, stop a
+transfer that stalls, and name cache paths only after checking the server's data (a commit is
+40 hex digits, a content id 40 or 64, a file name plain parts): `hf_hub_download` builds the
+blob's path from the ETag as served, so a hostile mirror could make it write anywhere.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
+import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 from urllib.parse import urlsplit
 
 from vedit.errors import BadInputError, DiskError, ModelNotFoundError
@@ -51,6 +60,21 @@ def hub_offline() -> bool:
 
     flag = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
     return constants.HF_HUB_OFFLINE or flag.strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
+#: A transfer that brings fewer bytes than this within the download timeout has stalled.
+STALL_BYTES = 64 * 1024
+#: Dropped connections resumed within one call, as huggingface_hub's `http_get` does.
+RESUMES = 5
+_COMMIT = re.compile(r"[0-9a-f]{40}")
+_CONTENT_ID = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")  # git blob sha1, or LFS sha256
+
+
+def _download_timeout() -> float:
+    """Seconds a transfer may go without STALL_BYTES (HF_HUB_DOWNLOAD_TIMEOUT, 10 s)."""
+    from huggingface_hub import constants
+
+    return float(os.environ.get("HF_HUB_DOWNLOAD_TIMEOUT") or constants.HF_HUB_DOWNLOAD_TIMEOUT)
 
 
 def _metadata_timeout() -> float:
@@ -214,17 +238,13 @@ def _download_repo_files(repo_id: str, revision: str | None,
     with _hub_errors(repo_id):
         info = HfApi(endpoint=hub_endpoint()).model_info(
             repo_id, revision=revision, files_metadata=True, timeout=_metadata_timeout())
-        if info.sha is None:
-            raise ModelNotFoundError(f"{hub_endpoint()} named no commit for {repo_id}.",
-                                     "Check the id and --revision, then rerun.")
-        commit = info.sha
-        listing = {s.rfilename: _remote_file(s) for s in info.siblings or []}
+        commit = _checked(info.sha, _COMMIT, repo_id, "commit")
+        listing = {s.rfilename: _remote_file(s, repo_id) for s in info.siblings or []}
         files = [listing[name] for name in select(listing)]
         storage = hub_cache_dir() / f"models--{repo_id.replace('/', '--')}"
         snapshot = storage / "snapshots" / commit
-        blobs = storage / "blobs"
-        missing = [f for f in files if not (blobs / str(f.content_id)).is_file()]
-        _check_free_space(storage, sum(f.size - _partial_size(blobs / str(f.content_id))
+        missing = [f for f in files if not _blob(storage, f.content_id).is_file()]
+        _check_free_space(storage, sum(f.size - _partial_size(_blob(storage, f.content_id))
                                        for f in missing))
         with reporter.task(f"Downloading {repo_id}", total=sum(f.size for f in files)) as task:
             task.advance(sum(f.size for f in files if f not in missing))
@@ -234,15 +254,36 @@ def _download_repo_files(repo_id: str, revision: str | None,
                 for remote in files:
                     if remote.name.endswith(".safetensors") == weights:
                         task.update(status=remote.name)
-                        _download_file(repo_id, remote, commit, storage, task,
-                                       cached=remote not in missing)
+                        _download_file(repo_id, remote, commit, storage, task)
     _write_ref(storage, revision, commit)
     return snapshot
 
 
-def _remote_file(sibling: Any) -> _RemoteFile:
+def _checked(value: str | None, form: re.Pattern[str], repo_id: str, what: str) -> str:
+    """`value` from the server if it has the form it must have; else the server is not to be
+    trusted with naming files in the cache."""
+    if value is None or not form.fullmatch(value):
+        raise ModelNotFoundError(f"{hub_endpoint()} gave {repo_id} a malformed {what} "
+                                 f"({str(value)[:80]!r}).",
+                                 "Check HF_ENDPOINT: it is not a Hugging Face hub or mirror "
+                                 "vedit can trust.")
+    return value
+
+
+def _remote_file(sibling: Any, repo_id: str) -> _RemoteFile:
+    name = sibling.rfilename
+    if "\\" in name or any(part in ("", ".", "..") for part in name.split("/")):
+        raise ModelNotFoundError(f"{hub_endpoint()} lists a malformed file name in {repo_id} "
+                                 f"({name[:80]!r}).", "Check HF_ENDPOINT.")
     content_id = sibling.lfs.sha256 if sibling.lfs is not None else sibling.blob_id
-    return _RemoteFile(sibling.rfilename, sibling.size or 0, content_id)
+    if content_id is not None:
+        content_id = _checked(content_id, _CONTENT_ID, repo_id, f"content id for {name}")
+    return _RemoteFile(name, sibling.size or 0, content_id)
+
+
+def _blob(storage: Path, content_id: str | None) -> Path:
+    """A file's place in the cache, named by its checked content id (none: not known yet)."""
+    return storage / "blobs" / (content_id or ".unknown")
 
 
 def _partial(blob: Path) -> Path:
@@ -264,37 +305,52 @@ def _check_free_space(storage: Path, needed: int) -> None:
                         "Free some space or point HF_HOME to a larger disk, then rerun.")
 
 
-def _download_file(repo_id: str, remote: _RemoteFile, commit: str, storage: Path, task: Task, *,
-                   cached: bool) -> None:
-    """One file into the cache: resume its `<etag>.incomplete` blob, check it, link it."""
-    from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url
+def _download_file(repo_id: str, remote: _RemoteFile, commit: str, storage: Path,
+                   task: Task) -> None:
+    """One file into the cache: resume its `<id>.incomplete` blob, check it, link the
+    snapshot's entry to it."""
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
     from huggingface_hub.utils import WeakFileLock
 
-    endpoint = hub_endpoint()
-    if not cached:
+    blob = _blob(storage, remote.content_id)
+    if not blob.is_file():
+        endpoint = hub_endpoint()
         url = hf_hub_url(repo_id, remote.name, revision=commit, endpoint=endpoint)
         meta = get_hf_file_metadata(url, timeout=_metadata_timeout(), endpoint=endpoint)
-        if meta.etag is None:
-            raise ModelNotFoundError(f"{endpoint} gave no ETag for {remote.name}.",
-                                     "Rerun `vedit fetch-models`; check HF_ENDPOINT if it stays.")
-        blob = storage / "blobs" / meta.etag
+        content_id = remote.content_id or _checked(meta.etag, _CONTENT_ID, repo_id,
+                                                   f"ETag for {remote.name}")
+        blob = _blob(storage, content_id)
         blob.parent.mkdir(parents=True, exist_ok=True)
-        lock = storage.parent / ".locks" / storage.name / f"{meta.etag}.vedit.lock"
+        lock = storage.parent / ".locks" / storage.name / f"{content_id}.vedit.lock"
         lock.parent.mkdir(parents=True, exist_ok=True)
         with WeakFileLock(lock):
             if not blob.is_file():
-                _resume_blob(url, meta, blob, task, remote)
-    # huggingface_hub links the snapshot entry to the blob (or copies where links can't be made).
-    hf_hub_download(repo_id, remote.name, revision=commit, cache_dir=str(storage.parent),
-                    endpoint=endpoint, etag_timeout=_metadata_timeout())
+                _resume_blob(url, meta, blob, task, _RemoteFile(remote.name, remote.size,
+                                                                content_id))
+    _link(storage / "snapshots" / commit / remote.name, blob)
+
+
+def _link(entry: Path, blob: Path) -> None:
+    """A snapshot entry pointing at its blob by a relative link, as huggingface_hub's cache has
+    them (a copy where the file system has no links)."""
+    if entry.is_file():
+        return
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        entry.unlink(missing_ok=True)  # a dangling link
+        os.symlink(os.path.relpath(blob, entry.parent), entry)
+    except FileExistsError:
+        pass  # another process linked it meanwhile
+    except OSError:
+        shutil.copyfile(blob, entry)
 
 
 def _resume_blob(url: str, meta: Any, blob: Path, task: Task, remote: _RemoteFile) -> None:
     """Download into `<blob>.incomplete`, continuing a partial one with a Range request.
 
     huggingface_hub resumes within one call but deletes partial files when a call fails; a
-    multi-GB UNet should survive Ctrl-C and lost connections, so the partial file is ours."""
-    from huggingface_hub.file_download import http_get
+    multi-GB UNet should survive Ctrl-C, lost connections and stalls, so the partial file is
+    ours, and so is the transfer (`_transfer`), which stops when it stalls."""
     from huggingface_hub.utils import build_hf_headers
 
     partial_blob = _partial(blob)
@@ -305,27 +361,64 @@ def _resume_blob(url: str, meta: Any, blob: Path, task: Task, remote: _RemoteFil
     headers = build_hf_headers()
     if urlsplit(meta.location).netloc != urlsplit(url).netloc:
         headers.pop("authorization", None)  # a signed CDN url: the token stays on the hub
+    task.advance(resume_size)
     if meta.size is None or resume_size < meta.size:
-        try:
-            with partial_blob.open("ab") as f:
-                http_get(meta.location, f, resume_size=resume_size, headers=headers,
-                         expected_size=meta.size,
-                         tqdm_class=cast("type[Any]", partial(_TaskBar, task)))
-        except OSError as error:
-            # huggingface_hub's size check raises a bare OSError; disk and HTTP errors are
-            # subclasses or carry an errno, and are mapped elsewhere.
-            if type(error) is not OSError or error.errno is not None:
-                raise
-            raise ModelNotFoundError(f"The download of {remote.name} stopped early ({error}).",
-                                     "Rerun `vedit fetch-models`: it resumes where it "
-                                     "stopped.") from None
-    else:
-        task.advance(resume_size)
+        with partial_blob.open("ab") as handle:
+            size = _transfer(meta.location, handle, resume_size, headers, task, remote.name)
+        if meta.size is not None and size != meta.size:
+            raise ModelNotFoundError(f"The download of {remote.name} stopped early ({size} of "
+                                     f"{meta.size} bytes).",
+                                     "Rerun `vedit fetch-models`: it resumes where it stopped.")
     if not _content_matches(partial_blob, remote.content_id):
         partial_blob.unlink()
         raise ModelNotFoundError(f"The downloaded {remote.name} does not match its checksum.",
                                  "Rerun `vedit fetch-models` to download it again.")
     os.replace(partial_blob, blob)
+
+
+def _transfer(url: str, handle: Any, held: int, headers: dict[str, str], task: Task,
+              name: str) -> int:
+    """GET `url` onto the end of `handle`, which holds `held` bytes of it already; returns the
+    bytes it holds then. A dropped connection is resumed with a Range request (RESUMES times);
+    a transfer that brings fewer than STALL_BYTES within the download timeout is stopped."""
+    from huggingface_hub.errors import HfHubHTTPError, HTTPError
+    from huggingface_hub.utils import hf_raise_for_status, http_stream_backoff
+
+    timeout = _download_timeout()
+    retry = ("Rerun `vedit fetch-models` later: it resumes where it stopped. On a slow link, "
+             "raise HF_HUB_DOWNLOAD_TIMEOUT (seconds).")
+    for attempt in range(RESUMES + 1):
+        ranged = headers | ({"Range": f"bytes={held}-"} if held else {})
+        try:
+            with http_stream_backoff("GET", url, headers=ranged, timeout=timeout,
+                                     retry_on_exceptions=(),
+                                     retry_on_status_codes=(408, 429)) as response:
+                hf_raise_for_status(response)
+                if held and response.status_code == 200:  # the server ignored the range
+                    handle.seek(0)
+                    handle.truncate()
+                    task.advance(-held)
+                    held = 0
+                since, recent = time.monotonic(), 0
+                for chunk in response.iter_bytes():
+                    handle.write(chunk)
+                    held, recent = held + len(chunk), recent + len(chunk)
+                    task.advance(len(chunk))
+                    if time.monotonic() - since >= timeout:
+                        if recent < STALL_BYTES:
+                            raise ModelNotFoundError(
+                                f"The download of {name} stalled ({recent} bytes in the last "
+                                f"{timeout:g} s).", retry)
+                        since, recent = time.monotonic(), 0
+            return held
+        except HfHubHTTPError:
+            raise
+        except HTTPError as error:  # the connection dropped, or nothing came within the timeout
+            if attempt == RESUMES:
+                raise ModelNotFoundError(f"The download of {name} kept failing "
+                                         f"({type(error).__name__}).", retry) from None
+            time.sleep(1)
+    return held
 
 
 def _content_matches(path: Path, content_id: str | None) -> bool:
@@ -340,26 +433,6 @@ def _content_matches(path: Path, content_id: str | None) -> bool:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest() == content_id
-
-
-class _TaskBar:
-    """The part of tqdm's interface huggingface_hub's `http_get` uses, feeding a Reporter task."""
-
-    def __init__(self, task: Task, *, initial: int = 0, **_: Any) -> None:
-        self._task = task
-        task.advance(initial)
-
-    def __enter__(self) -> _TaskBar:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-    def update(self, n: float | None = 1) -> None:
-        self._task.advance(n or 0)
-
-    def close(self) -> None:
-        return None
 
 
 def _write_ref(storage: Path, revision: str, commit: str) -> None:

@@ -12,7 +12,7 @@ progress beside it and a rerun continues.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -57,17 +57,18 @@ def inversion_key(checkpoint: Checkpoint, latents_key: str, steps: int, prompt: 
 
 
 def cached_inversion(project: Project, key: str, compute: Callable[[ResumeFile], torch.Tensor],
-                     reporter: Reporter | None = None) -> Inversion:
-    """The inversion stored under `key`, or `compute(resume_file)` now and stored (the caller
-    holds the project lock). Interrupted, the finished work stays in `KEY.partial.safetensors`
-    and the same call continues from it."""
+                     shape: Sequence[int], reporter: Reporter | None = None) -> Inversion:
+    """The inversion of latents of `shape` stored under `key`, or `compute(resume_file)` now and
+    stored (the caller holds the project lock). Interrupted, the finished work stays in
+    `KEY.partial.safetensors` and the same call continues from it."""
     reporter = reporter or Reporter()
     path = project.inversion_file(key)
     resume = ResumeFile(project.inversion_progress_file(key), key)
     note = f"Reusing the cached inversion {path.name} (same checkpoint, steps and prompt)."
     try:
         tensors, reused = cached_tensors(path, lambda: {"noise": compute(resume).half()},
-                                         {"key": key}, note, reporter)
+                                         {"key": key}, note, reporter,
+                                         shapes={"noise": shape})
     except KeyboardInterrupt:
         raise _interrupted(project, resume) from None
     resume.clear()  # stored whole now: the partial work is done with

@@ -24,7 +24,7 @@ import torch
 from einops import rearrange
 from PIL import Image
 
-from vedit.errors import BadInputError
+from vedit.errors import BadInputError, ProjectError
 from vedit.progress import Reporter
 from vedit.project import FRAMES_VERSION, Project, cache_key, file_sha256
 from vedit.tensorfiles import cached_tensors
@@ -63,9 +63,33 @@ class FrameLatents:
                             self.reused)
 
 
-def load_frames(paths: list[Path]) -> torch.Tensor:
+def read_frame(path: Path, width: int, height: int) -> np.ndarray:
+    """A project frame as RGB `(h, w, 3)` uint8; one that is not a `width` x `height` image
+    (damaged, or replaced by hand) is a ProjectError naming it."""
+    try:
+        with Image.open(path) as image:
+            if image.size != (width, height):
+                raise ProjectError(f"The frame {path} is {image.size[0]}x{image.size[1]}, not "
+                                   f"{width}x{height} as the project's others.", _REEXTRACT)
+            return np.asarray(image.convert("RGB"))
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise ProjectError(f"The frame {path} is not a readable image ({exc}).",
+                           _REEXTRACT) from None
+
+
+_REEXTRACT = "Run `vedit extract` on the clip again to write the frames anew."
+
+
+def load_frames(paths: list[Path], width: int, height: int) -> torch.Tensor:
     """PNG frames as one float tensor `(f, 3, h, w)` in [-1, 1], the VAE's input range."""
-    return images_to_tensor([np.asarray(Image.open(p).convert("RGB")) for p in paths])
+    return images_to_tensor([read_frame(p, width, height) for p in paths])
+
+
+def latent_shape(vae: AutoencoderKL, num_frames: int, width: int, height: int
+                 ) -> tuple[int, int, int, int, int]:
+    """The shape `(1, c, f, h, w)` of `num_frames` frames' latents under `vae`."""
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    return (1, int(vae.config.latent_channels), num_frames, height // factor, width // factor)
 
 
 def images_to_tensor(images: Sequence[np.ndarray]) -> torch.Tensor:
@@ -96,18 +120,26 @@ def frame_latents(project: Project, vae: AutoencoderKL, model_fingerprint: str,
                   reporter: Reporter | None = None) -> FrameLatents:
     """The clip's latents from the cache, or encoded now and cached (caller holds the lock)."""
     reporter = reporter or Reporter()
-    frames_key = project.require("frames", "extract")["key"]
-    key = cache_key("latents", LATENTS_VERSION, frames_key, model_fingerprint)
+    frames = project.require("frames", "extract")
+    key = cache_key("latents", LATENTS_VERSION, frames["key"], model_fingerprint)
     path = project.latents_file(key)
+    width, height = frames["width"], frames["height"]
 
     def encode() -> dict[str, torch.Tensor]:
-        mean, std = encode_frames(vae, load_frames(project.frame_paths()), reporter=reporter)
+        paths = project.frame_paths()
+        if len(paths) != frames["count"]:
+            raise ProjectError(f"{project.frames_dir} holds {len(paths)} frames; the record says "
+                               f"{frames['count']}.", _REEXTRACT)
+        images = load_frames(paths, width, height)
+        mean, std = encode_frames(vae, images, reporter=reporter)
         return {name: rearrange(t, "f c h w -> 1 c f h w").contiguous()
                 for name, t in (("mean", mean), ("std", std))}
 
-    metadata = {"frames_key": frames_key, "model": model_fingerprint}
+    metadata = {"frames_key": frames["key"], "model": model_fingerprint}
+    shape = latent_shape(vae, frames["count"], width, height)
     tensors, reused = cached_tensors(path, encode, metadata,
-                                     f"Reusing the cached latents {path.name}.", reporter)
+                                     f"Reusing the cached latents {path.name}.", reporter,
+                                     shapes={"mean": shape, "std": shape})
     return FrameLatents(tensors["mean"], tensors["std"], key, path, reused=reused)
 
 
@@ -203,9 +235,10 @@ def span_latents(project: Project, span: Span, vae: AutoencoderKL, model_fingerp
         return {"mean": rearrange(torch.cat(means), "f c h w -> 1 c f h w").contiguous()}
 
     note = f"Reusing the cached latents {path.name} ({span.num_frames} frames)."
+    shape = latent_shape(vae, span.num_frames, span.width, span.height)
     tensors, reused = cached_tensors(path, encode,
                                      {"span_key": span.key, "model": model_fingerprint}, note,
-                                     reporter)
+                                     reporter, shapes={"mean": shape})
     return SpanLatents(tensors["mean"], key, path, reused=reused)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import struct
@@ -238,7 +239,9 @@ def _weights_dtype(paths: Iterable[Path]) -> str:
 
 
 def read_safetensors_header(path: Path) -> dict[str, Any]:
-    """Parse a safetensors header without loading tensors; truncated or foreign files raise."""
+    """Parse a safetensors header without loading tensors; a truncated or foreign file, or one
+    whose header is not what the format says (every entry a known dtype, a shape of whole
+    numbers and the offsets of exactly its bytes, within the file), is a BadInputError."""
     size = path.stat().st_size
     with path.open("rb") as f:
         prefix = f.read(8)
@@ -247,14 +250,39 @@ def read_safetensors_header(path: Path) -> dict[str, Any]:
             raise _bad_safetensors(path)
         try:
             header = json.loads(f.read(length))
-            ends = [entry["data_offsets"][1] for key, entry in header.items()
-                    if key != "__metadata__"]
-        except (UnicodeDecodeError, json.JSONDecodeError, AttributeError, KeyError, TypeError,
-                IndexError):
+        except (UnicodeDecodeError, json.JSONDecodeError):
             raise _bad_safetensors(path) from None
-    if not isinstance(header, dict) or max(ends, default=0) > size - 8 - length:
+    if not isinstance(header, dict) or not all(
+            _is_metadata(entry) if key == "__metadata__" else
+            _is_tensor_entry(entry, size - 8 - length) for key, entry in header.items()):
         raise _bad_safetensors(path)
     return header
+
+
+#: Bytes per element of each safetensors dtype.
+_ITEM_SIZES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2,
+               "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+
+
+def _is_whole(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _is_metadata(entry: object) -> bool:
+    return isinstance(entry, dict) and all(isinstance(v, str) for v in entry.values())
+
+
+def _is_tensor_entry(entry: object, data_size: int) -> bool:
+    if not isinstance(entry, dict) or entry.get("dtype") not in _ITEM_SIZES:
+        return False
+    shape, offsets = entry.get("shape"), entry.get("data_offsets")
+    if not (isinstance(shape, list) and all(_is_whole(n) for n in shape)
+            and isinstance(offsets, list) and len(offsets) == 2
+            and all(_is_whole(n) for n in offsets)):
+        return False
+    begin, end = offsets
+    return bool(begin <= end <= data_size
+                and end - begin == math.prod(shape) * _ITEM_SIZES[entry["dtype"]])
 
 
 def _bad_safetensors(path: Path) -> BadInputError:

@@ -7,6 +7,7 @@ as the video lasts, so it lines up with the motion it came with.
 from __future__ import annotations
 
 import dataclasses
+import stat
 from pathlib import Path
 
 from vedit.audio import MuxResult, mux
@@ -21,6 +22,20 @@ def audio_start(project: Project) -> float:
     source = project.require("source", "extract")
     offset = float((source.get("audio") or {}).get("offset", 0.0))
     return float(frames["times"][0]) - offset
+
+
+def check_output(target: Path) -> None:
+    """An output is a new path or a regular file it replaces: never a folder, a device (as
+    root, `-o /dev/null` would become a file) or a link, which the final rename would replace."""
+    try:
+        mode = target.lstat().st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISREG(mode):
+        kind = ("a folder" if stat.S_ISDIR(mode) else "a symbolic link" if stat.S_ISLNK(mode)
+                else "not a regular file")
+        raise BadInputError(f"--output {target} is {kind}.",
+                            "Give the path of a new file (or of a video file to replace).")
 
 
 def default_output(video: Path) -> Path:
@@ -51,12 +66,13 @@ def remux(project_dir: Path, edits: list[str] | None = None, *, video: Path | No
     results = []
     with project.lock("remux"), reporter.task("muxing", total=len(names)) as task:
         for name in names:
-            folder = project.edit_dir(name)
-            if not (folder / EDIT_VIDEO).is_file():
+            video_file = project.edit_file(name, EDIT_VIDEO)
+            if not video_file.is_file():
                 known = ", ".join(project.edit_names()) or "none"
                 raise BadInputError(f"No edit named {name!r} in {project.root}.",
                                     f"Known edits: {known}.")
-            results.append(_mux_one(folder / EDIT_VIDEO, sound, folder / FINAL_VIDEO, start))
+            results.append(_mux_one(video_file, sound, project.edit_file(name, FINAL_VIDEO),
+                                    start))
             task.advance()
     return results
 
@@ -67,6 +83,7 @@ def _mux_one(video: Path, sound: Path | None, target: Path, start: float) -> Mux
     if target.resolve() == video.resolve():
         raise BadInputError(f"--output {target} would overwrite the input video.",
                             "Choose another --output.")
+    check_output(target)
     with atomic_file(target) as temp:
         result = mux(video, sound, temp, audio_from=start)
     return dataclasses.replace(result, path=target)

@@ -33,6 +33,9 @@ DEFAULT_SIZE = 512
 #: Largest frame side vedit accepts; beyond it Stable Diffusion is both useless and out of memory.
 MAX_SIDE = 4096
 MIN_SIDE = 16
+#: Largest LoRA rank: SD's attention projections are 320 to 1280 wide, and a rank near the
+#: width is a full update at LoRA's cost (1e9 would only fail allocating).
+MAX_RANK = 1024
 #: Seeds are kept in TOML records, whose integers are signed 64-bit.
 MAX_SEED = 2**63 - 1
 
@@ -52,10 +55,10 @@ class FrameSize:
 def parse_size(text: str | int) -> FrameSize:
     """Parse `--size`: `512` (short side) or `768x432` (exact); sides are multiples of 8."""
     value = str(text).strip().lower()
-    if match := re.fullmatch(r"(\d+)", value):
+    if match := re.fullmatch(r"([0-9]+)", value):  # ASCII digits, not full-width ones
         sides = [int(match.group(1))]
         size = FrameSize(short_side=sides[0])
-    elif match := re.fullmatch(r"(\d+)x(\d+)", value):
+    elif match := re.fullmatch(r"([0-9]+)x([0-9]+)", value):
         sides = [int(match.group(1)), int(match.group(2))]
         size = FrameSize(width=sides[0], height=sides[1])
     else:
@@ -145,8 +148,15 @@ class ExtractSettings:
         if self.stride < 1:
             raise BadInputError(f"--stride {self.stride} must be 1 or more.",
                                 "--stride 1 takes every frame, 2 every other one.")
-        if self.start < 0:
-            raise BadInputError(f"--start {self.start} is negative.", "Give seconds from 0.")
+        if not (math.isfinite(self.start) and self.start >= 0):
+            raise BadInputError(f"--start {self.start} is not a time in the clip.",
+                                "Give seconds from 0.")
+        if self.end is not None and not math.isfinite(self.end):
+            raise BadInputError(f"--end {self.end} is not a time in the clip.",
+                                "Give seconds, or leave --end out for the clip's end.")
+        if self.size is not None and not str(self.size).strip():
+            raise BadInputError("--size is empty.", "Give the short side (512) or an exact "
+                                "WIDTHxHEIGHT (768x432), or leave it out.")
         if self.end is not None and self.end <= self.start:
             raise BadInputError(f"--end {self.end} is not after --start {self.start}.",
                                 "Give an end time in seconds after the start.")
@@ -157,7 +167,7 @@ class ExtractSettings:
 
     @property
     def frame_size(self) -> FrameSize:
-        return parse_size(self.size or DEFAULT_SIZE)
+        return parse_size(DEFAULT_SIZE if self.size is None else self.size)
 
 
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
@@ -192,10 +202,14 @@ class TuneSettings:
             if getattr(self, name) < 1:
                 raise BadInputError(f"--{name.replace('_', '-')} {getattr(self, name)} must be "
                                     "1 or more.", f"The default is {getattr(TuneSettings, name)}.")
+        if self.rank > MAX_RANK:
+            raise BadInputError(f"--rank {self.rank} is above {MAX_RANK}.",
+                                "SD's attention layers are 320 to 1280 wide; Tune-A-Video-like "
+                                "tuning needs 4 to 64 (the default is 16).")
         for name in ("lr", "lora_lr"):
-            if not getattr(self, name) > 0:
-                raise BadInputError(f"--{name.replace('_', '-')} must be above 0.",
-                                    f"The default is {getattr(TuneSettings, name):g}.")
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
+                raise BadInputError(f"--{name.replace('_', '-')} must be a finite number "
+                                    "above 0.", f"The default is {getattr(TuneSettings, name):g}.")
         if self.checkpoint_every < 0:
             raise BadInputError("--checkpoint-every must be 0 (only at the end) or more.",
                                 "The default is 250.")

@@ -95,13 +95,17 @@ def _checkpoint_family(path: Path) -> str:
         raise BadInputError(f"{path.name} is not an original Stable Diffusion 1.x/2.x checkpoint.",
                             "Single files must be full SD 1.x/2.x checkpoints (unet, vae and text "
                             "encoder); SDXL and lone UNet or LoRA files are not supported.")
+    if len(conv_in["shape"]) != 4:
+        raise BadInputError(f"{path.name} is not an original Stable Diffusion 1.x/2.x checkpoint "
+                            "(its first convolution is not 4-D).",
+                            "Use a full SD 1.x/2.x checkpoint in safetensors.")
     if conv_in["shape"][1] != 4:
         raise BadInputError(f"{path.name} is an inpainting or image-conditioned checkpoint.",
                             "Use a text-to-image Stable Diffusion 1.x/2.x checkpoint.")
     # diffusers' own test: SD 2.x cross-attends to 1024-wide OpenCLIP states, SD 1.x to 768.
     to_k = header.get("model.diffusion_model.input_blocks.2.1.transformer_blocks.0.attn2.to_k"
                       ".weight")
-    return "v2" if to_k is not None and to_k["shape"][-1] == 1024 else "v1"
+    return "v2" if to_k is not None and to_k["shape"][-1:] == [1024] else "v1"
 
 
 def _config_folder(family: str, fetch_configs: FetchConfigs | None) -> Path:

@@ -7,7 +7,7 @@ windows, invert) import no model library through it.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import safetensors
@@ -43,15 +43,35 @@ def load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 
 
 def cached_tensors(path: Path, compute: Callable[[], dict[str, torch.Tensor]],
-                   metadata: dict[str, str], reused_note: str,
-                   reporter: Reporter) -> tuple[dict[str, torch.Tensor], bool]:
+                   metadata: dict[str, str], reused_note: str, reporter: Reporter, *,
+                   shapes: Mapping[str, Sequence[int]]) -> tuple[dict[str, torch.Tensor], bool]:
     """The tensors stored at `path`, or `compute()` now and stored there atomically (the caller
-    holds the project lock); True when they were reused, which `reused_note` then says."""
+    holds the project lock); True when they were reused, which `reused_note` then says.
+
+    A cache is only a cache: a stored file that is unreadable, or does not hold float tensors of
+    exactly `shapes` (name: shape), is computed again, with a warning, rather than used."""
     if path.is_file():
-        tensors, _ = load_tensors(path)
-        reporter.info(reused_note)
-        return tensors, True
+        try:
+            tensors, _ = load_tensors(path)
+            problem = _unlike(tensors, shapes)
+        except BadInputError as exc:
+            problem = exc.message
+        if problem is None:
+            reporter.info(reused_note)
+            return tensors, True
+        reporter.warn(f"The cached {path.name} is damaged ({problem}); computing it again.")
     tensors = compute()
     with atomic_file(path) as temp:
         save_tensors(temp, tensors, metadata)
     return tensors, False
+
+
+def _unlike(tensors: dict[str, torch.Tensor], shapes: Mapping[str, Sequence[int]]) -> str | None:
+    """What keeps `tensors` from being float tensors of `shapes`, or None."""
+    if set(tensors) != set(shapes):
+        return f"it holds {sorted(tensors)}, not {sorted(shapes)}"
+    for name, shape in shapes.items():
+        if tuple(tensors[name].shape) != tuple(shape) or not tensors[name].is_floating_point():
+            return (f"{name} is {tensors[name].dtype} of shape {tuple(tensors[name].shape)}, not "
+                    f"floats of shape {tuple(shape)}")
+    return None

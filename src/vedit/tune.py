@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import shutil
 import signal
 import threading
@@ -30,6 +31,7 @@ from vedit import __version__
 from vedit.checkpoints import (
     Checkpoint,
     check_base,
+    check_frames,
     latest_checkpoint,
     list_checkpoints,
     load_training_state,
@@ -37,7 +39,13 @@ from vedit.checkpoints import (
     training_state,
     write_checkpoint,
 )
-from vedit.errors import BadInputError, Interrupted, OutOfMemoryError, ProjectError
+from vedit.errors import (
+    BadInputError,
+    Interrupted,
+    OutOfMemoryError,
+    ProjectError,
+    is_out_of_memory,
+)
 from vedit.extract import ExtractResult, extract
 from vedit.inflate import InflatedUNet, inflate_unet
 from vedit.latents import FrameLatents, frame_latents
@@ -50,7 +58,7 @@ from vedit.lora import (
 from vedit.model_files import ModelSource
 from vedit.models import load_components, native_bf16, native_resolution, resolve_model
 from vedit.progress import Reporter
-from vedit.project import Project
+from vedit.project import TUNE_SECTIONS, Project, open_no_follow, write_text_atomic
 from vedit.prompts import encode_prompts
 from vedit.settings import ExtractSettings, TuneSettings, as_record
 from vedit.video import check_clip
@@ -63,6 +71,7 @@ MAX_GRAD_NORM = 1.0  # as the original's configs
 ADAM_WEIGHT_DECAY = 1e-2
 EVAL_DRAWS = 8  # fixed noise/timestep draws on which the loss is reported before and after
 _SMOOTHING = 0.9
+#: The section of the record tune writes (a damaged one is simply written anew).
 
 
 @dataclass
@@ -173,7 +182,7 @@ def _tune(project: Project | Path, settings: TuneSettings, resume: bool, reporte
     """`base`: `settings.model` resolved already (the one-shot form sized the frames by it)."""
     _require_prompt(settings)
     if not isinstance(project, Project):
-        project = Project.open(Path(project))
+        project = Project.open(Path(project), replacing=TUNE_SECTIONS)
     project.require("frames", "extract")
     accelerator = make_accelerator(settings)
     with _main_process_lock(project, accelerator):
@@ -201,7 +210,7 @@ def _tune_locked(project: Project, settings: TuneSettings, resume: bool, acceler
     started = time.monotonic()
     device = accelerator.device
     precision = accelerator.mixed_precision
-    checkpoint = _checkpoint_to_resume(project) if resume else None
+    checkpoint = _checkpoint_to_resume(project, reporter) if resume else None
     if checkpoint is not None and checkpoint.step >= settings.steps:
         reporter.info(f"Already tuned to step {checkpoint.step}; give --steps above it to go on.")
         return TuneResult(project=project.root, steps=checkpoint.step,
@@ -217,9 +226,13 @@ def _tune_locked(project: Project, settings: TuneSettings, resume: bool, acceler
         before = fixed_draw_loss(run) if start_step == 0 else None
         written, smoothed = _loop(project, run, start_step, reporter)
         after = fixed_draw_loss(run)
-    except torch.OutOfMemoryError:
+    except (RuntimeError, MemoryError) as exc:  # torch.OutOfMemoryError is a RuntimeError
+        if not is_out_of_memory(exc):
+            raise
+        memory = ("CPU memory" if device.type == "cpu" else
+                  f"GPU memory ({_memory_summary(device)})")
         raise OutOfMemoryError(
-            f"Tuning ran out of GPU memory ({_memory_summary(device)}).",
+            f"Tuning ran out of {memory}.",
             "Try fewer frames (vedit extract --frames), a smaller --size, "
             "--gradient-checkpointing, or a lower --rank.") from None
     result = TuneResult(
@@ -445,13 +458,13 @@ class _LossLog:
         self.handle = None
         if not enabled:
             return
-        path.parent.mkdir(parents=True, exist_ok=True)
         kept = []
-        if start_step and path.exists():
+        if start_step and path.is_file():
             kept = [line for line in path.read_text(encoding="utf-8").splitlines()
                     if _logged_step(line) <= start_step]
-        path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-        self.handle = path.open("a", encoding="utf-8")
+        write_text_atomic(path, "".join(line + "\n" for line in kept))
+        self.handle = os.fdopen(open_no_follow(path, os.O_WRONLY | os.O_APPEND), "a",
+                                encoding="utf-8")
 
     def write(self, step: int, loss: float, smoothed: float) -> None:
         if self.handle is not None:
@@ -494,8 +507,8 @@ def _start_fresh(project: Project, reporter: Reporter) -> None:
         shutil.rmtree(checkpoint.path)
 
 
-def _checkpoint_to_resume(project: Project) -> Checkpoint:
-    latest = latest_checkpoint(project)
+def _checkpoint_to_resume(project: Project, reporter: Reporter) -> Checkpoint:
+    latest = latest_checkpoint(project, reporter)
     if latest is None:
         raise ProjectError(f"Project {project.root} has no checkpoint to resume from.",
                            "Run tune without --resume first.")
@@ -517,9 +530,7 @@ def check_compatible(checkpoint: Checkpoint, record: dict[str, Any]) -> None:
     mine = checkpoint.record
     check_base(checkpoint, record["base_model"], record["base_fingerprint"],
                f"Use --model {mine.get('base_model')} or tune again from the start.")
-    if mine.get("frames_key") != record["frames_key"]:
-        raise BadInputError(f"{checkpoint.name} was tuned on other frames of this project.",
-                            "The frames were extracted again since; tune from the start.")
+    check_frames(checkpoint, record["frames_key"])
     ours = (record["settings"]["rank"], record["lora_targets"])
     theirs = (mine.get("settings", {}).get("rank"), mine.get("lora_targets"))
     if ours != theirs:

@@ -52,6 +52,9 @@ class VideoInfo:
     has_dts: bool  # every packet has a decode time (mp4 needs them to copy the stream)
     time_base: Fraction = Fraction(1)
     audio: AudioInfo | None = None
+    #: False where the container has no timestamps (raw .h264): `frame_pts` then count frames
+    #: in presentation order, times come from the frame rate, and decoding never seeks.
+    timed: bool = True
 
     @property
     def frame_count(self) -> int:
@@ -75,7 +78,10 @@ def open_input(path: Path) -> av.container.InputContainer:
 
 
 def probe(path: Path) -> VideoInfo:
-    """Read a clip's facts: streams, codecs, rotation, and every frame's timestamp."""
+    """Read a clip's facts: streams, codecs, rotation, and every frame's timestamp.
+
+    One pass over the packets, decoding only until the first picture: no seek, so streams that
+    cannot seek (raw .h264) or that seek badly after a full read (a single JPEG) probe too."""
     path = Path(path)
     check_clip(path)
     try:
@@ -84,11 +90,12 @@ def probe(path: Path) -> VideoInfo:
                 kind = "audio only" if container.streams.audio else "no video stream"
                 raise BadInputError(f"{path} has no video ({kind}).", "Give a video clip.")
             stream = container.streams.video[0]
-            frame_pts, has_dts = _video_pts(container, stream)
-            first = _first_frame(container, stream, path)
-            audio = _audio_info(container, frame_pts, time_base(stream))
-            fps = _frame_rate(stream, frame_pts)
-            return _video_info(path, container, stream, first, fps, frame_pts, audio, has_dts)
+            frame_pts, timed, has_dts, first = _scan_video(container, stream, path)
+            fps = _frame_rate(stream, frame_pts if timed else [])
+            video_start = float(frame_pts[0] * time_base(stream)) if timed else 0.0
+            audio = _audio_info(container, video_start)
+            return _video_info(path, container, stream, first, fps, frame_pts, timed, has_dts,
+                               audio)
     except av.error.FFmpegError as exc:
         raise BadInputError(f"{path} is not a video vedit can read ({_reason(exc)}).",
                             "Check the file plays; re-encode it with ffmpeg if it does.") from None
@@ -105,37 +112,57 @@ def check_clip(path: Path) -> None:
                             "The file was not fully written; fetch it again.")
 
 
-def _video_pts(container: av.container.InputContainer,
-               stream: av.VideoStream) -> tuple[list[int], bool]:
-    """Every video packet's pts in presentation order, read without decoding, and whether every
-    packet has a decode time too."""
+def _scan_video(container: av.container.InputContainer, stream: av.VideoStream,
+                path: Path) -> tuple[list[int], bool, bool, av.VideoFrame]:
+    """Every shown frame's pts in presentation order, whether the container has timestamps
+    (raw .h264 has none: frames are then numbered in order instead), whether every packet has
+    a decode time too (mp4 needs them to copy the stream), and the first picture.
+
+    Packets an edit list cuts (flagged discard) are not shown and do not count."""
+    if stream.codec_context is None:
+        raise BadInputError(f"{path}: its video codec is not one FFmpeg knows.",
+                            "The file is damaged, or re-encode it with ffmpeg.")
     pts: list[int] = []
+    untimed = 0
     has_dts = True
-    for index, packet in enumerate(container.demux(stream)):
+    first: av.VideoFrame | None = None
+    for packet in container.demux(stream):
         if packet.size == 0:
             continue
-        pts.append(packet.pts if packet.pts is not None else index)
+        if first is None:  # a cut packet is decoded too: the shown frames may need it
+            first = _first_picture(stream, packet)
         has_dts = has_dts and packet.dts is not None
-    if not pts:
+        if packet.is_discard:
+            continue
+        if packet.pts is None:
+            untimed += 1
+        else:
+            pts.append(packet.pts)
+    if first is None:
+        first = _first_picture(stream, None)
+    if not pts and not untimed:
         raise BadInputError(f"{container.name} has a video stream with no frames.",
                             "The file is truncated or empty; fetch it again.")
-    return sorted(set(pts)), has_dts
+    if first is None:
+        raise BadInputError(f"{path}: its video could not be decoded.",
+                            "The file is truncated or damaged; fetch it again.")
+    if untimed:
+        return list(range(len(pts) + untimed)), False, has_dts, first
+    return sorted(set(pts)), True, has_dts, first
 
 
-def _first_frame(container: av.container.InputContainer, stream: av.VideoStream,
-                 path: Path) -> av.VideoFrame:
-    container.seek(0, stream=stream)
+def _first_picture(stream: av.VideoStream,
+                   packet: av.Packet[av.VideoStream] | None) -> av.VideoFrame | None:
+    """The first picture out of `stream`'s decoder fed `packet` (None flushes it); a packet it
+    cannot decode yields none (the next one may)."""
     try:
-        for frame in container.decode(stream):
-            return frame
+        frames = stream.codec_context.decode(packet)
     except av.error.FFmpegError:
-        pass
-    raise BadInputError(f"{path}: its video could not be decoded.",
-                        "The file is truncated or damaged; fetch it again.")
+        return None
+    return next(iter(frames), None)
 
 
-def _audio_info(container: av.container.InputContainer, frame_pts: list[int],
-                video_time_base: Fraction) -> AudioInfo | None:
+def _audio_info(container: av.container.InputContainer, video_start: float) -> AudioInfo | None:
     if not container.streams.audio:
         return None
     audio = container.streams.audio[0]
@@ -143,7 +170,6 @@ def _audio_info(container: av.container.InputContainer, frame_pts: list[int],
     if context is None:  # a stream whose codec FFmpeg does not know: nothing to keep
         return None
     start = float((audio.start_time or 0) * audio.time_base) if audio.time_base else 0.0
-    video_start = float(frame_pts[0] * video_time_base)
     duration = (float(audio.duration * audio.time_base)
                 if audio.duration and audio.time_base else None)
     return AudioInfo(codec=context.name or "unknown", sample_rate=context.sample_rate or 0,
@@ -170,48 +196,72 @@ def _frame_rate(stream: av.VideoStream, frame_pts: list[int]) -> Fraction:
 
 
 def _video_info(path: Path, container: av.container.InputContainer, stream: av.VideoStream,
-                first: av.VideoFrame, fps: Fraction, frame_pts: list[int],
-                audio: AudioInfo | None, has_dts: bool) -> VideoInfo:
+                first: av.VideoFrame, fps: Fraction, frame_pts: list[int], timed: bool,
+                has_dts: bool, audio: AudioInfo | None) -> VideoInfo:
     rotation = round(first.rotation or 0) % 360
     width, height = first.width, first.height
     if rotation in (90, 270):
         width, height = height, width
-    unit = time_base(stream)
-    origin = frame_pts[0]
+    unit = time_base(stream) if timed else 1 / fps
     return VideoInfo(
         path=path, container=container.format.name, codec=stream.codec_context.name,
         width=width, height=height, rotation=rotation, fps=fps,
-        frame_times=[float((p - origin) * unit) for p in frame_pts],
-        frame_pts=frame_pts, has_dts=has_dts, time_base=unit, audio=audio,
+        frame_times=[float((p - frame_pts[0]) * unit) for p in frame_pts],
+        frame_pts=frame_pts, has_dts=has_dts, time_base=unit, audio=audio, timed=timed,
     )
 
 
 def read_frames(info: VideoInfo, indices: Sequence[int]) -> Iterator[tuple[int, Image.Image]]:
     """Decode the frames at `indices` (into `info.frame_times`), upright, in order of index.
 
-    Frames are found by pts, so variable frame rates and B-frames cannot shift them.
+    Frames are found by pts (by position where the clip has no timestamps), so variable frame
+    rates and B-frames cannot shift them.
     """
     wanted: dict[int, list[int]] = {}
     for index in indices:
         wanted.setdefault(info.frame_pts[index], []).append(index)
     remaining = len(indices)
     try:
-        with open_input(info.path) as container:
-            stream = container.streams.video[0]
-            stream.thread_type = "AUTO"
-            container.seek(min(wanted), stream=stream, backward=True)
-            for frame in container.decode(stream):
-                for index in wanted.pop(frame.pts, []) if frame.pts is not None else []:
-                    yield index, upright(frame.to_image(), info.rotation)
-                    remaining -= 1
-                if remaining == 0:
-                    return
+        for key, frame in _decoded_from(info, min(wanted)):
+            for index in wanted.pop(key, []) if key is not None else []:
+                yield index, upright(frame.to_image(), info.rotation)
+                remaining -= 1
+            if remaining == 0:
+                return
     except av.error.FFmpegError as exc:
         raise BadInputError(f"{info.path} could not be decoded ({_reason(exc)}).",
                             "The file is truncated or damaged; fetch it again.") from None
     missing = sorted(i for group in wanted.values() for i in group)
     raise BadInputError(f"{info.path}: frames {missing[:5]} could not be decoded.",
                         "The file is truncated or damaged; fetch it again.")
+
+
+def _decoded_from(info: VideoInfo, key: int) -> Iterator[tuple[int | None, av.VideoFrame]]:
+    """Decoded frames with their keys (`info.frame_pts`), from the frame of `key` or earlier.
+
+    A seek takes the decoder there where the clip has timestamps; a seek that is refused or
+    lands past `key` (MPEG-TS seeks are approximate) gives way to decoding from the start."""
+    if info.timed and key > info.frame_pts[0]:
+        with open_input(info.path) as container:
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            try:
+                container.seek(key, stream=stream, backward=True)
+            except av.error.FFmpegError:
+                pass
+            else:
+                frames = iter(container.decode(stream))
+                first = next(frames, None)
+                if first is not None and first.pts is not None and first.pts <= key:
+                    yield first.pts, first
+                    for frame in frames:
+                        yield frame.pts, frame
+                    return
+    with open_input(info.path) as container:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        for position, frame in enumerate(container.decode(stream)):
+            yield (frame.pts if info.timed else position), frame
 
 
 def read_span(info: VideoInfo, first: int, stop: int) -> Iterator[Image.Image]:
