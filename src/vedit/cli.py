@@ -26,6 +26,8 @@ from vedit.settings import (
 if TYPE_CHECKING:
     from typer._click import Context, Parameter  # Typer's own copy of click: its types
 
+    from vedit.memory.predict import MemoryPrediction
+
 Body = TypeVar("Body", bound=Callable[..., None])
 
 
@@ -97,6 +99,14 @@ SizeOpt = Annotated[str | None, typer.Option(
 CropOpt = Annotated[bool | None, typer.Option(
     "--crop/--no-crop", help="Take the centre square.", show_default=False)]
 
+# The memory prediction, shared by `tune` and `edit`.
+DryRunOpt = Annotated[bool, typer.Option(
+    "--dry-run", help="Predict the peak GPU memory, whether it fits and which settings would; "
+    "run nothing, write nothing.")]
+GpuMemoryOpt = Annotated[float | None, typer.Option(
+    "--gpu-memory", help="With --dry-run: predict for a GPU of this many GB.  \\[default: this "
+    "machine's GPU]", show_default=False)]
+
 
 def _version(value: bool) -> None:
     if value:
@@ -165,6 +175,9 @@ def fetch_models(
         show_default=False)] = None,
     list_: Annotated[bool, typer.Option(
         "--list", help="List the models present and their size; download nothing.")] = False,
+    configs_only: Annotated[bool, typer.Option(
+        "--configs-only", help="Only the configs and tokenizer (a few kB): enough for "
+        "`tune --dry-run` and `edit --dry-run` before downloading the weights.")] = False,
 ) -> None:
     """Download a Stable Diffusion 1.x/2.x model (only what vedit needs), or check a local one."""
     from vedit import hub, models
@@ -176,8 +189,10 @@ def fetch_models(
                    "\n".join(rows) or "No models yet: run `vedit fetch-models`.")
         return
     name = model or config_values(None, []).get("model") or DEFAULT_MODEL
-    hub.fetch_model(name, revision=revision, variant=variant, reporter=out.reporter)
-    source = models.resolve_model(name, revision=revision, variant=variant)
+    hub.fetch_model(name, revision=revision, variant=variant, reporter=out.reporter,
+                    configs_only=configs_only)
+    source = models.resolve_model(name, revision=revision, variant=variant,
+                                  configs_only=configs_only)
     parts = ", ".join(f"{c} {info.dtype} {human_size(info.size_bytes)}"
                       for c, info in source.components.items() if info.dtype)
     out.result(_model_facts(source) | {"fingerprint": source.fingerprint},
@@ -289,6 +304,8 @@ def tune(
     spread: SpreadOpt = None,
     size: SizeOpt = None,
     crop: CropOpt = None,
+    dry_run: DryRunOpt = False,
+    gpu_memory: GpuMemoryOpt = None,
     config: ConfigOpt = None,
 ) -> None:
     """LoRA-tune the inflated UNet on a project's frames (or a clip's, extracting them first)."""
@@ -314,12 +331,19 @@ def tune(
         opened = Project.open(target)
         recorded = tune_stage.recorded_settings(opened, resume=resume)
         settings = resolve(TuneSettings, recorded, values, overrides=flags)
+        if dry_run:
+            _tune_dry_run(out, target, settings, None, gpu_memory)
+            return
         tuned = tune_stage.tune(opened, settings, resume=resume, reporter=out.reporter)
     else:
         settings = resolve(TuneSettings, values, overrides=flags)
+        frame_settings = resolve(ExtractSettings, values, overrides=frame_flags)
+        if dry_run:
+            _tune_dry_run(out, target, settings, frame_settings, gpu_memory)
+            return
         extracted, tuned = tune_stage.tune_clip(
-            target, settings, resolve(ExtractSettings, values, overrides=frame_flags),
-            project_dir=project, resume=resume, reporter=out.reporter)
+            target, settings, frame_settings, project_dir=project, resume=resume,
+            reporter=out.reporter)
         result["extract"] = extracted.to_dict()
         target = extracted.project
     result.update(tuned.to_dict())
@@ -329,7 +353,32 @@ def tune(
     else:
         text = (f"Tuned {target} to step {tuned.steps} in {tuned.seconds:.1f} s"
                 + (f"; latest checkpoint {last}." if last else "."))
+    if tuned.peak_memory_gb is not None and tuned.start_step < tuned.steps:
+        from vedit.memory.gpu import target_gpu
+        from vedit.memory.predict import measured_against_predicted, predict_tune, tune_plan
+
+        plan = tune_plan(target, settings).with_(encodes_frames=not tuned.latents_reused)
+        memory = measured_against_predicted(
+            tuned.peak_memory_gb, lambda: predict_tune(plan, target_gpu(), advise=False))
+        if memory is not None:
+            result["memory"] = memory
+            text += " " + _measured_text(memory)
     out.result(result, text)
+
+
+def _tune_dry_run(out: Output, target: Path, settings: TuneSettings,
+                  frame_settings: ExtractSettings | None, gpu_memory: float | None) -> None:
+    """`tune --dry-run`: the run's predicted memory on the GPU; nothing extracted or written."""
+    from vedit.memory.gpu import target_gpu
+    from vedit.memory.predict import predict_tune, tune_plan
+
+    plan = tune_plan(target, settings, frame_settings)
+    prediction = predict_tune(plan, target_gpu(gpu_memory))
+    what = (f"Tuning {plan.frames} frames of {plan.width}x{plan.height}"
+            + (" (as extract would take them)" if frame_settings is not None else ""))
+    out.result({"dry_run": True, "frames": plan.frames, "width": plan.width,
+                "height": plan.height, "memory": prediction.to_dict()},
+               _dry_run_text(prediction, what))
 
 
 @command()
@@ -384,6 +433,8 @@ def edit(
     overlap: Annotated[int | None, typer.Option(
         "--overlap", help="With --full: frames neighbouring windows share.  \\[default: a "
         "quarter of the window]", show_default=False)] = None,
+    dry_run: DryRunOpt = False,
+    gpu_memory: GpuMemoryOpt = None,
     config: ConfigOpt = None,
 ) -> None:
     """Render the tuned clip under new prompts into edits/NAME/ (mp4, side-by-side, ...)."""
@@ -397,9 +448,54 @@ def edit(
         inversion=inversion, inversion_prompt=inversion_prompt, full=full, window=window,
         overlap=overlap))
     prompts = list(prompt or []) + (read_prompts(prompts_file) if prompts_file else [])
+    if dry_run:
+        _edit_dry_run(out, project, settings, len(prompts), gpu_memory)
+        return
     result = edit_stage.edit(project, prompts, settings, name=name, reporter=out.reporter)
     lines = [f"{e.files['video']}  ({e.prompt}, {e.frames} frames)" for e in result.edits]
-    out.result(result.to_dict(), "\n".join(lines))
+    data = result.to_dict()
+    if result.peak_memory_gb is not None:
+        from vedit.memory.gpu import target_gpu
+        from vedit.memory.predict import edit_plan, measured_against_predicted, predict_edit
+
+        plan = edit_plan(project, settings, prompts=len(prompts))
+        memory = measured_against_predicted(
+            result.peak_memory_gb, lambda: predict_edit(plan, target_gpu(), advise=False))
+        if memory is not None:
+            data["memory"] = memory
+            lines.append(_measured_text(memory))
+    out.result(data, "\n".join(lines))
+
+
+def _edit_dry_run(out: Output, project: Path, settings: EditSettings, prompts: int,
+                  gpu_memory: float | None) -> None:
+    """`edit --dry-run`: the edit's predicted memory on the GPU; nothing rendered or written."""
+    from vedit.memory.gpu import target_gpu
+    from vedit.memory.predict import edit_plan, predict_edit
+
+    plan = edit_plan(project, settings, prompts=prompts)
+    prediction = predict_edit(plan, target_gpu(gpu_memory))
+    what = (f"Editing {plan.frames} frames of {plan.width}x{plan.height}"
+            + (" at a time (--full)" if settings.full else "")
+            + f", {plan.settings.batch} prompt(s) at once")
+    out.result({"dry_run": True, "frames": plan.frames, "width": plan.width,
+                "height": plan.height, "memory": prediction.to_dict()},
+               _dry_run_text(prediction, what))
+
+
+def _dry_run_text(prediction: MemoryPrediction, what: str) -> str:
+    """A dry run's report: what would run, the predicted peak, the settings that would fit."""
+    lines = [f"{what}: nothing was run or written.", prediction.summary()]
+    if prediction.advice:
+        lines.append("These would fit:")
+        lines += [f"  {a.change}: {a.peak_gb:.1f} GB" for a in prediction.advice]
+    return "\n".join(lines)
+
+
+def _measured_text(memory: dict[str, float]) -> str:
+    """The line a real GPU run adds: its peak next to the model's prediction for it."""
+    return (f"Peak GPU memory {memory['measured_peak_gb']} GB; the model predicted "
+            f"{memory['predicted_peak_gb']} GB ({memory['error_percent']:+}%).")
 
 
 @command()
