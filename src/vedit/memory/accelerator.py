@@ -116,6 +116,7 @@ def prime_optimizer(optimizer: Any) -> None:
     then shows the steady state without tracing two."""
     for group in optimizer.param_groups:
         for param in group["params"]:
-            param.grad = torch.zeros_like(param)
+            if param.requires_grad:  # frozen ones never get a gradient, nor state
+                param.grad = torch.zeros_like(param)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)

@@ -1,0 +1,231 @@
+"""The memory prediction: the tracer counts exactly, CUDA's autocast and attention kernels are
+applied, the caching allocator is modelled, and `--dry-run` predicts without writing."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint
+from typer.testing import CliRunner
+
+from vedit import tune as tune_stage
+from vedit.cli import app
+from vedit.errors import OutOfMemoryError
+from vedit.extract import extract
+from vedit.memory import gpu as gpu_module
+from vedit.memory.accelerator import prime_optimizer
+from vedit.memory.allocator import MIB, CachingAllocator, replay
+from vedit.memory.autocast import AutocastState
+from vedit.memory.gpu import (
+    CONTEXT_BYTES,
+    Gpu,
+    attention_backend,
+    attention_backward_scratch,
+)
+from vedit.memory.predict import (
+    Advice,
+    MemoryPrediction,
+    TunePlan,
+    _largest,
+    predict,
+    trace_tune,
+)
+from vedit.memory.trace import simulated_gpu
+from vedit.models import resolve_model
+from vedit.settings import ExtractSettings, TuneSettings
+from vedit.synthetic import make_clip
+
+runner = CliRunner()
+H100 = Gpu("H100", 80 * 2**30, (9, 0))
+AMPERE = Gpu("RTX", 24 * 2**30, (8, 6))
+
+
+def test_the_trace_counts_a_known_step_exactly() -> None:
+    """One training step of a bias-free linear layer, by hand: weights, AdamW's two moments
+    and step, the input; then the weight's gradient, the loss and backward's seed; and the
+    cuBLAS workspaces of the forward and the backward handles."""
+    batch, inputs, outputs = 8, 64, 32
+    with simulated_gpu(AMPERE) as sim:
+        with sim.untraced():
+            layer = torch.nn.Linear(inputs, outputs, bias=False)
+            optimizer = torch.optim.AdamW(layer.parameters(), fused=True)
+            prime_optimizer(optimizer)
+            x = torch.randn(batch, inputs)
+        layer(x).sum().backward()
+        optimizer.step()
+    weight = 4 * outputs * inputs
+    held = 3 * weight + 4 * batch * inputs + 4  # weights, moments, input, step
+    workspaces = 2 * AMPERE.cublas_workspace_bytes
+    live, peak = {}, 0
+    for kind, key, nbytes in sim.trace.events:
+        if kind == "alloc":
+            live[key] = nbytes
+        else:
+            live.pop(key, None)
+        peak = max(peak, sum(live.values()))
+    assert peak == held + weight + 4 + 4 + workspaces  # + gradient, loss, seed
+    # Through the allocator: every small tensor takes a 512-byte block, each workspace its own.
+    small = 4 * weight + 4 * batch * inputs + 3 * 512
+    assert sim.trace.replay().peak_allocated == small + workspaces
+
+
+def test_cuda_autocast_dtypes_and_its_cache_apply_in_checkpoint_replays() -> None:
+    seen: list[tuple[str, torch.dtype]] = []
+    with simulated_gpu(AMPERE) as sim:
+        linear = torch.nn.Linear(16, 16)
+        norm = torch.nn.GroupNorm(4, 16)
+
+        def block(x: torch.Tensor) -> torch.Tensor:
+            hidden = linear(x)
+            seen.append(("linear", hidden.dtype))
+            normed = norm(hidden[:, :, None])
+            seen.append(("group_norm", normed.dtype))
+            return normed * normed  # saves `normed`: the replay goes past the norm
+
+        x = torch.randn(2, 16, requires_grad=True)
+        with sim.functions.region(AutocastState(True, torch.float16)):
+            out = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+            assert torch.softmax(out, 1).dtype == torch.float32
+            cast = sim.functions.autocast.cast
+            assert cast(linear.weight, torch.float16) is cast(linear.weight, torch.float16)
+        out.sum().backward()  # the replay, outside the region, casts as the forward did
+    assert seen == [("linear", torch.float16), ("group_norm", torch.float32)] * 2
+
+
+def test_attention_runs_the_kernel_the_gpu_would_with_its_backward_scratch() -> None:
+    def query(head_dim: int, dtype: torch.dtype = torch.float16) -> torch.Tensor:
+        return torch.empty(2, 8, 64, head_dim, dtype=dtype, device="meta")
+
+    assert attention_backend(H100, query(40), query(40), None, True) == "cudnn"
+    assert attention_backend(H100, query(160), query(160), None, True) == "flash"
+    assert attention_backend(H100, query(512), query(512), None, False) == "efficient"
+    assert attention_backend(AMPERE, query(40), query(40), None, True) == "flash"
+    assert attention_backend(AMPERE, query(40, torch.float32), query(40), None, True) == \
+        "efficient"
+    # Flash attention's backward pads the 8-frame sequence to 128 and the head dim to 64.
+    assert attention_backward_scratch("flash", query(40)[:, :, :8]) == 4 * 2 * 8 * 128 * 65
+    with simulated_gpu(AMPERE) as sim:
+        q = torch.randn(2, 8, 8, 40, dtype=torch.float16, requires_grad=True)
+        F.scaled_dot_product_attention(q, q, q).sum().backward()
+    sizes = [n for kind, _, n in sim.trace.events if kind == "alloc"]
+    assert 4 * 2 * 8 * 128 * 65 in sizes  # the scratch, as modelled
+    assert 2 * 8 * 8 * 8 * 2 not in sizes  # no attention matrix: not the math path
+
+
+def test_the_caching_allocator_rounds_splits_and_releases_as_pytorch_does() -> None:
+    allocator = CachingAllocator()
+    allocator.malloc(0, 100)  # a 2 MiB small-pool segment, a 512-byte block of it
+    allocator.malloc(1, 3 * MIB)  # a 20 MiB segment, split
+    assert (allocator.allocated, allocator.reserved) == (512 + 3 * MIB, 22 * MIB)
+    allocator.free(1)
+    allocator.malloc(2, 19 * MIB + 512)  # the 20 MiB block, unsplit: counted whole
+    assert allocator.allocated == 512 + 20 * MIB and allocator.reserved == 22 * MIB
+    events = [("alloc", 0, 12 * MIB), ("free", 0, 0), ("alloc", 1, 14 * MIB)]
+    assert replay(events).peak_reserved == 26 * MIB  # the cached 12 MiB segment is kept...
+    assert replay(events, capacity=16 * MIB).fits  # ...until memory runs short
+    assert not replay(events + [("alloc", 2, 4 * MIB)], capacity=16 * MIB).fits
+
+
+def _peak(peak_bytes: int, fits: bool) -> MemoryPrediction:
+    return MemoryPrediction(peak_bytes, peak_bytes, "a step", AMPERE, fits)
+
+
+def test_the_search_for_settings_that_fit() -> None:
+    usable = AMPERE.usable_bytes
+    asked: list[int] = []
+
+    def linear(frames: int) -> MemoryPrediction:  # 1 GiB a frame over 2 GiB
+        asked.append(frames)
+        peak = (2 + frames) * 2**30
+        return _peak(peak, peak <= usable)
+
+    found = _largest(linear, 64, linear(64), AMPERE)
+    assert found is not None and found[0] == int((usable / 2**30) - 2)
+    assert len(asked) <= 4  # the asked point, half of it, one estimate
+    assert _largest(lambda f: _peak(10**15, False), 64, _peak(10**15, False), AMPERE) is None
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_clip(tmp_path_factory.mktemp("memory") / "clip.mp4", width=96, height=64,
+                     fps=10, seconds=1.0, audio=False)
+
+
+@pytest.mark.slow  # traces the tiny model: seconds of fake-tensor ops
+def test_tune_prediction_of_the_tiny_model(tiny_model: Path) -> None:
+    plan = TunePlan(resolve_model(tiny_model), 4, 64, 64, TuneSettings(prompt="a cat"))
+    trace = trace_tune(plan, AMPERE)
+    roomy = predict(trace, Gpu("roomy", 80 * 2**30))
+    assert roomy.fits and roomy.peak_during == "the training step"
+    assert roomy.peak_bytes > 2 * AMPERE.cublas_workspace_bytes  # and the weights
+    tight = predict(trace, Gpu("tight", CONTEXT_BYTES + roomy.reserved_bytes // 2))
+    assert tight.fits is False and tight.peak_bytes == roomy.peak_bytes
+    unknown = predict(trace, Gpu("unknown", None))
+    assert unknown.fits is None and unknown.to_dict()["device_memory_gb"] is None
+    advice = dataclasses.replace(tight, advice=(Advice("--frames 2", 2**30),))
+    assert "does not fit tight" in advice.summary()
+    assert advice.to_dict()["advice"] == [{"change": "--frames 2", "predicted_peak_gb": 1.0}]
+
+
+@pytest.fixture(scope="module")
+def tuned(tiny_model: Path, clip: Path) -> Path:
+    """A project of the clip's frames, tuned one step."""
+    project = clip.parent / "project"
+    extract(clip, project, ExtractSettings(frames=2, size="64"))
+    tune_stage.tune(project, TuneSettings(prompt="a cat", model=str(tiny_model), steps=1))
+    return project
+
+
+def _files(folder: Path) -> dict[Path, bytes]:
+    return {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.mark.slow  # traces the tiny model: seconds of fake-tensor ops
+def test_dry_run_predicts_without_writing(tiny_model: Path, clip: Path, tuned: Path) -> None:
+    before = _files(clip.parent)
+    result = runner.invoke(app, ["tune", str(clip), "--model", str(tiny_model), "--frames", "4",
+                                 "--project", str(clip.parent / "new"), "--dry-run",
+                                 "--gpu-memory", "24", "--json"])
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert (report["frames"], report["width"], report["height"]) == (4, 96, 64)
+    memory = report["memory"]
+    assert memory["fits"] is True and memory["device_memory_gb"] == 24.0
+    assert 0 < memory["predicted_peak_gb"] <= memory["predicted_reserved_gb"]
+
+    result = runner.invoke(app, ["edit", str(tuned), "--dry-run", "--gpu-memory", "24"])
+    assert result.exit_code == 0, result.stderr
+    assert "fits a 24 GB GPU" in result.stdout and "nothing was run or written" in result.stdout
+    assert _files(clip.parent) == before  # no project made, nothing added to the tuned one
+
+
+@pytest.mark.slow  # traces the tiny model: seconds of fake-tensor ops
+def test_out_of_memory_says_the_predicted_peak(tiny_model: Path, tuned: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_memory(*args: object, **kwargs: object) -> None:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(tune_stage, "_loop", no_memory)  # the prediction runs train_step
+    monkeypatch.setattr(gpu_module, "target_gpu", lambda: Gpu("a 1 GB GPU", 2**30))
+    with pytest.raises(OutOfMemoryError) as caught:
+        tune_stage.tune(tuned, TuneSettings(prompt="a cat", model=str(tiny_model), steps=1))
+    assert "The predicted peak is 0.0" in caught.value.hint
+    assert "a 1 GB GPU" in caught.value.hint and "fewer frames" in caught.value.hint
+
+
+def test_benchmark_shapes_make_a_config_only_folder(tmp_path: Path) -> None:
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    import shapes
+
+    folder = shapes.write_configs(shapes.SD15, tmp_path / "sd15")
+    source = resolve_model(folder, configs_only=True)
+    assert not list(folder.rglob("*.safetensors"))
+    assert source.components["unet"].weight_files == ()
+    with pytest.raises(Exception, match="no .safetensors weights"):
+        resolve_model(folder)
