@@ -7,6 +7,7 @@ import dataclasses
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -16,9 +17,9 @@ from typer.testing import CliRunner
 
 from vedit import tune as tune_stage
 from vedit.cli import app
-from vedit.errors import OutOfMemoryError
+from vedit.errors import BadInputError, OutOfMemoryError
 from vedit.extract import extract
-from vedit.memory import gpu as gpu_module
+from vedit.memory import predict as predict_module
 from vedit.memory.accelerator import prime_optimizer
 from vedit.memory.allocator import MIB, CachingAllocator, replay
 from vedit.memory.autocast import AutocastState
@@ -34,9 +35,8 @@ from vedit.memory.predict import (
     TunePlan,
     _largest,
     predict,
-    trace_tune,
 )
-from vedit.memory.trace import simulated_gpu
+from vedit.memory.trace import Trace, simulated_gpu
 from vedit.models import resolve_model
 from vedit.settings import ExtractSettings, TuneSettings
 from vedit.synthetic import make_clip
@@ -129,7 +129,7 @@ def test_the_caching_allocator_rounds_splits_and_releases_as_pytorch_does() -> N
     events = [("alloc", 0, 12 * MIB), ("free", 0, 0), ("alloc", 1, 14 * MIB)]
     assert replay(events).peak_reserved == 26 * MIB  # the cached 12 MiB segment is kept...
     assert replay(events, capacity=16 * MIB).fits  # ...until memory runs short
-    assert not replay(events + [("alloc", 2, 4 * MIB)], capacity=16 * MIB).fits
+    assert not replay([*events, ("alloc", 2, 4 * MIB)], capacity=16 * MIB).fits
 
 
 def _peak(peak_bytes: int, fits: bool) -> MemoryPrediction:
@@ -157,37 +157,54 @@ def clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
                      fps=10, seconds=1.0, audio=False)
 
 
-@pytest.mark.slow  # traces the tiny model: seconds of fake-tensor ops
-def test_tune_prediction_of_the_tiny_model(tiny_model: Path) -> None:
-    plan = TunePlan(resolve_model(tiny_model), 4, 64, 64, TuneSettings(prompt="a cat"))
-    trace = trace_tune(plan, AMPERE)
+def test_a_prediction_fits_or_not_by_replaying_the_trace_on_the_device() -> None:
+    trace = Trace()
+    with trace.section("the training step"):
+        held = [trace.alloc(300 * MIB) for _ in range(3)]
+    for key in held:
+        trace.free(key)
     roomy = predict(trace, Gpu("roomy", 80 * 2**30))
     assert roomy.fits and roomy.peak_during == "the training step"
-    assert roomy.peak_bytes > 2 * AMPERE.cublas_workspace_bytes  # and the weights
-    tight = predict(trace, Gpu("tight", CONTEXT_BYTES + roomy.reserved_bytes // 2))
+    assert roomy.peak_bytes == roomy.reserved_bytes == 900 * MIB
+    tight = predict(trace, Gpu("tight", CONTEXT_BYTES + 600 * MIB))
     assert tight.fits is False and tight.peak_bytes == roomy.peak_bytes
     unknown = predict(trace, Gpu("unknown", None))
     assert unknown.fits is None and unknown.to_dict()["device_memory_gb"] is None
+    assert "give --gpu-memory" in unknown.summary()
     advice = dataclasses.replace(tight, advice=(Advice("--frames 2", 2**30),))
     assert "does not fit tight" in advice.summary()
     assert advice.to_dict()["advice"] == [{"change": "--frames 2", "predicted_peak_gb": 1.0}]
 
 
 @pytest.fixture(scope="module")
-def tuned(tiny_model: Path, clip: Path) -> Path:
-    """A project of the clip's frames, tuned one step."""
+def tuned(tiny_model: Path, clip: Path) -> tuple[Path, dict[str, Any]]:
+    """A project of the clip's frames tuned one step by `vedit tune --json`, as if on a GPU that
+    measured a peak of 0.5 GB (the result then puts the model's prediction next to it)."""
     project = clip.parent / "project"
     extract(clip, project, ExtractSettings(frames=2, size="64"))
-    tune_stage.tune(project, TuneSettings(prompt="a cat", model=str(tiny_model), steps=1))
-    return project
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(tune_stage, "measured_peak_gb", lambda device: 0.5)
+        result = runner.invoke(app, ["tune", str(project), "--prompt", "a cat", "--model",
+                                     str(tiny_model), "--steps", "1", "--json"])
+    assert result.exit_code == 0, result.stderr
+    return project, json.loads(result.stdout)
+
+
+@pytest.mark.slow  # tunes and traces the tiny model
+def test_a_run_on_a_gpu_reports_its_peak_next_to_the_prediction(
+        tuned: tuple[Path, dict[str, Any]]) -> None:
+    memory = tuned[1]["memory"]
+    assert memory["measured_peak_gb"] == 0.5 and memory["predicted_peak_gb"] > 0
+    assert memory["error_percent"] == round(100 * (memory["predicted_peak_gb"] - 0.5) / 0.5, 1)
 
 
 def _files(folder: Path) -> dict[Path, bytes]:
     return {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
 
 
-@pytest.mark.slow  # traces the tiny model: seconds of fake-tensor ops
-def test_dry_run_predicts_without_writing(tiny_model: Path, clip: Path, tuned: Path) -> None:
+@pytest.mark.slow  # traces the tiny model twice: seconds of fake-tensor ops
+def test_dry_run_predicts_without_writing(tiny_model: Path, clip: Path,
+                                          tuned: tuple[Path, dict[str, Any]]) -> None:
     before = _files(clip.parent)
     result = runner.invoke(app, ["tune", str(clip), "--model", str(tiny_model), "--frames", "4",
                                  "--project", str(clip.parent / "new"), "--dry-run",
@@ -198,34 +215,70 @@ def test_dry_run_predicts_without_writing(tiny_model: Path, clip: Path, tuned: P
     memory = report["memory"]
     assert memory["fits"] is True and memory["device_memory_gb"] == 24.0
     assert 0 < memory["predicted_peak_gb"] <= memory["predicted_reserved_gb"]
+    assert memory["peak_during"] == "the training step" and memory["advice"] == []
 
-    result = runner.invoke(app, ["edit", str(tuned), "--dry-run", "--gpu-memory", "24"])
+    result = runner.invoke(app, ["edit", str(tuned[0]), "--dry-run", "--gpu-memory", "24"])
     assert result.exit_code == 0, result.stderr
     assert "fits a 24 GB GPU" in result.stdout and "nothing was run or written" in result.stdout
     assert _files(clip.parent) == before  # no project made, nothing added to the tuned one
 
 
-@pytest.mark.slow  # traces the tiny model: seconds of fake-tensor ops
-def test_out_of_memory_says_the_predicted_peak(tiny_model: Path, tuned: Path,
-                                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_out_of_memory_says_the_predicted_peak_and_what_fits(
+        tiny_model: Path, tuned: tuple[Path, dict[str, Any]],
+        monkeypatch: pytest.MonkeyPatch) -> None:
     def no_memory(*args: object, **kwargs: object) -> None:
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(tune_stage, "_loop", no_memory)  # the prediction runs train_step
-    monkeypatch.setattr(gpu_module, "target_gpu", lambda: Gpu("a 1 GB GPU", 2**30))
+    planned: list[TunePlan] = []
+
+    def prediction(plan: TunePlan, gpu: Gpu) -> MemoryPrediction:  # traced in other tests
+        planned.append(plan)
+        return dataclasses.replace(_peak(30 * 2**30, False),
+                                   advice=(Advice("--frames 12 (at 64x64)", 20 * 2**30),))
+
+    monkeypatch.setattr(tune_stage, "_loop", no_memory)
+    monkeypatch.setattr(predict_module, "predict_tune", prediction)
     with pytest.raises(OutOfMemoryError) as caught:
-        tune_stage.tune(tuned, TuneSettings(prompt="a cat", model=str(tiny_model), steps=1))
-    assert "The predicted peak is 0.0" in caught.value.hint
-    assert "a 1 GB GPU" in caught.value.hint and "fewer frames" in caught.value.hint
+        tune_stage.tune(tuned[0], TuneSettings(prompt="a cat", model=str(tiny_model), steps=1))
+    assert caught.value.hint == (f"The predicted peak is 30.0 GB on {AMPERE.describe()}. "
+                                 "These fit: --frames 12 (at 64x64) (20.0 GB).")
+    [plan] = planned  # the run that ran out: the project's frames, latents cached
+    assert (plan.frames, plan.width, plan.height, plan.encodes_frames) == (2, 96, 64, False)
+
+    monkeypatch.setattr(predict_module, "predict_tune", lambda plan, gpu: 1 / 0)
+    with pytest.raises(OutOfMemoryError) as caught:
+        tune_stage.tune(tuned[0], TuneSettings(prompt="a cat", model=str(tiny_model), steps=1))
+    assert "fewer frames" in caught.value.hint  # a failed prediction leaves the plain hint
 
 
-def test_benchmark_shapes_make_a_config_only_folder(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def sd15_configs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SD 1.5's configs and a tokenizer, no weights: what `fetch-models --configs-only` leaves."""
     sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
     import shapes
 
-    folder = shapes.write_configs(shapes.SD15, tmp_path / "sd15")
-    source = resolve_model(folder, configs_only=True)
-    assert not list(folder.rglob("*.safetensors"))
+    return shapes.write_configs(shapes.SD15, tmp_path_factory.mktemp("sd15") / "sd15")
+
+
+def test_benchmark_shapes_make_a_config_only_folder(sd15_configs: Path) -> None:
+    source = resolve_model(sd15_configs, configs_only=True)
+    assert not list(sd15_configs.rglob("*.safetensors"))
     assert source.components["unet"].weight_files == ()
-    with pytest.raises(Exception, match="no .safetensors weights"):
-        resolve_model(folder)
+    with pytest.raises(BadInputError, match=r"no \.safetensors weights"):
+        resolve_model(sd15_configs)
+
+
+@pytest.mark.slow  # traces SD 1.5's tuning step at 24 frames: well under a minute
+def test_a_24_frame_sd15_dry_run_from_configs_alone(sd15_configs: Path, tmp_path: Path) -> None:
+    clip = make_clip(tmp_path / "long.mp4", width=96, height=64, fps=10, seconds=3.0,
+                     audio=False)
+    result = runner.invoke(app, ["tune", str(clip), "--model", str(sd15_configs), "--frames",
+                                 "24", "--stride", "1", "--crop", "--dry-run", "--gpu-memory",
+                                 "24", "--json"])
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert (report["frames"], report["width"], report["height"]) == (24, 512, 512)
+    memory = report["memory"]
+    # 860 M frozen UNet weights in bf16 alone are 1.6 GB; the whole run fits a 24 GB card.
+    assert 1.6 < memory["predicted_peak_gb"] < 24 and memory["fits"] is True
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["long.mp4"]  # no project made
