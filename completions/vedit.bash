@@ -33,9 +33,10 @@ _vedit() {
                 --batch) return ;;
                 --window) return ;;
                 --overlap) return ;;
+                --gpu-memory) return ;;
                 --config) COMPREPLY=($(compgen -f -- "$cur")); return ;;
             esac
-            if [[ $cur == -* ]]; then COMPREPLY=($(compgen -W "--prompt -p --prompts-file --name --checkpoint --steps --guidance --negative-prompt --seed --formats --batch --inversion --no-inversion --inversion-prompt --empty-inversion-prompt --full --tuned-frames --window --overlap --config --json --quiet -q --debug --help -h" -- "$cur")); else COMPREPLY=($(compgen -f -- "$cur")); fi ;;
+            if [[ $cur == -* ]]; then COMPREPLY=($(compgen -W "--prompt -p --prompts-file --name --checkpoint --steps --guidance --negative-prompt --seed --formats --batch --inversion --no-inversion --inversion-prompt --empty-inversion-prompt --full --tuned-frames --window --overlap --dry-run --gpu-memory --config --json --quiet -q --debug --help -h" -- "$cur")); else COMPREPLY=($(compgen -f -- "$cur")); fi ;;
         extract)
             case "$prev" in
                 --output|-o) COMPREPLY=($(compgen -f -- "$cur")); return ;;
@@ -52,7 +53,7 @@ _vedit() {
                 --revision) return ;;
                 --variant) return ;;
             esac
-            if [[ $cur == -* ]]; then COMPREPLY=($(compgen -W "--revision --variant --list --json --quiet -q --debug --help -h" -- "$cur")); else COMPREPLY=($(true)); fi ;;
+            if [[ $cur == -* ]]; then COMPREPLY=($(compgen -W "--revision --variant --list --configs-only --json --quiet -q --debug --help -h" -- "$cur")); else COMPREPLY=($(true)); fi ;;
         remux)
             case "$prev" in
                 --video) COMPREPLY=($(compgen -f -- "$cur")); return ;;
@@ -79,9 +80,10 @@ _vedit() {
                 --start) return ;;
                 --end) return ;;
                 --size) return ;;
+                --gpu-memory) return ;;
                 --config) COMPREPLY=($(compgen -f -- "$cur")); return ;;
             esac
-            if [[ $cur == -* ]]; then COMPREPLY=($(compgen -W "--prompt -p --project --model -m --steps --lr --lora-lr --rank --lora-targets --batch --grad-accum --seed --mixed-precision --gradient-checkpointing --no-gradient-checkpointing --checkpoint-every --resume --frames -n --stride --start --end --spread --no-spread --size --crop --no-crop --config --json --quiet -q --debug --help -h" -- "$cur")); else COMPREPLY=($(compgen -f -- "$cur")); fi ;;
+            if [[ $cur == -* ]]; then COMPREPLY=($(compgen -W "--prompt -p --project --model -m --steps --lr --lora-lr --rank --lora-targets --batch --grad-accum --seed --mixed-precision --gradient-checkpointing --no-gradient-checkpointing --checkpoint-every --resume --frames -n --stride --start --end --spread --no-spread --size --crop --no-crop --dry-run --gpu-memory --config --json --quiet -q --debug --help -h" -- "$cur")); else COMPREPLY=($(compgen -f -- "$cur")); fi ;;
     esac
 }
 complete -o filenames -F _vedit vedit

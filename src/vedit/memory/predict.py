@@ -10,7 +10,7 @@ fetch-models --configs-only` will do):
   `tune.build_run` and one `tune.train_step` (a batch per accumulated step) with the
   optimizer's state already made, as at every step after the first;
 - edit: the models loaded, the UNet inflated with its LoRA adapters as `tuned_unet` makes it,
-  two steps of `invert.ddim_invert` and of `edit.ddim_sample` (each step is the same, so two
+  two steps of `sampler.ddim_invert` and of `sampler.ddim_sample` (each step is the same, so two
   show the steady state), and `edit.decoded_slices` over the clip.
 
 The peak is the caching allocator's (allocator.py) over the whole trace, where the section it
