@@ -282,3 +282,11 @@ def test_a_24_frame_sd15_dry_run_from_configs_alone(sd15_configs: Path, tmp_path
     # 860 M frozen UNet weights in bf16 alone are 1.6 GB; the whole run fits a 24 GB card.
     assert 1.6 < memory["predicted_peak_gb"] < 24 and memory["fits"] is True
     assert sorted(p.name for p in tmp_path.iterdir()) == ["long.mp4"]  # no project made
+
+
+def test_gpu_memory_goes_with_a_dry_run(clip: Path) -> None:
+    result = runner.invoke(app, ["tune", str(clip), "--prompt", "a cat", "--gpu-memory", "24"])
+    assert result.exit_code == 2 and "--gpu-memory goes with --dry-run" in result.stderr
+    result = runner.invoke(app, ["edit", str(clip.parent), "--dry-run", "--gpu-memory", "-1"])
+    assert result.exit_code == 2 and "not a size in GB" in result.stderr
+    assert not (clip.parent / "clip.vedit").exists()  # nothing extracted

@@ -311,6 +311,7 @@ def tune(
     """LoRA-tune the inflated UNet on a project's frames (or a clip's, extracting them first)."""
     from vedit.video import check_clip
 
+    _check_gpu_memory(dry_run, gpu_memory)
     if not target.is_dir():
         check_clip(target)  # a mistyped path fails before torch is imported (seconds)
     from vedit import tune as tune_stage
@@ -441,6 +442,8 @@ def edit(
     from vedit import edit as edit_stage
     from vedit.prompts import read_prompts
 
+    _check_gpu_memory(dry_run, gpu_memory)
+
     values = config_values(config, ["edit"])
     settings = resolve(EditSettings, values, overrides=dict(
         checkpoint=checkpoint, steps=steps, guidance=guidance,
@@ -481,6 +484,15 @@ def _edit_dry_run(out: Output, project: Path, settings: EditSettings, prompts: i
     out.result({"dry_run": True, "frames": plan.frames, "width": plan.width,
                 "height": plan.height, "memory": prediction.to_dict()},
                _dry_run_text(prediction, what))
+
+
+def _check_gpu_memory(dry_run: bool, gpu_memory: float | None) -> None:
+    if gpu_memory is not None and not dry_run:
+        raise UsageError("--gpu-memory goes with --dry-run: a real run uses the GPU it has.",
+                         "Add --dry-run to predict for a GPU of that size.")
+    if gpu_memory is not None and gpu_memory <= 0:
+        raise UsageError(f"--gpu-memory {gpu_memory:g} is not a size in GB.",
+                         "Give the card's memory, e.g. --gpu-memory 24.")
 
 
 def _dry_run_text(prediction: MemoryPrediction, what: str) -> str:
