@@ -15,12 +15,15 @@ from __future__ import annotations
 import argparse
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel
+
+from vedit.tiny_model import write_config_folder
 
 SD15_UNET: dict[str, Any] = dict(
     sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
@@ -141,6 +144,13 @@ def prompt_ids(shapes: Shapes, device: torch.device | str, seed: int = 0) -> tor
     ids = torch.randint(0, shapes.text["vocab_size"] - 2, (1, shapes.text_tokens),
                         generator=generator)
     return ids.to(device)
+
+
+def write_configs(shapes: Shapes, folder: Path) -> Path:
+    """A model folder with these shapes' configs and a tokenizer but no weights (as `vedit
+    fetch-models --configs-only` leaves one), for the memory prediction."""
+    return write_config_folder(folder, unet=shapes.unet, vae=shapes.vae,
+                               text_encoder=shapes.text, scheduler=SCHEDULER)
 
 
 def parameter_count(module: torch.nn.Module) -> int:

@@ -34,9 +34,10 @@ _vedit() {
                 --window) return ;;
                 --overlap) return ;;
                 --full-stride) return ;;
+                --gpu-memory) return ;;
                 --config) COMPREPLY=($(compgen -f -- "$cur")); return ;;
             esac
-            if [[ $cur == -* ]]; then COMPREPLY=($(compgen -W "--prompt -p --prompts-file --name --checkpoint --steps --guidance --negative-prompt --seed --formats --batch --inversion --no-inversion --inversion-prompt --empty-inversion-prompt --full --tuned-frames --window --overlap --full-stride --config --json --quiet -q --debug --help -h" -- "$cur")); else COMPREPLY=($(compgen -f -- "$cur")); fi ;;
+            if [[ $cur == -* ]]; then COMPREPLY=($(compgen -W "--prompt -p --prompts-file --name --checkpoint --steps --guidance --negative-prompt --seed --formats --batch --inversion --no-inversion --inversion-prompt --empty-inversion-prompt --full --tuned-frames --window --overlap --full-stride --dry-run --gpu-memory --config --json --quiet -q --debug --help -h" -- "$cur")); else COMPREPLY=($(compgen -f -- "$cur")); fi ;;
         extract)
             case "$prev" in
                 --output|-o) COMPREPLY=($(compgen -f -- "$cur")); return ;;
@@ -53,7 +54,7 @@ _vedit() {
                 --revision) return ;;
                 --variant) return ;;
             esac
-            if [[ $cur == -* ]]; then COMPREPLY=($(compgen -W "--revision --variant --list --json --quiet -q --debug --help -h" -- "$cur")); else COMPREPLY=($(true)); fi ;;
+            if [[ $cur == -* ]]; then COMPREPLY=($(compgen -W "--revision --variant --list --configs-only --json --quiet -q --debug --help -h" -- "$cur")); else COMPREPLY=($(true)); fi ;;
         remux)
             case "$prev" in
                 --video) COMPREPLY=($(compgen -f -- "$cur")); return ;;
@@ -84,9 +85,10 @@ _vedit() {
                 --start) return ;;
                 --end) return ;;
                 --size) return ;;
+                --gpu-memory) return ;;
                 --config) COMPREPLY=($(compgen -f -- "$cur")); return ;;
             esac
-            if [[ $cur == -* ]]; then COMPREPLY=($(compgen -W "--prompt -p --project --model -m --steps --lr --lora-lr --rank --lora-targets --batch --grad-accum --seed --mixed-precision --gradient-checkpointing --no-gradient-checkpointing --checkpoint-every --resume --frames -n --stride --start --end --spread --no-spread --size --crop --no-crop --config --json --quiet -q --debug --help -h" -- "$cur")); else COMPREPLY=($(compgen -f -- "$cur")); fi ;;
+            if [[ $cur == -* ]]; then COMPREPLY=($(compgen -W "--prompt -p --project --model -m --steps --lr --lora-lr --rank --lora-targets --batch --grad-accum --seed --mixed-precision --gradient-checkpointing --no-gradient-checkpointing --checkpoint-every --resume --frames -n --stride --start --end --spread --no-spread --size --crop --no-crop --dry-run --gpu-memory --config --json --quiet -q --debug --help -h" -- "$cur")); else COMPREPLY=($(compgen -f -- "$cur")); fi ;;
     esac
 }
 complete -o filenames -F _vedit vedit

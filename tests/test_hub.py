@@ -242,3 +242,21 @@ def test_unreachable_hub_fails_fast() -> None:
         fetch_model("some-org/some-model")
     assert time.monotonic() - start < 5
     assert "HF_HUB_OFFLINE" in failure.value.hint
+
+
+def test_configs_only_fetches_no_weights_and_the_weights_come_later(
+        tiny_model: Path, fake_hub: FakeHub) -> None:
+    """`fetch-models --configs-only`: the configs and tokenizer (enough for `--dry-run`), no
+    weights; the model is not loadable until a plain fetch brings them."""
+    from vedit.models import resolve_model
+
+    fake_hub.add_folder(REPO, tiny_model)
+    snapshot = fetch_model(REPO, configs_only=True)
+    configs = {f for f in NEEDED if not f.endswith(".safetensors")}
+    assert snapshot_files(snapshot) == configs
+    assert not [r for r in fake_hub.requests if r.path.endswith(".safetensors")]
+    assert resolve_model(REPO, configs_only=True).path == snapshot
+    with pytest.raises(ModelNotFoundError, match="incomplete"):
+        resolve_model(REPO)
+    assert snapshot_files(fetch_model(REPO)) == NEEDED
+    load_components(REPO, device="cpu")

@@ -51,8 +51,8 @@ def make_project(tmp_path: Path) -> Path:
         _tensors(folder / TEMPORAL_FILE, {})
         (folder / RECORD).write_text(tomlio.dumps({
             "step": step, "base_model": "/models/sd", "base_fingerprint": MODEL,
-            "lora_targets": ["attn1.to_q", "attn2.to_q"], "frames_key": FRAMES_KEY, "settings": {"prompt": "a man skiing", "steps": 6,
-                                                   "lr": 3e-5, "rank": 16}}))
+            "lora_targets": ["attn1.to_q", "attn2.to_q"], "frames_key": FRAMES_KEY,
+            "settings": {"prompt": "a man skiing", "steps": 6, "lr": 3e-5, "rank": 16}}))
     (root / "logs").mkdir()
     (root / "logs" / "tune.jsonl").write_text("".join(
         json.dumps({"step": s, "loss": 1.0 / s, "smoothed": 1.0 / s}) + "\n" for s in (1, 2, 3, 4)))

@@ -33,6 +33,8 @@ from vedit.settings import (
 if TYPE_CHECKING:
     from typer._click import Context, Parameter  # Typer's own copy of click: its types
 
+    from vedit.memory.predict import MemoryPrediction
+
 Body = TypeVar("Body", bound=Callable[..., None])
 
 
@@ -123,6 +125,14 @@ SizeOpt = Annotated[str | None, typer.Option(
 CropOpt = Annotated[bool | None, typer.Option(
     "--crop/--no-crop", help="Take the centre square.", show_default=False)]
 
+# The memory prediction, shared by `tune` and `edit`.
+DryRunOpt = Annotated[bool, typer.Option(
+    "--dry-run", help="Predict the peak GPU memory, whether it fits and which settings would; "
+    "run nothing, write nothing.")]
+GpuMemoryOpt = Annotated[float | None, typer.Option(
+    "--gpu-memory", help="With --dry-run: predict for a GPU of this many GB.  \\[default: this "
+    "machine's GPU]", show_default=False)]
+
 
 def _version(value: bool) -> None:
     if value:
@@ -191,6 +201,9 @@ def fetch_models(
         show_default=False)] = None,
     list_: Annotated[bool, typer.Option(
         "--list", help="List the models present and their size; download nothing.")] = False,
+    configs_only: Annotated[bool, typer.Option(
+        "--configs-only", help="Only the configs and tokenizer (a few kB): enough for "
+        "`tune --dry-run` and `edit --dry-run` before downloading the weights.")] = False,
 ) -> None:
     """Download a Stable Diffusion 1.x/2.x model (only what vedit needs), or check a local one."""
     from vedit import hub, models
@@ -202,8 +215,10 @@ def fetch_models(
                    "\n".join(rows) or "No models yet: run `vedit fetch-models`.")
         return
     name = model or config_values(None, []).get("model") or DEFAULT_MODEL
-    hub.fetch_model(name, revision=revision, variant=variant, reporter=out.reporter)
-    source = models.resolve_model(name, revision=revision, variant=variant)
+    hub.fetch_model(name, revision=revision, variant=variant, reporter=out.reporter,
+                    configs_only=configs_only)
+    source = models.resolve_model(name, revision=revision, variant=variant,
+                                  configs_only=configs_only)
     parts = ", ".join(f"{c} {info.dtype} {human_size(info.size_bytes)}"
                       for c, info in source.components.items() if info.dtype)
     out.result(_model_facts(source) | {"fingerprint": source.fingerprint},
@@ -317,6 +332,8 @@ def tune(
     spread: SpreadOpt = None,
     size: SizeOpt = None,
     crop: CropOpt = None,
+    dry_run: DryRunOpt = False,
+    gpu_memory: GpuMemoryOpt = None,
     config: ConfigOpt = None,
 ) -> None:
     """LoRA-tune the inflated UNet on a project's frames (or a clip's, extracting them first)."""
@@ -325,6 +342,7 @@ def tune(
 
     # Every check that needs no model library comes first, the lock included: a mistyped
     # path, a bad option or a busy project is refused in well under a second.
+    _check_gpu_memory(dry_run, gpu_memory)
     if not target.is_dir():
         check_clip(target)
     values = config_values(config, ["extract", "tune"])
@@ -343,9 +361,13 @@ def tune(
         opened = Project.open(target, replacing=TUNE_SECTIONS)
         settings = resolve(TuneSettings, recorded_settings(opened, resume=resume), values,
                            overrides=flags)
+        frame_settings: ExtractSettings | None = None
     else:
         settings = resolve(TuneSettings, values, overrides=flags)
         frame_settings = resolve(ExtractSettings, values, overrides=frame_flags)
+    if dry_run:  # a prediction: no lock taken, nothing written
+        _tune_dry_run(out, target, settings, frame_settings, gpu_memory)
+        return
     result: dict[str, object] = {}
     # The clip form writes the extract sections too; a damaged one is repaired, not refused.
     sections = TUNE_SECTIONS if opened else (*EXTRACT_SECTIONS, *TUNE_SECTIONS)
@@ -368,7 +390,32 @@ def tune(
     else:
         text = (f"Tuned {target} to step {tuned.steps} in {tuned.seconds:.1f} s"
                 + (f"; latest checkpoint {last}." if last else "."))
+    if tuned.peak_memory_gb is not None and tuned.start_step < tuned.steps:
+        from vedit.memory.gpu import target_gpu
+        from vedit.memory.predict import measured_against_predicted, predict_tune, tune_plan
+
+        plan = tune_plan(target, settings).with_(encodes_frames=not tuned.latents_reused)
+        memory = measured_against_predicted(
+            tuned.peak_memory_gb, lambda: predict_tune(plan, target_gpu(), advise=False))
+        if memory is not None:
+            result["memory"] = memory
+            text += " " + _measured_text(memory)
     out.result(result, text)
+
+
+def _tune_dry_run(out: Output, target: Path, settings: TuneSettings,
+                  frame_settings: ExtractSettings | None, gpu_memory: float | None) -> None:
+    """`tune --dry-run`: the run's predicted memory on the GPU; nothing extracted or written."""
+    from vedit.memory.gpu import target_gpu
+    from vedit.memory.predict import predict_tune, tune_plan
+
+    plan = tune_plan(target, settings, frame_settings)
+    prediction = predict_tune(plan, target_gpu(gpu_memory))
+    what = (f"Tuning {plan.frames} frames of {plan.width}x{plan.height}"
+            + (" (as extract would take them)" if frame_settings is not None else ""))
+    out.result({"dry_run": True, "frames": plan.frames, "width": plan.width,
+                "height": plan.height, "memory": prediction.to_dict()},
+               _dry_run_text(prediction, what))
 
 
 @command()
@@ -428,10 +475,14 @@ def edit(
         "--full-stride", help="With --full: source frames between the frames a window holds; "
         "every frame is still edited, in interleaved sequences.  \\[default: the tuned "
         "frames' spacing, e.g. extract's --stride]", show_default=False, parser=ASCII_INT)] = None,
+    dry_run: DryRunOpt = False,
+    gpu_memory: GpuMemoryOpt = None,
     config: ConfigOpt = None,
 ) -> None:
     """Render the tuned clip under new prompts into edits/NAME/ (mp4, side-by-side, ...)."""
     from vedit.prompts import read_prompts
+
+    _check_gpu_memory(dry_run, gpu_memory)
 
     values = config_values(config, ["edit"])
     settings = resolve(EditSettings, values, overrides=dict(
@@ -441,12 +492,66 @@ def edit(
         overlap=overlap, full_stride=full_stride))
     prompts = edit_prompts(list(prompt or []) + (read_prompts(prompts_file)
                                                  if prompts_file else []))
+    if dry_run:  # a prediction: no lock taken, nothing written
+        _edit_dry_run(out, project, settings, len(prompts), gpu_memory)
+        return
     with locked_early(project, "edit", enabled=not out.secondary):
         from vedit import edit as edit_stage
 
         result = edit_stage.edit(project, prompts, settings, name=name, reporter=out.reporter)
     lines = [f"{e.files['video']}  ({e.prompt}, {e.frames} frames)" for e in result.edits]
-    out.result(result.to_dict(), "\n".join(lines))
+    data = result.to_dict()
+    if result.peak_memory_gb is not None:
+        from vedit.memory.gpu import target_gpu
+        from vedit.memory.predict import edit_plan, measured_against_predicted, predict_edit
+
+        plan = edit_plan(project, settings, prompts=len(prompts))
+        memory = measured_against_predicted(
+            result.peak_memory_gb, lambda: predict_edit(plan, target_gpu(), advise=False))
+        if memory is not None:
+            data["memory"] = memory
+            lines.append(_measured_text(memory))
+    out.result(data, "\n".join(lines))
+
+
+def _edit_dry_run(out: Output, project: Path, settings: EditSettings, prompts: int,
+                  gpu_memory: float | None) -> None:
+    """`edit --dry-run`: the edit's predicted memory on the GPU; nothing rendered or written."""
+    from vedit.memory.gpu import target_gpu
+    from vedit.memory.predict import edit_plan, predict_edit
+
+    plan = edit_plan(project, settings, prompts=prompts)
+    prediction = predict_edit(plan, target_gpu(gpu_memory))
+    what = (f"Editing {plan.frames} frames of {plan.width}x{plan.height}"
+            + (" at a time (--full)" if settings.full else "")
+            + f", {plan.settings.batch} prompt(s) at once")
+    out.result({"dry_run": True, "frames": plan.frames, "width": plan.width,
+                "height": plan.height, "memory": prediction.to_dict()},
+               _dry_run_text(prediction, what))
+
+
+def _check_gpu_memory(dry_run: bool, gpu_memory: float | None) -> None:
+    if gpu_memory is not None and not dry_run:
+        raise UsageError("--gpu-memory goes with --dry-run: a real run uses the GPU it has.",
+                         "Add --dry-run to predict for a GPU of that size.")
+    if gpu_memory is not None and gpu_memory <= 0:
+        raise UsageError(f"--gpu-memory {gpu_memory:g} is not a size in GB.",
+                         "Give the card's memory, e.g. --gpu-memory 24.")
+
+
+def _dry_run_text(prediction: MemoryPrediction, what: str) -> str:
+    """A dry run's report: what would run, the predicted peak, the settings that would fit."""
+    lines = [f"{what}: nothing was run or written.", prediction.summary()]
+    if prediction.advice:
+        lines.append("These would fit:")
+        lines += [f"  {a.change}: {a.peak_gb:.1f} GB" for a in prediction.advice]
+    return "\n".join(lines)
+
+
+def _measured_text(memory: dict[str, float]) -> str:
+    """The line a real GPU run adds: its peak next to the model's prediction for it."""
+    return (f"Peak GPU memory {memory['measured_peak_gb']} GB; the model predicted "
+            f"{memory['predicted_peak_gb']} GB ({memory['error_percent']:+}%).")
 
 
 @command()

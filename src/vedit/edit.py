@@ -31,6 +31,7 @@ from vedit.checkpoints import Checkpoint, check_frames, find_checkpoint, tuned_u
 from vedit.errors import OutOfMemoryError, is_out_of_memory
 from vedit.invert import Inversion, cached_inversion, inversion_key
 from vedit.latents import clip_span, frame_latents, read_frame, span_images, span_latents
+from vedit.memory.gpu import measured_peak_gb
 from vedit.models import Components, load_components
 from vedit.progress import Reporter
 from vedit.project import EDIT_VIDEO, Project, atomic_dir, frame_file
@@ -96,10 +97,12 @@ class EditResult:
     edits: list[EditOutput]
     seconds: float
     device: str
+    peak_memory_gb: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"project": str(self.project), "edits": [e.to_dict() for e in self.edits],
-                "seconds": round(self.seconds, 3), "device": self.device}
+                "seconds": round(self.seconds, 3), "device": self.device,
+                "peak_memory_gb": self.peak_memory_gb}
 
 
 def slug(text: str, limit: int = 48) -> str:
@@ -153,11 +156,19 @@ def edit(project_dir: Path, prompts: Sequence[str], settings: EditSettings | Non
     except (RuntimeError, MemoryError) as exc:  # torch.OutOfMemoryError is a RuntimeError
         if not is_out_of_memory(exc):
             raise
-        raise OutOfMemoryError(
-            f"Editing ran out of {'CPU' if state.device.type == 'cpu' else 'GPU'} memory.",
-            "Try a smaller --window (or --batch 1)." if settings.full else
-            "Try --batch 1, fewer frames (vedit extract --frames) or a smaller --size.") from None
-    return EditResult(project.root, outputs, time.monotonic() - started, str(state.device))
+        fallback = ("Try a smaller --window (or --batch 1)." if settings.full else
+                    "Try --batch 1, fewer frames (vedit extract --frames) or a smaller --size.")
+        if not isinstance(exc, torch.OutOfMemoryError):  # the CPU's allocator: nothing to predict
+            raise OutOfMemoryError("Editing ran out of CPU memory.", fallback) from None
+        from vedit.memory.gpu import target_gpu
+        from vedit.memory.predict import edit_plan, out_of_memory_hint, predict_edit
+
+        hint = out_of_memory_hint(
+            lambda: predict_edit(edit_plan(project.root, settings, prompts=len(prompts)),
+                                 target_gpu()), fallback)
+        raise OutOfMemoryError("Editing ran out of GPU memory.", hint) from None
+    return EditResult(project.root, outputs, time.monotonic() - started, str(state.device),
+                      measured_peak_gb(state.device))
 
 
 def _render(project: Project, checkpoint: Checkpoint, jobs: list[tuple[str, str]],
@@ -274,6 +285,14 @@ def decode_frames(vae: AutoencoderKL, latents: torch.Tensor, slice_size: int = D
                   reporter: Reporter | None = None) -> Iterator[np.ndarray]:
     """Latents `(c, f, h, w)` to RGB frames `(H, W, 3)` uint8, one at a time, the VAE decoding a
     slice of frames at once: memory holds a slice, not the clip."""
+    for pixels in decoded_slices(vae, latents, slice_size, reporter):
+        yield from pixels.numpy()
+
+
+def decoded_slices(vae: Any, latents: torch.Tensor, slice_size: int = DECODE_SLICE,
+                   reporter: Reporter | None = None) -> Iterator[torch.Tensor]:
+    """`decode_frames`' work on the device: each slice's frames `(f, H, W, 3)` uint8, on the
+    CPU (the memory prediction traces this)."""
     reporter = reporter or Reporter()
     if next(vae.parameters()).dtype == torch.float16 and vae.config.get("force_upcast", False):
         vae.to(torch.float32)  # as diffusers' pipelines: this VAE overflows in fp16
@@ -285,7 +304,7 @@ def decode_frames(vae: AutoencoderKL, latents: torch.Tensor, slice_size: int = D
             with torch.no_grad():
                 image = vae.decode(chunk).sample.float()
             pixels = ((image / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).cpu()
-            yield from rearrange(pixels, "f c h w -> f h w c").numpy()
+            yield rearrange(pixels, "f c h w -> f h w c")
             task.advance(len(chunk))
 
 

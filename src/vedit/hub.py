@@ -141,10 +141,14 @@ def _hub_errors(repo_id: str) -> Iterator[None]:
 
 
 def fetch_model(model: str | Path = DEFAULT_MODEL, *, revision: str | None = None,
-                variant: str | None = None, reporter: Reporter | None = None) -> Path:
+                variant: str | None = None, reporter: Reporter | None = None,
+                configs_only: bool = False) -> Path:
     """Make `model` available locally and return its diffusers folder: download a hub repo's
     pipeline files (safetensors only; the `variant` files where the repo has them) into the HF
-    cache, resuming partial files; validate a local folder; convert a single-file checkpoint."""
+    cache, resuming partial files; validate a local folder; convert a single-file checkpoint.
+
+    `configs_only`: a hub repo's configs and tokenizer only (a few kB), enough to predict the
+    memory of a run before downloading the weights."""
     reporter = reporter or Reporter()
     path = Path(model).expanduser()
     if path.is_file():
@@ -152,16 +156,18 @@ def fetch_model(model: str | Path = DEFAULT_MODEL, *, revision: str | None = Non
         return resolve_single_file(path.resolve(), variant=variant, reporter=reporter,
                                    fetch_configs=fetch_configs).path
     if path.is_dir():
-        return resolve_model(path, variant=variant).path
+        return resolve_model(path, variant=variant, configs_only=configs_only).path
     repo_id = as_repo_id(str(model))
     if hub_offline():
         try:
-            return resolve_model(repo_id, revision=revision, variant=variant).path
+            return resolve_model(repo_id, revision=revision, variant=variant,
+                                 configs_only=configs_only).path
         except ModelNotFoundError:
             raise _offline_error(repo_id) from None
-    select = partial(select_pipeline_files, repo_id, variant=variant)
+    select = partial(_select_config_files if configs_only else select_pipeline_files, repo_id,
+                     variant=variant)
     snapshot = _download_repo_files(repo_id, revision, select, reporter, check=check_is_sd_unet)
-    inspect_model_folder(snapshot, variant=variant)
+    inspect_model_folder(snapshot, variant=variant, configs_only=configs_only)
     return snapshot
 
 
@@ -209,9 +215,12 @@ def _check_remote_component(repo_id: str, name: str, inside: list[str],
                             "safetensors weights.")
 
 
-def _select_config_files(repo_id: str, repo_files: Iterable[str]) -> list[str]:
-    """Only the configs and tokenizer of a pipeline repo: what a single-file conversion needs."""
-    return [f for f in select_pipeline_files(repo_id, repo_files) if not f.endswith(".safetensors")]
+def _select_config_files(repo_id: str, repo_files: Iterable[str], *,
+                         variant: str | None = None) -> list[str]:
+    """Only the configs and tokenizer of a pipeline repo: what a single-file conversion or a
+    memory prediction needs."""
+    return [f for f in select_pipeline_files(repo_id, repo_files, variant=variant)
+            if not f.endswith(".safetensors")]
 
 
 # --- resumable downloads into the HF cache --------------------------------------------------

@@ -116,22 +116,26 @@ def cached_snapshot(repo_id: str, revision: str | None) -> Path | None:
 
 
 def inspect_model_folder(path: Path, *, variant: str | None = None,
-                         allow_sdxl: bool = False) -> dict[str, ComponentInfo]:
+                         allow_sdxl: bool = False, configs_only: bool = False
+                         ) -> dict[str, ComponentInfo]:
     """Check a diffusers SD 1.x/2.x folder (or an SDXL one, where `allow_sdxl`) has every
-    component vedit needs; describe each."""
+    component vedit needs; describe each. `configs_only`: the configs and tokenizer suffice
+    (no weights needed)."""
     path = Path(path)
     if not (path / "model_index.json").is_file():
         raise BadInputError(f"{path} is not a diffusers model folder (no model_index.json).",
                             "Point to a folder saved with `save_pretrained`, a hub id or a "
                             ".safetensors checkpoint.")
-    components = {name: _inspect_component(path, name, variant) for name in COMPONENTS}
+    components = {name: _inspect_component(path, name, variant, configs_only)
+                  for name in COMPONENTS}
     if check_is_sd_unet(path, allow_sdxl=allow_sdxl) == "sdxl":
-        components |= {name: _inspect_component(path, name, variant)
+        components |= {name: _inspect_component(path, name, variant, configs_only)
                        for name in SDXL_EXTRA_COMPONENTS}
     return components
 
 
-def _inspect_component(root: Path, name: str, variant: str | None) -> ComponentInfo:
+def _inspect_component(root: Path, name: str, variant: str | None,
+                       configs_only: bool = False) -> ComponentInfo:
     files = files_in(root / name)
     names = [p.name for p in files]
     if name.startswith("tokenizer"):
@@ -144,6 +148,8 @@ def _inspect_component(root: Path, name: str, variant: str | None) -> ComponentI
     if name == "scheduler":
         return ComponentInfo(name, size_bytes=_size_of(files))
     chosen_variant, weights = choose_weight_files(names, variant)
+    if not weights and configs_only:
+        return ComponentInfo(name, size_bytes=_size_of(files))
     if not weights:
         pickles = [n for n in names if n.endswith((".bin", ".ckpt", ".pt", ".pth"))]
         detail = (f"only pickle weights ({', '.join(pickles)}); vedit loads safetensors only"

@@ -79,19 +79,23 @@ class Components:
 
 def resolve_model(spec: str | Path = DEFAULT_MODEL, *, revision: str | None = None,
                   variant: str | None = None, reporter: Reporter | None = None,
-                  allow_sdxl: bool = False) -> ModelSource:
+                  allow_sdxl: bool = False, configs_only: bool = False) -> ModelSource:
     """Find `spec` on disk: a cached hub repo, a diffusers folder, or a single-file checkpoint
     (converted on first use when configs for it are cached). Raises if it is not usable, or is
-    an SDXL base and not `allow_sdxl` (the stages run on SD 1.x/2.x only for now)."""
+    an SDXL base and not `allow_sdxl` (the stages run on SD 1.x/2.x only for now).
+
+    `configs_only`: a folder or cached repo without weights will do (`vedit fetch-models
+    --configs-only`), for what needs the model's shapes only (the memory prediction)."""
     path = Path(spec).expanduser()
     if path.is_dir():
         return ModelSource(str(path.resolve()), "folder", path.resolve(),
-                           inspect_model_folder(path, variant=variant, allow_sdxl=allow_sdxl))
+                           inspect_model_folder(path, variant=variant, allow_sdxl=allow_sdxl,
+                                                configs_only=configs_only))
     if path.is_file():
         return resolve_single_file(path.resolve(), variant=variant, reporter=reporter)
     repo_id = as_repo_id(str(spec))
     return _resolve_cached_repo(repo_id, revision=revision, variant=variant,
-                                allow_sdxl=allow_sdxl)
+                                allow_sdxl=allow_sdxl, configs_only=configs_only)
 
 
 def as_repo_id(spec: str) -> str:
@@ -108,7 +112,7 @@ def as_repo_id(spec: str) -> str:
 
 
 def _resolve_cached_repo(repo_id: str, *, revision: str | None, variant: str | None,
-                         allow_sdxl: bool) -> ModelSource:
+                         allow_sdxl: bool, configs_only: bool = False) -> ModelSource:
     snapshot = cached_snapshot(repo_id, revision)
     if snapshot is None:
         raise ModelNotFoundError(
@@ -116,7 +120,8 @@ def _resolve_cached_repo(repo_id: str, *, revision: str | None, variant: str | N
             f"Run `vedit fetch-models {repo_id}` first (with network; the cache can then be "
             "copied to an offline machine).")
     try:
-        components = inspect_model_folder(snapshot, variant=variant, allow_sdxl=allow_sdxl)
+        components = inspect_model_folder(snapshot, variant=variant, allow_sdxl=allow_sdxl,
+                                          configs_only=configs_only)
     except BadInputError as error:
         raise ModelNotFoundError(f"The cached copy of {repo_id} is incomplete: {error.message}",
                                  f"Run `vedit fetch-models {repo_id}` to finish it.") from None

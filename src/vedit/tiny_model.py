@@ -94,6 +94,33 @@ def unet_config(sd2: bool = False) -> dict[str, Any]:
     }
 
 
+def write_config_folder(path: Path, *, unet: dict[str, Any], vae: dict[str, Any],
+                        text_encoder: dict[str, Any], scheduler: dict[str, Any]) -> Path:
+    """Write a diffusers SD folder that holds only configs and a tokenizer, no weights, as
+    `vedit fetch-models --configs-only` leaves one: what the memory prediction needs of a
+    model of any shape (SD 1.5's, in the benchmarks). The tokenizer is the tiny one; the text
+    encoder's special token ids are set to match it."""
+    from transformers import CLIPTextConfig
+
+    path = Path(path)
+    with atomic_dir(path) as staging:
+        vocab = _write_tokenizer(staging / "tokenizer", sd2=False)
+        for name, config, cls in (("unet", unet, "UNet2DConditionModel"),
+                                  ("vae", vae, "AutoencoderKL")):
+            (staging / name).mkdir()
+            _write_json(staging / name / "config.json", {"_class_name": cls, **config})
+        (staging / "text_encoder").mkdir()
+        CLIPTextConfig(**text_encoder | {"bos_token_id": vocab[BOS_TOKEN],
+                                         "eos_token_id": vocab[EOS_TOKEN],
+                                         "pad_token_id": vocab[EOS_TOKEN]}).to_json_file(
+            staging / "text_encoder" / "config.json")
+        (staging / "scheduler").mkdir()
+        _write_json(staging / "scheduler" / "scheduler_config.json",
+                    {"_class_name": "DDIMScheduler", **scheduler})
+        _write_json(staging / "model_index.json", _model_index("DDIMScheduler"))
+    return path
+
+
 #: The tiny SDXL's text encoders are each this wide; their states are concatenated.
 _TEXT_WIDTH = 32
 

@@ -55,6 +55,7 @@ from vedit.lora import (
     temporal_state_dict,
     trainable_parameters,
 )
+from vedit.memory.gpu import measured_peak_gb
 from vedit.model_files import ModelSource
 from vedit.models import load_components, native_bf16, native_resolution, resolve_model
 from vedit.progress import Reporter
@@ -131,13 +132,14 @@ class TrainingRun:
     step: int = 0  # optimizer steps done
 
 
-def mixed_precision_for(setting: str, device: torch.device) -> str:
-    """`auto`: bf16 where the GPU has it, else fp16; no mixed precision on the CPU."""
+def mixed_precision_for(setting: str, device: torch.device, bf16: bool | None = None) -> str:
+    """`auto`: bf16 where the GPU has it (`bf16`, default: this machine's GPU), else fp16; no
+    mixed precision on the CPU."""
     if device.type != "cuda":
         return "no"
     if setting != "auto":
         return setting
-    return "bf16" if native_bf16() else "fp16"
+    return "bf16" if (native_bf16() if bf16 is None else bf16) else "fp16"
 
 
 def weight_dtype(mixed_precision: str) -> torch.dtype:
@@ -229,18 +231,23 @@ def _tune_locked(project: Project, settings: TuneSettings, resume: bool, acceler
     except (RuntimeError, MemoryError) as exc:  # torch.OutOfMemoryError is a RuntimeError
         if not is_out_of_memory(exc):
             raise
-        memory = ("CPU memory" if device.type == "cpu" else
-                  f"GPU memory ({_memory_summary(device)})")
-        raise OutOfMemoryError(
-            f"Tuning ran out of {memory}.",
-            "Try fewer frames (vedit extract --frames), a smaller --size, "
-            "--gradient-checkpointing, or a lower --rank.") from None
+        fallback = ("Try fewer frames (vedit extract --frames), a smaller --size, "
+                    "--gradient-checkpointing, or a lower --rank.")
+        if not isinstance(exc, torch.OutOfMemoryError):  # the CPU's allocator: nothing to predict
+            raise OutOfMemoryError("Tuning ran out of CPU memory.", fallback) from None
+        from vedit.memory.gpu import target_gpu
+        from vedit.memory.predict import out_of_memory_hint, predict_tune, tune_plan
+
+        hint = out_of_memory_hint(
+            lambda: predict_tune(tune_plan(project.root, settings), target_gpu()), fallback)
+        raise OutOfMemoryError(f"Tuning ran out of GPU memory ({_memory_summary(device)}).",
+                               hint) from None
     result = TuneResult(
         project=project.root, steps=settings.steps, start_step=start_step,
         checkpoints=written, loss_log=project.loss_log, device=str(device),
         mixed_precision=precision, seconds=time.monotonic() - started,
         latents_reused=run.latents.reused, eval_loss_before=before, eval_loss_after=after,
-        smoothed_loss=smoothed, peak_memory_gb=_peak_memory_gb(device),
+        smoothed_loss=smoothed, peak_memory_gb=measured_peak_gb(device),
         processes=accelerator.num_processes)
     if accelerator.is_main_process:
         project.record["tune"] = run.record | {"last_step": settings.steps,
@@ -438,7 +445,7 @@ def _smooth(smoothed: float, value: float) -> float:
 
 
 def _status(smoothed: float, rate: float, device: torch.device) -> str:
-    memory = _peak_memory_gb(device)
+    memory = measured_peak_gb(device)
     text = f"loss {smoothed:.4f} · {rate:.2f} it/s"
     return text + (f" · {memory:.1f} GB" if memory is not None else "")
 
@@ -537,12 +544,6 @@ def check_compatible(checkpoint: Checkpoint, record: dict[str, Any]) -> None:
         raise BadInputError(f"{checkpoint.name} has LoRA rank {theirs[0]} on {theirs[1]}, "
                             f"not rank {ours[0]} on {ours[1]}.",
                             "Resume with the --rank and --lora-targets it was tuned with.")
-
-
-def _peak_memory_gb(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    return round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
 
 
 def _memory_summary(device: torch.device) -> str:
