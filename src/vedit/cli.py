@@ -490,11 +490,11 @@ def edit(
         negative_prompt=negative_prompt, seed=seed, formats=formats, batch=batch,
         inversion=inversion, inversion_prompt=inversion_prompt, full=full, window=window,
         overlap=overlap, full_stride=full_stride))
-    prompts = edit_prompts(list(prompt or []) + (read_prompts(prompts_file)
-                                                 if prompts_file else []))
-    if dry_run:  # a prediction: no lock taken, nothing written
-        _edit_dry_run(out, project, settings, len(prompts), gpu_memory)
+    given = list(prompt or []) + (read_prompts(prompts_file) if prompts_file else [])
+    if dry_run:  # a prediction: needs no prompt's text, takes no lock, writes nothing
+        _edit_dry_run(out, project, settings, len([p for p in given if p.strip()]), gpu_memory)
         return
+    prompts = edit_prompts(given)
     with locked_early(project, "edit", enabled=not out.secondary):
         from vedit import edit as edit_stage
 

@@ -336,7 +336,7 @@ def trace_edit(plan: EditPlan, gpu: Gpu) -> Trace:
         if settings.inversion:
             with sim.trace.section("the inversion"):
                 embeds = encode_prompts(components, [""])
-                noise = ddim_invert(unet, components.scheduler.config, latents, embeds, steps,
+                noise = ddim_invert(unet, components.scheduler, latents, embeds, steps,
                                     plan=window)
         else:
             noise = latents
