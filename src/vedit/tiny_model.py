@@ -131,18 +131,12 @@ def sdxl_unet_config() -> dict[str, Any]:
     of the pooled prompt and six size numbers (original size, crop corner, target size)."""
     time_embed_dim = 8
     return {
-        "sample_size": TINY_RESOLUTION // 8,
-        "in_channels": 4,
-        "out_channels": 4,
+        **unet_config(sd2=True),  # SD 2.x's heads and linear projections, at the same scale
         "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
         "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
-        "block_out_channels": (32, 64),
-        "layers_per_block": 1,
         "transformer_layers_per_block": (1, 2),
         "cross_attention_dim": 2 * _TEXT_WIDTH,
-        "attention_head_dim": (2, 4),
-        "use_linear_projection": True,
-        "norm_num_groups": 8,
+        "upcast_attention": False,
         "addition_embed_type": "text_time",
         "addition_time_embed_dim": time_embed_dim,
         "projection_class_embeddings_input_dim": 6 * time_embed_dim + _TEXT_WIDTH,
