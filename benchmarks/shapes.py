@@ -2,9 +2,9 @@
 
 Speed and memory do not depend on weight values, so the benchmarks build the real SD 1.5 UNet
 (320/640/1280/1280, cross-attention 768), VAE (128/256/512/512) and CLIP text encoder
-(768 wide, 12 layers) from their configs, seeded, straight on the device: no download, no
-disk. `TINY` has the shapes of `vedit.tiny_model`, so every benchmark also runs on a CPU in
-seconds.
+(768 wide, 12 layers) from their configs, seeded, straight on the device: no download. The
+rows that run vedit's stages load them from disk (`write_model`), as a user's model. `TINY`
+has the shapes of `vedit.tiny_model`, so every benchmark also runs on a CPU in seconds.
 
     python benchmarks/shapes.py            # SD 1.5: parameter counts and build time
     python benchmarks/shapes.py --tiny --device cpu
@@ -15,12 +15,16 @@ from __future__ import annotations
 import argparse
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel
+
+from vedit.tiny_model import BOS_TOKEN, EOS_TOKEN, build_tiny_model, tiny_clip_vocab
+from vedit.tiny_model import write_model as save_model
 
 SD15_UNET: dict[str, Any] = dict(
     sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
@@ -128,6 +132,21 @@ def build_text_encoder(shapes: Shapes, device: torch.device | str, dtype: torch.
                        seed: int = 2) -> CLIPTextModel:
     """The CLIP text encoder with random weights."""
     return _build(lambda: CLIPTextModel(CLIPTextConfig(**shapes.text)), device, dtype, seed)
+
+
+def write_model(shapes: Shapes, folder: Path, device: torch.device | str) -> Path:
+    """A random model of these shapes on disk in the diffusers layout, for vedit's stages to
+    load as a user's model: `vedit.tiny_model`'s own for the tiny shapes; SD 1.5's in fp16, the
+    size of its fp16 files, with the tiny tokenizer (token ids don't change the cost)."""
+    if shapes.name == TINY.name:
+        return build_tiny_model(folder)
+    vocab = tiny_clip_vocab()
+    ids = {"bos_token_id": vocab[BOS_TOKEN], "eos_token_id": vocab[EOS_TOKEN],
+           "pad_token_id": vocab[EOS_TOKEN]}
+    text_encoder = _build(lambda: CLIPTextModel(CLIPTextConfig(**shapes.text | ids)), device,
+                          torch.float16, seed=2)
+    return save_model(folder, build_unet(shapes, device, torch.float16),
+                      build_vae(shapes, device, torch.float16), text_encoder, build_scheduler())
 
 
 def build_scheduler() -> DDIMScheduler:

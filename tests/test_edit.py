@@ -18,7 +18,7 @@ from vedit import edit as edit_stage
 from vedit import tomlio
 from vedit.checkpoints import find_checkpoint, tuned_unet
 from vedit.cli import app
-from vedit.errors import ProjectError
+from vedit.errors import BadInputError, ProjectError
 from vedit.extract import extract
 from vedit.inflate import inflate_unet
 from vedit.latents import frame_latents
@@ -201,6 +201,25 @@ def test_batched_prompts_equal_one_at_a_time(project: Path) -> None:
     two = edit_stage.edit(project, ["a cat", "a dog"], EditSettings(batch=2, **settings))
     for a, b in zip(_frames(one), _frames(two), strict=True):
         assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
+
+
+def test_models_loaded_once_edit_as_a_fresh_load_does(project: Path, tmp_path: Path) -> None:
+    """A Python caller loads a checkpoint's models once for several edits; the frames are
+    those of edits that load the models themselves, and another checkpoint's are refused."""
+    settings = EditSettings(steps=2, formats="frames")
+    checkpoint = find_checkpoint(Project.open(project))
+    models = edit_stage.load_edit_models(checkpoint, "cpu")
+    given = [edit_stage.edit(project, [p], settings, models=models) for p in ("a cat", "a dog")]
+    loaded = [edit_stage.edit(project, [p], settings) for p in ("a cat", "a dog")]
+    for mine, theirs in zip(given, loaded, strict=True):
+        assert all(np.array_equal(a, b)
+                   for a, b in zip(_frames(mine), _frames(theirs), strict=True))
+    other = tmp_path / "other"
+    shutil.copytree(project, other)
+    tune(other, TuneSettings(prompt=PROMPT, model=checkpoint.record["base_model"], steps=1,
+                             checkpoint_every=0))
+    with pytest.raises(BadInputError, match="another checkpoint"):
+        edit_stage.edit(other, ["a cat"], settings, models=models)
 
 
 def test_without_inversion_the_seed_decides(project: Path) -> None:

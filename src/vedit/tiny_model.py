@@ -40,19 +40,27 @@ def build_tiny_model(path: Path, *, prediction_type: str = "epsilon", seed: int 
     """
     import torch
 
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet, vae = _unet(sd2), _calibrated(_vae())
+        text_encoder = _text_encoder(tiny_clip_vocab(), sd2)
+    return write_model(path, unet, vae, text_encoder, _scheduler(prediction_type, sd2), sd2=sd2)
+
+
+def write_model(path: Path, unet: Any, vae: Any, text_encoder: Any, scheduler: Any, *,
+                sd2: bool = False) -> Path:
+    """Write SD components built in code to `path` in the diffusers layout, atomically, with
+    this module's tokenizer (the text encoder's vocabulary must cover `tiny_clip_vocab()`);
+    the benchmarks write SD 1.5's shapes this way. `path` must not exist or be empty."""
     path = Path(path)
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise BadInputError(f"{path} already exists and is not empty.",
-                            "Choose a new folder for the tiny model.")
+                            "Choose a new folder for the model.")
     with atomic_dir(path) as staging:
-        vocab = _write_tokenizer(staging / "tokenizer", sd2=sd2)
-        with torch.random.fork_rng(devices=[]), quiet_library_progress():
-            torch.manual_seed(seed)
-            _unet(sd2).save_pretrained(staging / "unet", safe_serialization=True)
-            _calibrated(_vae()).save_pretrained(staging / "vae", safe_serialization=True)
-            _text_encoder(vocab, sd2).save_pretrained(staging / "text_encoder",
-                                                      safe_serialization=True)
-        scheduler = _scheduler(prediction_type, sd2)
+        _write_tokenizer(staging / "tokenizer", sd2=sd2)
+        with quiet_library_progress():
+            for name, module in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder)):
+                module.save_pretrained(staging / name, safe_serialization=True)
         scheduler.save_pretrained(staging / "scheduler")
         _write_json(staging / "model_index.json", _model_index(type(scheduler).__name__))
     return path
@@ -173,7 +181,7 @@ def _pad_token(sd2: bool) -> str:
     return "!" if sd2 else EOS_TOKEN
 
 
-def _write_tokenizer(folder: Path, *, sd2: bool) -> dict[str, int]:
+def _write_tokenizer(folder: Path, *, sd2: bool) -> None:
     """Write vocab.json, merges.txt and the two token configs of a CLIP BPE tokenizer."""
     vocab = tiny_clip_vocab()
     folder.mkdir(parents=True)
@@ -191,7 +199,6 @@ def _write_tokenizer(folder: Path, *, sd2: bool) -> dict[str, int]:
         "add_prefix_space": False,
         **special,
     })
-    return vocab
 
 
 def tiny_clip_vocab() -> dict[str, int]:
