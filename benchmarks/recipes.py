@@ -108,15 +108,21 @@ def video_unet(unet2d: nn.Module, *, inflated: bool, seed: int) -> InflatedUNet:
         return (inflate_unet if inflated else frames_as_batch)(unet2d)
 
 
+def reset_accelerate() -> None:
+    """A fresh accelerate state, as a new process has (its tests reset it the same way)."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
 def fresh_accelerator(mixed_precision: str, bench: Bench) -> Any:
     """A new Accelerator. accelerate keeps one process-wide state, which refuses a second
     mixed-precision mode and which every Accelerator reads (fp16 gradients are unscaled only
     while it says fp16), so each recipe starts from a reset one, as accelerate's own tests
     do. On the meta device nothing is moved (there is no data to move)."""
     from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
 
-    AcceleratorState._reset_state(reset_partial_state=True)
+    reset_accelerate()
     return Accelerator(mixed_precision=mixed_precision, cpu=not bench.cuda,
                        device_placement=bench.device != META)
 

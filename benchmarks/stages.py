@@ -26,7 +26,7 @@ from pathlib import Path
 from statistics import median
 
 import torch
-from recipes import Bench, synchronize
+from recipes import Bench, reset_accelerate, synchronize
 from shapes import write_model
 
 from vedit import edit as edit_stage
@@ -140,13 +140,6 @@ class Workspace:
         size = f"{self.bench.width}x{self.bench.height}"
         extract(clip, folder, ExtractSettings(frames=frames, stride=1, size=size))
         return folder
-
-
-def reset_accelerate() -> None:
-    """A fresh accelerate state for a stage's own Accelerator, as a new `vedit` process has."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 # -- tune -------------------------------------------------------------------------------------
