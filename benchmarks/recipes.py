@@ -167,10 +167,7 @@ class Tuning:
     def step(self) -> StepCheck:
         """One optimizer step as both training loops do it, reading the loss (a sync point,
         as both loops read it every step)."""
-        if self.run is not None:
-            loss = train_step(self.run).item()
-        else:
-            loss = self.original_step()
+        loss = train_step(self.run).item() if self.run is not None else self.original_step()
         return StepCheck(loss, not self.optimizer.step_was_skipped)
 
     def original_step(self) -> float:

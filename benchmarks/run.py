@@ -25,6 +25,7 @@ OUT/results.md and OUT/results.json after every row (OUT: --out, else $OUT, else
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -143,7 +144,8 @@ class Result:
     """One recipe's measurement of one kind at one frame count. `note` says why a row has no
     number (OOM, skipped, error); `checked_steps` and `failed_steps` count its timed steps
     and those with a non-finite loss or a skipped update; `levers` say how the recipe ran;
-    `predicted_peak_gb` stays None until a memory predictor fills it."""
+    `predicted_peak_gb` is the traced memory predictor's figure (issue "Memory before
+    the run"): None, and no predicted row in the table, until that predictor lands."""
 
     kind: str
     recipe: str
@@ -718,7 +720,7 @@ def ratio(original: Stat | None, vedit: Stat | None) -> Stat | None:
 
 def table_rows(results: list[Result], peak: float | None) -> list[dict[str, Any]]:
     """One row per (table row, frame count): each recipe's figure or note, and their ratio;
-    each peak-memory row has a "predicted" row after it."""
+    a peak-memory row has a "predicted" row after it where a predictor gave a figure."""
     for result in results:
         result.metrics |= rates(result, peak)
     everything = results + inflation_results(results)
@@ -736,11 +738,11 @@ def table_rows(results: list[Result], peak: float | None) -> list[dict[str, Any]
             rows.append({"row": label, "kind": kind, "metric": metric, "frames": frames,
                          **{recipe: s.to_dict() if s else None for recipe, s in stats.items()},
                          "notes": notes, "ratio": paired.to_dict() if paired else None})
-            if metric == "peak_gb":
+            predicted = {recipe: cells[recipe].predicted_peak_gb if recipe in cells else None
+                         for recipe in RECIPES}
+            if metric == "peak_gb" and any(value is not None for value in predicted.values()):
                 rows.append({"row": label.replace("(GB)", "predicted (GB)"), "kind": kind,
-                             "metric": "predicted_peak_gb", "frames": frames,
-                             **{recipe: cells[recipe].predicted_peak_gb if recipe in cells
-                                else None for recipe in RECIPES},
+                             "metric": "predicted_peak_gb", "frames": frames, **predicted,
                              "notes": {}, "ratio": None})
     return rows
 
@@ -761,7 +763,7 @@ def cell(value: dict[str, Any] | None, note: str = "") -> str:
 
 
 def predicted_cell(value: float | None) -> str:
-    """A predicted figure, or "-" until a predictor gives one."""
+    """A predicted figure, or "-" for a recipe the predictor gave none."""
     return "-" if value is None else number(value)
 
 
@@ -795,7 +797,7 @@ def markdown(meta: dict[str, Any], rows: list[dict[str, Any]], results: list[Res
             cells = [cell(row[ORIGINAL], notes.get(ORIGINAL, "")),
                      cell(row[VEDIT], notes.get(VEDIT, "")), cell(row["ratio"])]
         lines.append(f"| {row['row']} | {row['frames']} | {' | '.join(cells)} |")
-    return "\n".join(lines + [""] + lever_notes(results)) + "\n"
+    return "\n".join([*lines, "", *lever_notes(results)]) + "\n"
 
 
 def lever_notes(results: list[Result]) -> list[str]:
@@ -839,10 +841,8 @@ def write_results(out: Path, meta: dict[str, Any], results: list[Result],
     """Write OUT/results.json and OUT/results.md; returns the JSON data."""
     results = [Result.from_dict(r.to_dict()) for r in results]  # counts and rates: copies
     if flops_from is not None and flops_from.is_file():
-        try:
+        with contextlib.suppress(json.JSONDecodeError):  # still being written: a later write
             merge_flops(results, json.loads(flops_from.read_text()), meta["size"])
-        except json.JSONDecodeError:
-            pass  # still being written: merged at a later write
     rows = table_rows(results, meta["bf16_peak_tflops"])
     data = {"meta": meta, "table": rows, "results": [r.to_dict() for r in results]}
     out.mkdir(parents=True, exist_ok=True)
@@ -863,10 +863,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the planned rows and write the table; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    if args.render:
-        data = render(args)
-    else:
-        data = measure_all(args, argv)
+    data = render(args) if args.render else measure_all(args, argv)
     if args.json:
         print(json.dumps(data, indent=2))
     else:

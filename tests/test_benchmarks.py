@@ -289,13 +289,18 @@ def test_flop_counts_from_a_second_process_are_merged_when_rendering(tmp_path: P
     assert rows["model FLOP/s, share of the bf16 peak (%)"]["median"] == 6.0
 
 
-def test_peak_rows_have_a_predicted_row_shown_as_a_dash(tmp_path: Path) -> None:
-    result = run.Result("edit", "vedit", 8, {"peak_gb": run.Stat([3.0, 3.5, 3.25])})
-    rows = run.table_rows([result], None)
+def test_a_predicted_row_appears_only_where_a_predictor_gave_a_figure() -> None:
+    measured = run.Result("edit", "vedit", 8, {"peak_gb": run.Stat([3.0, 3.5, 3.25])})
+    rows = run.table_rows([measured], None)
+    assert [row["row"] for row in rows] == ["edit peak memory (GB)"]  # no prediction, none shown
+    assert run.cell(rows[0]["vedit"]) == "3.25 (3-3.5)"
+    predicted = run.Result("edit", "vedit", 8, {"peak_gb": run.Stat([3.0])},
+                           predicted_peak_gb=2.5)
+    other = run.Result("edit", "original", 8, {"peak_gb": run.Stat([5.0])})
+    rows = run.table_rows([predicted, other], None)
     assert [row["row"] for row in rows] == ["edit peak memory (GB)",
                                             "edit peak memory predicted (GB)"]
-    assert rows[1]["vedit"] is None and run.predicted_cell(rows[1]["vedit"]) == "-"
-    assert run.cell(rows[0]["vedit"]) == "3.25 (3-3.5)"
+    assert [run.predicted_cell(rows[1][r]) for r in ("original", "vedit")] == ["-", "2.5"]
 
 
 def _fp32_tuning(recipe: str, **levers: object) -> object:

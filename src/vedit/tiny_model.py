@@ -43,7 +43,7 @@ def build_tiny_model(path: Path, *, prediction_type: str = "epsilon", seed: int 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         unet, vae = _unet(sd2), _calibrated(_vae())
-        text_encoder = _text_encoder(tiny_clip_vocab(), sd2)
+        text_encoder = _text_encoder(sd2)
     return write_model(path, unet, vae, text_encoder, _scheduler(prediction_type, sd2), sd2=sd2)
 
 
@@ -92,22 +92,27 @@ def _unet(sd2: bool) -> Any:
     return UNet2DConditionModel(**unet_config(sd2))
 
 
+def vae_config() -> dict[str, Any]:
+    """Four levels, so a scale factor of 8 like SD's VAE, with a handful of channels; the
+    scaling factor is SD's until `_calibrated` sets the tiny VAE's own."""
+    return {
+        "in_channels": 3,
+        "out_channels": 3,
+        "down_block_types": ("DownEncoderBlock2D",) * 4,
+        "up_block_types": ("UpDecoderBlock2D",) * 4,
+        "block_out_channels": (16, 16, 32, 32),
+        "layers_per_block": 1,
+        "latent_channels": 4,
+        "norm_num_groups": 8,
+        "sample_size": TINY_RESOLUTION,
+        "scaling_factor": 0.18215,
+    }
+
+
 def _vae() -> Any:
-    """Four levels, so a scale factor of 8 like SD's VAE, with a handful of channels."""
     from diffusers import AutoencoderKL
 
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(16, 16, 32, 32),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=TINY_RESOLUTION,
-        scaling_factor=0.18215,
-    )
+    return AutoencoderKL(**vae_config())
 
 
 def _calibrated(vae: Any) -> Any:
@@ -125,23 +130,28 @@ def _calibrated(vae: Any) -> Any:
     return vae
 
 
-def _text_encoder(vocab: dict[str, int], sd2: bool) -> Any:
+def text_encoder_config(sd2: bool = False) -> dict[str, Any]:
+    """A two-layer CLIP text encoder over `tiny_clip_vocab()`, as `CLIPTextConfig` keywords."""
+    vocab = tiny_clip_vocab()
+    return {
+        "vocab_size": len(vocab),
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "max_position_embeddings": 77,
+        "projection_dim": 32,
+        "hidden_act": "gelu" if sd2 else "quick_gelu",
+        "bos_token_id": vocab[BOS_TOKEN],
+        "eos_token_id": vocab[EOS_TOKEN],
+        "pad_token_id": vocab[_pad_token(sd2)],
+    }
+
+
+def _text_encoder(sd2: bool) -> Any:
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    config = CLIPTextConfig(
-        vocab_size=len(vocab),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=77,
-        projection_dim=32,
-        hidden_act="gelu" if sd2 else "quick_gelu",
-        bos_token_id=vocab[BOS_TOKEN],
-        eos_token_id=vocab[EOS_TOKEN],
-        pad_token_id=vocab[_pad_token(sd2)],
-    )
-    return CLIPTextModel(config)
+    return CLIPTextModel(CLIPTextConfig(**text_encoder_config(sd2)))
 
 
 def _scheduler(prediction_type: str, sd2: bool) -> Any:
