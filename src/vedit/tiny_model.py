@@ -11,11 +11,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vedit.errors import BadInputError
 from vedit.progress import quiet_library_progress
 from vedit.project import atomic_dir
+
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKL, SchedulerMixin, UNet2DConditionModel
+    from transformers import CLIPTextModel
 
 #: Side of a frame, in pixels, that the tiny model was "trained" at (latent 8 x 8).
 TINY_RESOLUTION = 64
@@ -47,7 +51,8 @@ def build_tiny_model(path: Path, *, prediction_type: str = "epsilon", seed: int 
     return write_model(path, unet, vae, text_encoder, _scheduler(prediction_type, sd2), sd2=sd2)
 
 
-def write_model(path: Path, unet: Any, vae: Any, text_encoder: Any, scheduler: Any, *,
+def write_model(path: Path, unet: UNet2DConditionModel, vae: AutoencoderKL,
+                text_encoder: CLIPTextModel, scheduler: SchedulerMixin, *,
                 sd2: bool = False) -> Path:
     """Write SD components built in code to `path` in the diffusers layout, atomically, with
     this module's tokenizer (the text encoder's vocabulary must cover `tiny_clip_vocab()`);
