@@ -1,30 +1,29 @@
-"""The two recipes the benchmarks compare, both over vedit's own inflated UNet.
+"""The two tuning recipes the benchmarks compare, and the original's editing, over vedit's UNet.
 
 `original` is Tune-A-Video's training and editing recipe (its train_tuneavideo.py and
 pipeline), rebuilt with vedit's code: UNet weights fp32 under fp16 autocast (accelerate, with
 its gradient scaler), gradient checkpointing, the clip re-encoded by the VAE and the prompt by
 the text encoder at every step, `attn1.to_q`, `attn2.to_q` and all of `attn_temp` trained
-whole, AdamW at 3e-5 over `unet.parameters()`; editing in fp16 with the whole clip decoded in
-one VAE call.
+whole, AdamW at 3e-5 over `unet.parameters()`; editing in fp16 with the latents on the GPU, the
+whole clip decoded in one VAE call and one video written.
 
-`vedit` is what `vedit tune` and `vedit edit` do by default (tune.py `_prepare`, edit.py):
-frozen weights in the compute dtype (bf16 on a GPU), trained ones in fp32, LoRA rank 16 on
-the query projections plus `attn_temp`, latents encoded once (a cached mean and std, sampled
-each step, never the VAE), gradient checkpointing on a GPU, fused AdamW, bf16 autocast through
-accelerate; editing in bf16 with LoRA adapters, decoding a slice of frames at a time.
+`vedit` is tune.py's own `build_run` and `train_step` on cached latents: frozen weights in the
+compute dtype (bf16 on a GPU), trained ones in fp32, LoRA rank 16 on the query projections plus
+`attn_temp`, gradient checkpointing on a GPU, fused AdamW, bf16 autocast through accelerate.
+vedit's editing is not rebuilt here: stages.py times `vedit.edit.edit` itself.
 
-On a CPU both run in fp32 without autocast (vedit's own CPU default); only the levers that
-are not about precision differ there.
+On a CPU both run in fp32 without autocast (vedit's own CPU default), and vedit without
+checkpointing; `Tuning.levers` says what each recipe does, so a table lists every difference.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -41,13 +40,11 @@ from shapes import (
 )
 from torch import nn
 
-from vedit.edit import DECODE_SLICE, decode_latents
-from vedit.inflate import inflate_unet, per_frame_timestep
+from vedit.edit import decode_latents
+from vedit.inflate import FrameContext, InflatedUNet, inflate_unet
 from vedit.latents import FrameLatents
-from vedit.lora import add_lora, trainable_parameters
-from vedit.models import default_dtype
 from vedit.sampler import ddim_invert, ddim_sample
-from vedit.settings import TuneSettings, parse_targets
+from vedit.settings import TuneSettings
 from vedit.tune import (
     ADAM_WEIGHT_DECAY,
     MAX_GRAD_NORM,
@@ -67,11 +64,12 @@ ORIGINAL_TRAINABLE = ("attn1.to_q", "attn2.to_q", "attn_temp")
 ORIGINAL_LR = 3e-5
 EDIT_FPS = 8  # the edited clip's frame rate; only the mp4's timestamps depend on it
 LATENT_STD = 0.1  # a plausible VAE posterior spread for the cached latents; costs nothing
+META = torch.device("meta")
 
 
 @dataclass(frozen=True)
 class Bench:
-    """Where and at which size the recipes run."""
+    """Where and at which size the recipes run (`meta`: shapes only, to count FLOPs)."""
 
     shapes: Shapes
     device: torch.device
@@ -96,70 +94,84 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-class PlainUNet(nn.Module):
-    """The 2D UNet run on a clip as a batch of frames (no inflation): the inflated UNet's step
-    time over this one's is the cost of inflation."""
-
-    def __init__(self, unet: nn.Module) -> None:
-        super().__init__()
-        self.unet = unet
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """The UNet's dtype, as `InflatedUNet.dtype` (vedit's `predict` reads it)."""
-        return self.unet.dtype
-
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor | float | int,
-                encoder_hidden_states: torch.Tensor) -> torch.Tensor:
-        """Same call as `InflatedUNet`: clips `(b, c, f, h, w)`, prompts `(b, n, d)`."""
-        batch, _, num_frames = sample.shape[:3]
-        frames = rearrange(sample, "b c f h w -> (b f) c h w")
-        prompts = encoder_hidden_states.repeat_interleave(num_frames, dim=0)
-        timestep = per_frame_timestep(timestep, batch, num_frames)
-        prediction = self.unet(frames, timestep, prompts, return_dict=False)[0]
-        return rearrange(prediction, "(b f) c h w -> b c f h w", f=num_frames)
-
-    def enable_gradient_checkpointing(self) -> None:
-        """diffusers' per-block checkpointing; no frame context to pin, unlike inflated."""
-        self.unet.enable_gradient_checkpointing()
+def frames_as_batch(unet2d: nn.Module) -> InflatedUNet:
+    """The 2D UNet run on a clip as a batch of frames: vedit's own video wrapper around a UNet
+    left uninflated (no sparse-causal or temporal attention, per-frame norms). The inflated
+    step's time over this one's is the cost of inflation."""
+    return InflatedUNet(unet2d, FrameContext())
 
 
-def video_unet(unet2d: nn.Module, *, inflated: bool, seed: int) -> nn.Module:
-    """Inflate the 2D UNet (new layers seeded, as `vedit tune --seed`) or wrap it plainly."""
-    if not inflated:
-        return PlainUNet(unet2d)
+def video_unet(unet2d: nn.Module, *, inflated: bool, seed: int) -> InflatedUNet:
+    """Inflate the 2D UNet (new layers seeded, as `vedit tune --seed`) or leave it 2D."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return inflate_unet(unet2d)
+        return (inflate_unet if inflated else frames_as_batch)(unet2d)
 
 
-def fresh_accelerator(mixed_precision: str, bench: Bench) -> Any:
-    """A new Accelerator: accelerate keeps one process-wide state, which refuses a second
-    mixed-precision mode, so each recipe starts from a reset one (as accelerate's own tests do)."""
-    from accelerate import Accelerator
+def reset_accelerate() -> None:
+    """A fresh accelerate state, as a new process has (its tests reset it the same way)."""
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state(reset_partial_state=True)
-    return Accelerator(mixed_precision=mixed_precision, cpu=not bench.cuda)
+
+
+def fresh_accelerator(mixed_precision: str, bench: Bench) -> Any:
+    """A new Accelerator. accelerate keeps one process-wide state, which refuses a second
+    mixed-precision mode and which every Accelerator reads (fp16 gradients are unscaled only
+    while it says fp16), so each recipe starts from a reset one, as accelerate's own tests
+    do. On the meta device nothing is moved (there is no data to move)."""
+    from accelerate import Accelerator
+
+    reset_accelerate()
+    return Accelerator(mixed_precision=mixed_precision, cpu=not bench.cuda,
+                       device_placement=bench.device != META)
+
+
+@dataclass(frozen=True)
+class StepCheck:
+    """One optimizer step's loss and whether its update was applied (an fp16 gradient scaler
+    skips the update of a step whose gradients overflowed)."""
+
+    loss: float
+    applied: bool
+
+    @property
+    def ok(self) -> bool:
+        return math.isfinite(self.loss) and self.applied
 
 
 @dataclass
 class Tuning:
-    """One recipe's tuning state, ready for `step()`."""
+    """One recipe's tuning state, ready for `step()`; `levers` says how it trains."""
 
     recipe: str
-    unet: nn.Module
-    optimizer: torch.optim.Optimizer
+    unet: InflatedUNet
+    optimizer: Any  # accelerate's wrapper of the torch optimizer
     accelerator: Any
     clipped: list[nn.Parameter]
     loss: Callable[[], torch.Tensor]
+    bench: Bench
+    precision: str  # accelerate's mixed precision for this recipe
+    levers: dict[str, str]
     run: TrainingRun | None = None  # vedit's own training state: its step is `train_step`
 
-    def step(self) -> float:
-        """One optimizer step as both training loops do it; returns the loss (a sync point, as
-        both loops read it every step)."""
-        if self.run is not None:
-            return train_step(self.run).item()
+    @property
+    def checkpointing(self) -> bool:
+        return bool(self.unet.unet.is_gradient_checkpointing)
+
+    def activate(self) -> None:
+        """Make accelerate's process-wide state this recipe's again (another recipe built
+        since may have changed its mixed precision): call before this recipe's steps."""
+        fresh_accelerator(self.precision, self.bench)
+
+    def step(self) -> StepCheck:
+        """One optimizer step as both training loops do it, reading the loss (a sync point,
+        as both loops read it every step)."""
+        loss = train_step(self.run).item() if self.run is not None else self.original_step()
+        return StepCheck(loss, not self.optimizer.step_was_skipped)
+
+    def original_step(self) -> float:
+        """The original loop's step: accumulate, backward, clip, step, zero."""
         accelerator = self.accelerator
         with accelerator.accumulate(self.unet):
             loss = self.loss()
@@ -171,7 +183,7 @@ class Tuning:
         return loss.detach().item()
 
     def release(self) -> None:
-        """Drop the accelerator's references, so the next recipe measures its own memory."""
+        """Drop the accelerator's references, so that the memory can be freed."""
         self.accelerator.free_memory()
 
 
@@ -181,8 +193,21 @@ def build_tuning(recipe: str, frames: int, bench: Bench, *, inflated: bool = Tru
     """The recipe's tuning state for a clip of `frames`; the keywords override its defaults
     (the equivalence tests set both recipes to fp32, or one lever on and off)."""
     build = {ORIGINAL: original_tuning, VEDIT: vedit_tuning}[recipe]
-    return build(frames, bench, inflated=inflated, mixed_precision=mixed_precision,
-                 checkpointing=checkpointing, fused=fused)
+    tuning = build(frames, bench, inflated=inflated, mixed_precision=mixed_precision,
+                   checkpointing=checkpointing, fused=fused)
+    tuning.levers |= {
+        "autocast": {"no": "none"}.get(tuning.precision, tuning.precision),
+        "gradient checkpointing": "on" if tuning.checkpointing else "off",
+        "optimizer": ("fused " if tuning.optimizer.optimizer.defaults.get("fused") else "")
+        + "AdamW",
+    }
+    return tuning
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """`torch.bfloat16` as `bf16`."""
+    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(
+        dtype, str(dtype).removeprefix("torch."))
 
 
 def original_tuning(frames: int, bench: Bench, *, inflated: bool,
@@ -224,50 +249,31 @@ def original_tuning(frames: int, bench: Bench, *, inflated: bool,
         prediction = unet(noisy, timesteps, prompt)
         return F.mse_loss(prediction.float(), noise.float())
 
-    return Tuning(ORIGINAL, unet, optimizer, accelerator, list(unet.parameters()), loss)
+    levers = {"weights": f"UNet fp32; VAE and text encoder {dtype_name(half)}",
+              "the clip each step": "encoded by the VAE; the prompt by the text encoder",
+              "trained": "attn1.to_q, attn2.to_q and attn_temp, whole"}
+    return Tuning(ORIGINAL, unet, optimizer, accelerator, list(unet.parameters()), loss, bench,
+                  precision, levers)
 
 
 def vedit_tuning(frames: int, bench: Bench, *, inflated: bool, mixed_precision: str | None,
                  checkpointing: bool | None, fused: bool | None) -> Tuning:
     """vedit tune's own `build_run` and `train_step`, on cached latents of random values; the
-    2D row (no inflation) builds the same levers around the plain UNet by hand."""
+    2D row passes `frames_as_batch` for the inflation, so every other lever stays vedit's."""
     settings = TuneSettings(prompt="benchmark", gradient_checkpointing=checkpointing)
     precision = mixed_precision or mixed_precision_for(settings.mixed_precision, bench.device)
     accelerator = fresh_accelerator(precision, bench)
     dtype = weight_dtype(precision)
     unet2d = build_unet(bench.shapes, bench.device, dtype)
     latents, embeds = cached_latents(frames, bench), prompt_embeds(bench, dtype)
-    if inflated:
-        run = build_run(unet2d, build_scheduler(), "epsilon", latents, embeds, settings,
-                        accelerator, fused=fused)
-        return Tuning(VEDIT, run.unet, run.optimizer, accelerator, run.trained,
-                      lambda: training_loss(run, run.generator, settings.batch), run=run)
-    unet = video_unet(unet2d, inflated=False, seed=settings.seed)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(settings.seed)
-        add_lora(unet, rank=settings.rank, targets=parse_targets([settings.lora_targets]))
-    params = trainable_parameters(unet)
-    for param in params:
-        param.data = param.data.float()
-    if bench.cuda if checkpointing is None else checkpointing:  # tune's default: on a GPU
-        unet.enable_gradient_checkpointing()
-    unet.train()
-    optimizer = torch.optim.AdamW(param_groups(unet, settings), weight_decay=ADAM_WEIGHT_DECAY,
-                                  fused=bench.cuda if fused is None else fused)
-    unet, optimizer = accelerator.prepare(unet, optimizer)
-    run = SimpleNamespace(unet=unet, latents=latents, scheduler=build_scheduler(),
-                          prediction_type="epsilon", prompt_embeds=embeds)
-    generator = torch.Generator(bench.device).manual_seed(settings.seed)
-    return Tuning(VEDIT, unet, optimizer, accelerator, params,
-                  lambda: training_loss(run, generator, settings.batch))
-
-
-def param_groups(unet: nn.Module, settings: TuneSettings) -> list[dict[str, Any]]:
-    """As tune.py: the temporal attention at `lr`, the LoRA adapters at `lora_lr`."""
-    named = [(n, p) for n, p in unet.unet.named_parameters() if p.requires_grad]
-    groups = [{"params": [p for n, p in named if ".attn_temp." in n], "lr": settings.lr},
-              {"params": [p for n, p in named if ".lora_" in n], "lr": settings.lora_lr}]
-    return [group for group in groups if group["params"]]
+    run = build_run(unet2d, build_scheduler(), "epsilon", latents, embeds, settings, accelerator,
+                    fused=fused, inflate=inflate_unet if inflated else frames_as_batch)
+    levers = {"weights": f"frozen {dtype_name(dtype)}, trained fp32",
+              "the clip each step": "cached latents sampled; the prompt cached",
+              "trained": f"LoRA rank {settings.rank} on {settings.lora_targets}; attn_temp whole"}
+    return Tuning(VEDIT, run.unet, run.optimizer, accelerator, run.trained,
+                  lambda: training_loss(run, run.generator, settings.batch), bench, precision,
+                  levers, run=run)
 
 
 def cached_latents(frames: int, bench: Bench) -> FrameLatents:
@@ -286,38 +292,40 @@ def prompt_embeds(bench: Bench, dtype: torch.dtype, batch: int = 1) -> torch.Ten
     return torch.randn(shape, generator=generator).to(bench.device, dtype)
 
 
-@dataclass
-class Editing:
-    """One recipe's models for editing a clip, as `vedit edit` (or the original) holds them."""
+# -- the original's editing --------------------------------------------------------------------
 
-    recipe: str
-    unet: nn.Module
+
+@dataclass
+class OriginalEditing:
+    """The original pipeline's models for editing a clip, as it holds them: fp16 on the GPU,
+    its VAE kept in fp16 (the diffusers it ran on never upcast), the latents on the GPU."""
+
+    unet: InflatedUNet
     vae: nn.Module
     text_encoder: nn.Module
     scheduler: Any
     latents: torch.Tensor
     ids: torch.Tensor
-    decode_slice: int
+
+    @property
+    def levers(self) -> dict[str, str]:
+        return {"weights": dtype_name(self.unet.dtype) + ", no LoRA",
+                "clip latents": "on the GPU" if self.latents.is_cuda else "on the CPU",
+                "VAE decode": "the whole clip in one call",
+                "files written": "one mp4; the inversion (fp16)"}
 
 
-def build_editing(recipe: str, frames: int, bench: Bench) -> Editing:
-    """vedit: bf16, LoRA adapters unmerged, decode `DECODE_SLICE` frames at a time; original:
-    fp16, its VAE kept in fp16 (the diffusers it ran on never upcast), the clip decoded in one
-    call."""
-    original = recipe == ORIGINAL
-    dtype = torch.float16 if original and bench.cuda else default_dtype(bench.device)
+def build_original_editing(frames: int, bench: Bench) -> OriginalEditing:
+    """Its models, with random weights, and the clip's latents."""
+    dtype = torch.float16 if bench.cuda else torch.float32
     unet = video_unet(build_unet(bench.shapes, bench.device, dtype), inflated=True,
                       seed=TuneSettings.seed)
-    if not original:
-        settings = TuneSettings(prompt="benchmark")
-        add_lora(unet, rank=settings.rank, targets=parse_targets([settings.lora_targets]))
-    unet = unet.to(bench.device, dtype).eval().requires_grad_(False)
-    vae = build_vae(bench.shapes, bench.device, dtype, force_upcast=not original)
+    unet = unet.eval().requires_grad_(False)
+    vae = build_vae(bench.shapes, bench.device, dtype, force_upcast=False)
     text_encoder = build_text_encoder(bench.shapes, bench.device, dtype)
     latents = cached_latents(frames, bench).mean
-    return Editing(recipe, unet, vae, text_encoder, build_scheduler(), latents,
-                   prompt_ids(bench.shapes, bench.device),
-                   frames if original else DECODE_SLICE)
+    return OriginalEditing(unet, vae, text_encoder, build_scheduler(), latents,
+                           prompt_ids(bench.shapes, bench.device))
 
 
 class Stopwatch:
@@ -338,41 +346,30 @@ class Stopwatch:
 
 
 @torch.no_grad()
-def edit_clip(editing: Editing, steps: int, guidance: float, folder: Path,
-              cached_inversion: Path | None = None) -> dict[str, float]:
-    """One edit end to end: encode prompts, invert (or load the cached inversion), sample with
-    guidance, decode, write the mp4. Returns the seconds of each section; the inversion is
-    saved to `folder/inversion.safetensors` for a later cached run."""
+def original_edit(editing: OriginalEditing, steps: int, guidance: float, folder: Path,
+                  cached_inversion: Path | None = None) -> dict[str, float]:
+    """One edit as the original pipeline does it: encode prompts, invert (or load the cached
+    inversion), sample with guidance, decode, write the mp4. Returns the seconds of each
+    section; the inversion is saved (fp16, its weight dtype) to `folder/inversion.safetensors`
+    for a later cached run."""
     watch = Stopwatch(editing.latents.device)
     with watch.section("prompts"):
         cond = editing.text_encoder(editing.ids)[0]
         uncond = editing.text_encoder(editing.ids.flip(-1))[0]
-    if cached_inversion is None:
-        with watch.section("invert"):
+    with watch.section("invert"):
+        if cached_inversion is None:
             noise = ddim_invert(editing.unet, editing.scheduler, editing.latents, uncond,
                                 steps)
-            save_file({"noise": noise.float().cpu()}, str(folder / "inversion.safetensors"))
-    else:
-        with watch.section("invert"):
+            save_file({"noise": noise.to(editing.unet.dtype).cpu()},
+                      str(folder / "inversion.safetensors"))
+        else:
             noise = load_file(str(cached_inversion))["noise"].to(editing.latents.device)
     with watch.section("sample"):
-        sample = ddim_sample(editing.unet, editing.scheduler, noise, cond, uncond, guidance,
-                             steps)
+        sample = ddim_sample(editing.unet, editing.scheduler, noise.float(), cond, uncond,
+                             guidance, steps)
     with watch.section("decode"):
-        frames = decode_latents(editing.vae, sample[0], slice_size=editing.decode_slice)
+        frames = decode_latents(editing.vae, sample[0], slice_size=sample.shape[2])
     with watch.section("write"):
         times = [index / EDIT_FPS for index in range(len(frames))]
         write_mp4(folder / "video.mp4", list(frames), times, 1 / EDIT_FPS)
     return watch.seconds
-
-
-@torch.no_grad()
-def warm_up_editing(editing: Editing) -> None:
-    """First calls load kernels and pick algorithms: one UNet call of each batch, one decode."""
-    embeds = editing.text_encoder(editing.ids)[0]
-    sample = editing.latents.to(editing.unet.dtype)
-    timestep = torch.tensor(500, device=sample.device)
-    editing.unet(sample, timestep, embeds.to(sample.dtype))
-    editing.unet(torch.cat([sample, sample]), timestep, torch.cat([embeds, embeds]))
-    decode_latents(editing.vae, editing.latents[0, :, :1], slice_size=1)
-

@@ -2,9 +2,9 @@
 
 Speed and memory do not depend on weight values, so the benchmarks build the real SD 1.5 UNet
 (320/640/1280/1280, cross-attention 768), VAE (128/256/512/512) and CLIP text encoder
-(768 wide, 12 layers) from their configs, seeded, straight on the device: no download, no
-disk. `TINY` has the shapes of `vedit.tiny_model`, so every benchmark also runs on a CPU in
-seconds.
+(768 wide, 12 layers) from their configs, seeded, straight on the device: no download. The
+rows that run vedit's stages load them from disk (`write_model`), as a user's model. `TINY`
+has the shapes of `vedit.tiny_model`, so every benchmark also runs on a CPU in seconds.
 
     python benchmarks/shapes.py            # SD 1.5: parameter counts and build time
     python benchmarks/shapes.py --tiny --device cpu
@@ -23,7 +23,18 @@ from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from vedit.tiny_model import write_config_folder
+from vedit.tiny_model import (
+    BOS_TOKEN,
+    EOS_TOKEN,
+    TINY_RESOLUTION,
+    build_tiny_model,
+    text_encoder_config,
+    tiny_clip_vocab,
+    unet_config,
+    vae_config,
+    write_config_folder,
+)
+from vedit.tiny_model import write_model as save_model
 
 SD15_UNET: dict[str, Any] = dict(
     sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
@@ -42,26 +53,6 @@ SD15_TEXT: dict[str, Any] = dict(
     vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
     num_attention_heads=12, max_position_embeddings=77, projection_dim=768,
     hidden_act="quick_gelu", bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
-)
-
-# The shapes of vedit.tiny_model (SD 1.x layout), so the CPU form runs in seconds.
-TINY_UNET: dict[str, Any] = dict(
-    sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
-    block_out_channels=(32, 64),
-    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8,
-)
-TINY_VAE: dict[str, Any] = dict(
-    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,
-    block_out_channels=(16, 16, 32, 32),
-    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-    norm_num_groups=8, sample_size=64, scaling_factor=0.18215,
-)
-TINY_TEXT: dict[str, Any] = dict(
-    vocab_size=536, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-    num_attention_heads=4, max_position_embeddings=77, projection_dim=32,
-    hidden_act="quick_gelu", bos_token_id=534, eos_token_id=535, pad_token_id=535,
 )
 
 #: SD 1.x's noise schedule, as its scheduler config; DDIM as vedit samples with it.
@@ -93,7 +84,9 @@ class Shapes:
 
 
 SD15 = Shapes("sd15", SD15_UNET, SD15_VAE, SD15_TEXT, resolution=512)
-TINY = Shapes("tiny", TINY_UNET, TINY_VAE, TINY_TEXT, resolution=64)
+#: vedit.tiny_model's own shapes (its config functions), so the CPU form runs in seconds.
+TINY = Shapes("tiny", unet_config(), vae_config(), text_encoder_config(),
+              resolution=TINY_RESOLUTION)
 
 
 def shapes_for(tiny: bool) -> Shapes:
@@ -131,6 +124,21 @@ def build_text_encoder(shapes: Shapes, device: torch.device | str, dtype: torch.
                        seed: int = 2) -> CLIPTextModel:
     """The CLIP text encoder with random weights."""
     return _build(lambda: CLIPTextModel(CLIPTextConfig(**shapes.text)), device, dtype, seed)
+
+
+def write_model(shapes: Shapes, folder: Path, device: torch.device | str) -> Path:
+    """A random model of these shapes on disk in the diffusers layout, for vedit's stages to
+    load as a user's model: `vedit.tiny_model`'s own for the tiny shapes; SD 1.5's in fp16, the
+    size of its fp16 files, with the tiny tokenizer (token ids don't change the cost)."""
+    if shapes.name == TINY.name:
+        return build_tiny_model(folder)
+    vocab = tiny_clip_vocab()
+    ids = {"bos_token_id": vocab[BOS_TOKEN], "eos_token_id": vocab[EOS_TOKEN],
+           "pad_token_id": vocab[EOS_TOKEN]}
+    text_encoder = _build(lambda: CLIPTextModel(CLIPTextConfig(**shapes.text | ids)), device,
+                          torch.float16, seed=2)
+    return save_model(folder, build_unet(shapes, device, torch.float16),
+                      build_vae(shapes, device, torch.float16), text_encoder, build_scheduler())
 
 
 def build_scheduler() -> DDIMScheduler:

@@ -1,27 +1,31 @@
-"""The benchmarks' CPU form runs and writes its table; vedit's speed levers keep results equal.
+"""The benchmarks' mechanics on the CPU, and vedit's speed levers keep results equal.
 
-The benchmarks themselves time nothing here (no test may depend on timing): these tests check
-that the tiny CPU form produces finite rows for both recipes, and that each lever vedit pulls
-by default for speed (gradient checkpointing, fused AdamW, cached latents, bf16 frozen
-weights, LoRA instead of full query updates) gives the same results as the plain path, within
-tolerance, on the tiny shapes in fp32.
+The benchmarks time nothing here (no test may depend on timing): these tests check what the
+figures are made of: the recipes alternate (ABAB) over the repeats, every figure has its
+median and spread, the edit row runs `vedit.edit.edit` itself and the tune-run row
+`vedit.tune.tune`, the device table matches exact names, failed steps are noted, FLOPs are
+counted as documented. And each lever vedit pulls by default for speed (gradient
+checkpointing, fused AdamW, cached latents, bf16 frozen weights, LoRA instead of full query
+updates) gives the same results as the plain path, within tolerance, on the tiny shapes.
 """
 
 from __future__ import annotations
 
 import importlib
 import json
-import math
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 import torch
 from einops import rearrange
 
+from vedit import edit as edit_stage
 from vedit.latents import FrameLatents, encode_frames
+from vedit.settings import TuneSettings
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -36,7 +40,8 @@ def _benchmark(name: str) -> ModuleType:
 run = _benchmark("run")
 recipes = _benchmark("recipes")
 shapes = _benchmark("shapes")
-memory_model = _benchmark("memory_model")
+stages = _benchmark("stages")
+flops = _benchmark("flops")
 
 CPU = torch.device("cpu")
 BENCH = recipes.Bench(shapes.TINY, CPU, 64, 64)
@@ -52,23 +57,126 @@ def _one_thread() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
+def _spy(monkeypatch: pytest.MonkeyPatch, owner: object, name: str) -> list[dict[str, Any]]:
+    """Wrap `owner.name` so that each call's arguments are recorded; it still runs."""
+    real, calls = getattr(owner, name), []
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        calls.append({"args": args, **kwargs})
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, spy)
+    return calls
+
+
 @pytest.mark.slow
-def test_cpu_form_writes_rows_for_both_recipes(tmp_path: Path) -> None:
-    argv = ["--tiny", "--frames", "2", "--edit-frames", "2", "--edit-steps", "2", "--steps",
-            "2", "--warmup", "1", "--out", str(tmp_path)]
+def test_cpu_form_gives_every_row_with_its_spread_flops_and_commit(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(stages, "import_seconds", lambda module: 1.5)  # timed in its own test
+    tunes = _spy(monkeypatch, stages, "tune")
+    edits = _spy(monkeypatch, edit_stage, "edit")
+    argv = ["--tiny", "--json", "--frames", "2", "--repeats", "2", "--steps", "1", "--warmup",
+            "1", "--run-steps", "4", "--edit-steps", "1", "--out", str(tmp_path)]
     assert run.main(argv) == 0
-    data = json.loads((tmp_path / "results.json").read_text())
-    rows = {row["row"]: row for row in data["table"] if row["frames"] == 2}
-    for label in ("tune step (s)", "tune achieved TFLOP/s", "same step, plain 2D UNet (s)",
-                  "inflated / 2D step time", "edit end to end (s)",
-                  "edit with a cached inversion (s)", "edit sampling step with guidance (s)"):
-        row = rows[label]
-        for value in (row["original"], row["vedit"], row["ratio"]):
-            assert value is not None and math.isfinite(value) and value > 0, (label, row)
-    assert not [label for label in rows if "memory" in label]  # no GPU, no memory rows
+    data = json.loads(capsys.readouterr().out)
+    assert data == json.loads((tmp_path / "results.json").read_text())
     assert data["meta"]["command"] == "python benchmarks/run.py " + " ".join(argv)
+    assert data["meta"]["commit"] == run.source_commit() and data["meta"]["commit"]
+    rows = {(row["row"], row["frames"]): row for row in data["table"]}
+    for label, recipes_measured in (("tune step (s)", 2), ("same step, plain 2D UNet (s)", 2),
+                                    ("model TFLOP/s", 2), ("hardware TFLOP per step (as run)", 2),
+                                    ("edit end to end (s)", 2),
+                                    ("edit with a cached inversion (s)", 2),
+                                    ("vedit tune: 500 steps, projected (s)", 1),
+                                    ("vedit tune: whole command peak memory (GB)", 0)):
+        row = rows.get((label, 2))
+        if not recipes_measured:
+            assert row is None  # no GPU, no memory rows
+            continue
+        figures = [row[r] for r in ("original", "vedit") if row[r]]
+        assert len(figures) == recipes_measured, label
+        for figure in figures:
+            assert figure["min"] <= figure["median"] <= figure["max"] and figure["min"] > 0
+            assert figure["repeats"] == (1 if "TFLOP per" in label else 2), label
+    assert rows[("tune step (s)", 2)]["ratio"]["repeats"] == 2  # paired, repeat by repeat
+    results = {(r["kind"], r["recipe"]): r for r in data["results"]}
+    for recipe in ("original", "vedit"):
+        tune_result = results[("tune", recipe)]
+        counts = {k: tune_result["metrics"][f"{k}_tflop"]["median"]
+                  for k in ("forward", "model", "hardware")}
+        assert 0 < counts["forward"] < counts["model"] <= counts["hardware"]
+        assert tune_result["checked_steps"] == 2 and tune_result["failed_steps"] == 0
+        assert all(r["predicted_peak_gb"] is None for r in data["results"])
+    # the stage rows ran vedit's own stage functions, models in memory for the edits
+    assert [call["args"][1].steps for call in tunes] == [4, 4, 1]  # 2 repeats, the edit's
+    models = {id(call["models"]) for call in edits}
+    assert len(edits) == 1 + 2 * 2 and len(models) == 1 and None not in models
+    assert isinstance(edits[0]["models"], edit_stage.EditModels)
+    vedit_edit = results[("edit", "vedit")]["metrics"]
+    assert vedit_edit["import_s"]["median"] == 1.5 and vedit_edit["load_s"]["median"] > 0
+    assert len(vedit_edit["total_s"]["values"]) == len(vedit_edit["cached_s"]["values"]) == 2
     table = (tmp_path / "results.md").read_text()
-    assert "| tune step (s) | 2 |" in table and "torch " in table
+    assert f"(commit {run.source_commit()})" in table and "| tune step (s) | 2 |" in table
+    assert "| gradient checkpointing | on | off |" in table  # the CPU's unlike levers, listed
+
+
+class _FakeTuning:
+    """A recipe's tuning state that records when it steps; vedit's third step is skipped."""
+
+    def __init__(self, recipe: str, order: list[str]) -> None:
+        self.recipe, self.order, self.steps = recipe, order, 0
+        self.bench, self.checkpointing, self.levers = BENCH, True, {"trained": recipe}
+
+    def activate(self) -> None:
+        self.order.append(self.recipe)
+
+    def step(self) -> object:
+        self.steps += 1
+        return recipes.StepCheck(0.5, applied=not (self.recipe == "vedit" and self.steps == 3))
+
+    def release(self) -> None:
+        pass
+
+
+def test_recipes_alternate_block_by_block_and_failed_steps_are_noted(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    order: list[str] = []
+    monkeypatch.setattr(run, "build_tuning",
+                        lambda recipe, *args, **kwargs: _FakeTuning(recipe, order))
+    argv = ["--tiny", "--rows", "tune", "--frames", "2", "--repeats", "3", "--steps", "2",
+            "--warmup", "0", "--flops", "off", "--out", str(tmp_path)]
+    assert run.main(argv) == 0
+    assert order == ["original", "vedit"] * 3  # ABAB, one block of steps each time
+    data = json.loads((tmp_path / "results.json").read_text())
+    results = {r["recipe"]: r for r in data["results"]}
+    assert results["original"]["metrics"]["step_s"]["repeats"] == 3
+    assert (results["original"]["failed_steps"], results["vedit"]["failed_steps"]) == (0, 1)
+    assert results["vedit"]["note"].startswith("1 of 6 timed steps had")
+    assert "tune vedit at 2 frames: 1 of 6" in (tmp_path / "results.md").read_text()
+
+
+def test_edits_alternate_full_then_cached(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                          ) -> None:
+    calls: list[tuple[str, int, bool]] = []
+
+    def editor(recipe: str) -> Any:
+        def edit(steps: int, guidance: float, cached: bool) -> dict[str, float]:
+            calls.append((recipe, steps, cached))
+            return {"total": 2.0, "invert": 1.0, "sample": 0.5, "decode_write": 0.5}
+        return lambda task, runner: run.Editor(edit, 0, {}, {"weights": recipe})
+
+    monkeypatch.setattr(run, "vedit_editor", editor("vedit"))
+    monkeypatch.setattr(run, "original_editor", editor("original"))
+    assert run.main(["--tiny", "--rows", "edit", "--edit-frames", "2", "--edit-steps", "5",
+                     "--out", str(tmp_path)]) == 0
+    warm_up = [("original", 2, False), ("vedit", 2, False)]
+    one_repeat = [("original", 5, False), ("vedit", 5, False), ("original", 5, True),
+                  ("vedit", 5, True)]
+    assert calls == warm_up + one_repeat * 3
+    data = json.loads((tmp_path / "results.json").read_text())
+    metrics = data["results"][0]["metrics"]
+    assert metrics["sample_step_s"]["median"] == 0.1 and metrics["total_s"]["repeats"] == 3
 
 
 def test_a_spent_budget_skips_every_row_and_still_writes(tmp_path: Path) -> None:
@@ -79,20 +187,20 @@ def test_a_spent_budget_skips_every_row_and_still_writes(tmp_path: Path) -> None
     assert "not run: time budget" in (tmp_path / "results.md").read_text()
 
 
-def _fake_tuning(task: object, bench: object, args: object) -> dict[str, float]:
+def _fake_build(recipe: str, frames: int, *args: object, **kwargs: object) -> _FakeTuning:
     """A GPU's answers without a GPU: 4 frames and more run out of memory; 3 is a bug."""
-    if task.frames == 3:
+    if frames == 3:
         raise ValueError("a bug\nwith details")
-    if task.frames >= 4:
+    if frames >= 4:
         raise torch.OutOfMemoryError("CUDA out of memory.")
-    return {"step_s": 0.1, "peak_gb": 1.0}
+    return _FakeTuning("original", [])
 
 
 def test_out_of_memory_is_noted_and_longer_clips_are_not_tried(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(run, "measure_tuning", _fake_tuning)
-    argv = ["--tiny", "--rows", "tune", "--frames", "2,4,8,3", "--keep-going", "--out",
-            str(tmp_path)]
+    monkeypatch.setattr(run, "build_tuning", _fake_build)
+    argv = ["--tiny", "--rows", "tune", "--frames", "2,4,8,3", "--keep-going", "--flops", "off",
+            "--out", str(tmp_path)]
     assert run.main(argv) == 0
     data = json.loads((tmp_path / "results.json").read_text())
     notes = {(r["recipe"], r["frames"]): r["note"] for r in data["results"]}
@@ -105,19 +213,94 @@ def test_out_of_memory_is_noted_and_longer_clips_are_not_tried(
 
 
 def test_rows_run_frame_count_by_frame_count_in_the_order_given() -> None:
-    args = run.parse_args(["--frames", "8,24,64", "--edit-frames", "8,24", "--rows",
-                           "tune,edit", "--recipes", "original,vedit"])
-    order = [(t.frames, t.kind, t.recipe) for t in run.plan(args)]
-    assert order[:4] == [(8, "tune", "original"), (8, "tune", "vedit"),
-                         (8, "edit", "original"), (8, "edit", "vedit")]
-    assert [f for f, *_ in order] == [8] * 4 + [24] * 4 + [64] * 2
+    args = run.parse_args(["--frames", "8,24,64", "--edit-frames", "8,24", "--run-frames", "24"])
+    order = [(t.frames, t.kind) for t in run.plan(args)]
+    assert order == [(8, "tune"), (8, "unet2d"), (8, "edit"), (24, "tune"), (24, "unet2d"),
+                     (24, "tune-run"), (24, "edit"), (64, "tune"), (64, "unet2d")]
 
 
-def test_bf16_peaks_are_looked_up_by_device_name() -> None:
+def test_bf16_peaks_match_exact_device_names_only() -> None:
     assert run.bf16_peak("NVIDIA H100 80GB HBM3") == 989.0
-    assert run.bf16_peak("NVIDIA H100 PCIe") == 756.0
+    assert run.bf16_peak("NVIDIA H200") == 989.0 and run.bf16_peak("NVIDIA H200 NVL") == 835.0
+    assert run.bf16_peak("NVIDIA L40") == 181.0 and run.bf16_peak("NVIDIA L4") == 121.0
     assert run.bf16_peak("NVIDIA L40S") == 362.0
-    assert run.bf16_peak("Some Future GPU") is None
+    assert run.bf16_peak("NVIDIA H100") is None and run.bf16_peak("Some Future GPU") is None
+    assert run.peak_tflops(CPU, 500.0) == (500.0, "--peak")
+
+
+def test_a_skipped_update_fails_the_step_check() -> None:
+    tuning = _fp32_tuning("vedit")
+    assert tuning.step().ok
+    tuning.optimizer._is_overflow = True  # what accelerate's fp16 gradient scaler sets
+    assert not tuning.step().ok
+    assert not recipes.StepCheck(float("nan"), applied=True).ok
+
+
+def test_tune_run_reads_steps_and_checkpoints_from_the_stage_progress() -> None:
+    """8 steps of 1 s; a checkpoint after steps 4 and 8 takes 3 s; the run took 40 s."""
+    timeline = stages.Timeline()
+    with timeline.task("Loading a model", total=5) as task:
+        task.advance(5)
+    with timeline.task("tuning", total=8) as task:
+        times = timeline.tasks[-1]
+        times.started, ends = 10.0, [10.0, 11, 12, 13, 14, 18, 19, 20, 21]
+        times.marks = [(at, float(step)) for step, at in enumerate(ends)]
+    times.ended = 24.0
+    settings = TuneSettings(prompt="p", steps=8, checkpoint_every=4)
+    done = stages.read_tune_run(timeline, settings, command_s=40.0, peak_gb=None)
+    assert (done.step_s, done.checkpoint_s, done.checkpoints) == (1.0, 3.0, 2)
+    assert done.projected_s == 40.0 + (500 - 8) * 1.0 and done.loop_s == 14.0
+
+
+def test_import_seconds_come_from_a_fresh_interpreter() -> None:
+    assert 0 < stages.import_seconds("json") < 60
+
+
+def test_fused_attention_is_counted_with_its_backward_recomputation() -> None:
+    query = torch.zeros(1, 2, 16, 8, device="meta", requires_grad=True)
+
+    def attention() -> None:
+        torch.nn.functional.scaled_dot_product_attention(query, query, query).sum().backward()
+
+    plain = flops.count(attention)
+    with flops.fused_attention():
+        fused = flops.count(attention)
+    assert fused * 6 == plain * 7  # 2 + 5 products instead of 2 + 4
+
+
+def test_flop_counts_from_a_second_process_are_merged_when_rendering(tmp_path: Path) -> None:
+    step = run.Stat([0.5, 0.25])
+    tuned = run.Result("tune", "vedit", 8, {"step_s": step},
+                       levers={"gradient checkpointing": "on"})
+    meta = {**dict.fromkeys(("device", "torch", "diffusers", "transformers", "accelerate",
+                             "peft", "vedit", "commit", "python", "command", "date"), "x"),
+            "bf16_peak_tflops": 100.0, "bf16_peak_source": "test", "shapes": "sd15",
+            "size": "512x512", "repeats": 2, "steps": 4, "warmup": 2, "run_steps": 20,
+            "edit_steps": 50, "guidance": 12.5, "budget_s": None, "wall_s": 1.0}
+    run.write_results(tmp_path, meta, [tuned], None)
+    counts = tmp_path / "flops.json"
+    counts.write_text(json.dumps([{"recipe": "vedit", "unet": "inflated", "frames": 8,
+                                   "size": 512, "checkpointing": True, "forward_tflop": 1.0,
+                                   "model_tflop": 2.0, "hardware_tflop": 3.0}]))
+    data = run.render(run.parse_args(["--render", "--out", str(tmp_path), "--flops-from",
+                                      str(counts)]))
+    rows = {row["row"]: row["vedit"] for row in data["table"]}
+    assert rows["model TFLOP/s"]["values"] == [4.0, 8.0]
+    assert rows["model FLOP/s, share of the bf16 peak (%)"]["median"] == 6.0
+
+
+def test_a_predicted_row_appears_only_where_a_predictor_gave_a_figure() -> None:
+    measured = run.Result("edit", "vedit", 8, {"peak_gb": run.Stat([3.0, 3.5, 3.25])})
+    rows = run.table_rows([measured], None)
+    assert [row["row"] for row in rows] == ["edit peak memory (GB)"]  # no prediction, none shown
+    assert run.cell(rows[0]["vedit"]) == "3.25 (3-3.5)"
+    predicted = run.Result("edit", "vedit", 8, {"peak_gb": run.Stat([3.0])},
+                           predicted_peak_gb=2.5)
+    other = run.Result("edit", "original", 8, {"peak_gb": run.Stat([5.0])})
+    rows = run.table_rows([predicted, other], None)
+    assert [row["row"] for row in rows] == ["edit peak memory (GB)",
+                                            "edit peak memory predicted (GB)"]
+    assert [run.predicted_cell(rows[1][r]) for r in ("original", "vedit")] == ["-", "2.5"]
 
 
 def _fp32_tuning(recipe: str, **levers: object) -> object:
@@ -195,30 +378,6 @@ def test_both_recipes_start_as_the_same_model() -> None:
     assert grads["original"].keys() == grads["vedit"].keys() and grads["vedit"]
     for name, grad in grads["original"].items():
         torch.testing.assert_close(grads["vedit"][name], grad, rtol=1e-5, atol=1e-7, msg=name)
-
-
-def test_memory_model_reproduces_the_measured_original_and_advises() -> None:
-    for frames, height, width, peak in memory_model.MEASURED[("tune", "original")][1]:
-        predicted = memory_model.predict_peak_gb(frames, height, width, "original")
-        assert abs(predicted - peak) < 0.1, (frames, predicted, peak)
-    for key in (("tune", "original"), ("tune", "vedit"), ("edit", "vedit")):
-        assert memory_model.is_calibrated(*key) == (key in memory_model.MEASURED)
-    assert memory_model.predict_peak_gb(24, 512, 512, "vedit") < memory_model.predict_peak_gb(
-        24, 512, 512, "original")
-    advice = memory_model.advise(128, 512, 512, device_total_gb=24.0)
-    assert not advice.fits and 1 <= advice.max_frames < 128 and 64 <= advice.max_side < 512
-    assert memory_model.predict_peak_gb(advice.max_frames, 512, 512) <= advice.usable_gb
-
-
-def test_memory_model_reads_measured_points_from_results() -> None:
-    results = {"meta": {"size": "512x512"}, "results": [
-        {"kind": "tune", "recipe": "vedit", "frames": 8, "metrics": {"peak_gb": 5.123}},
-        {"kind": "unet2d", "recipe": "vedit", "frames": 8, "metrics": {"peak_gb": 4.0}},
-        {"kind": "tune", "recipe": "vedit", "frames": 64, "metrics": {}}]}
-    assert memory_model.measured_points(results) == {("tune", "vedit"): [(8, 512, 512, 5.12)]}
-    fit = memory_model.fit_points("tune", "vedit", [(8, 512, 512, 5.0), (24, 512, 512, 9.0)],
-                                  "test")
-    assert fit.bytes_per_frame_pixel > 0 and fit.calibrated
 
 
 @pytest.mark.parametrize("size", ["512", "768x448"])

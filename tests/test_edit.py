@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 import shutil
@@ -20,7 +21,7 @@ from vedit import edit as edit_stage
 from vedit import tomlio
 from vedit.checkpoints import find_checkpoint, tuned_unet
 from vedit.cli import app
-from vedit.errors import ProjectError
+from vedit.errors import BadInputError, ProjectError
 from vedit.extract import extract
 from vedit.inflate import inflate_unet
 from vedit.latents import frame_latents
@@ -296,6 +297,23 @@ def test_batched_prompts_equal_one_at_a_time(project: Path) -> None:
     two = edit_stage.edit(project, ["a cat", "a dog"], EditSettings(batch=2, **settings))
     for a, b in zip(_frames(one), _frames(two), strict=True):
         assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
+
+
+def test_models_loaded_once_edit_as_a_fresh_load_does(project: Path) -> None:
+    """A Python caller loads a checkpoint's models once for several edits: the second edit on
+    them renders what an edit that loads the models itself renders (the first left them as
+    they were), and models loaded for another checkpoint are refused."""
+    settings = EditSettings(steps=2, formats="frames")
+    checkpoint = find_checkpoint(Project.open(project))
+    models = edit_stage.load_edit_models(checkpoint, "cpu")
+    edit_stage.edit(project, ["a cat"], settings, models=models)
+    given = edit_stage.edit(project, ["a dog"], settings, models=models)
+    loaded = edit_stage.edit(project, ["a dog"], settings)
+    assert all(np.array_equal(a, b)
+               for a, b in zip(_frames(given), _frames(loaded), strict=True))
+    other = dataclasses.replace(models, checkpoint_id="another-checkpoint")
+    with pytest.raises(BadInputError, match="another checkpoint"):
+        edit_stage.edit(project, ["a cat"], settings, models=other)
 
 
 def test_without_inversion_the_seed_decides(project: Path) -> None:

@@ -28,7 +28,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 from vedit import __version__, tomlio
 from vedit.checkpoints import Checkpoint, check_frames, find_checkpoint, tuned_unet
-from vedit.errors import OutOfMemoryError, is_out_of_memory
+from vedit.errors import BadInputError, OutOfMemoryError, is_out_of_memory
+from vedit.inflate import InflatedUNet
 from vedit.invert import Inversion, cached_inversion, inversion_key
 from vedit.latents import clip_span, frame_latents, read_frame, span_images, span_latents
 from vedit.memory.gpu import measured_peak_gb
@@ -91,6 +92,16 @@ class EditClip:
         return len(self.times)
 
 
+@dataclass(frozen=True)
+class EditModels:
+    """A checkpoint's models, loaded for editing: the base model's components and the tuned
+    UNet. Load them once with `load_edit_models` to run several `edit` calls on them."""
+
+    components: Components
+    unet: InflatedUNet
+    checkpoint_id: str
+
+
 @dataclass
 class EditResult:
     project: Path
@@ -128,10 +139,25 @@ def unique_names(project: Project, prompts: Sequence[str], name: str | None) -> 
     return names
 
 
+def load_edit_models(checkpoint: Checkpoint, device: torch.device | str,
+                     reporter: Reporter | None = None) -> EditModels:
+    """Load the checkpoint's base model on `device` and put the tuned weights in its UNet."""
+    components = load_components(checkpoint.record["base_model"], device=device,
+                                 reporter=reporter)
+    unet = tuned_unet(checkpoint, components.unet, components.fingerprint)
+    return EditModels(components, unet, _checkpoint_id(checkpoint))
+
+
+def _checkpoint_id(checkpoint: Checkpoint) -> str:
+    return str(checkpoint.record.get("id", checkpoint.path))
+
+
 def edit(project_dir: Path, prompts: Sequence[str], settings: EditSettings | None = None, *,
-         name: str | None = None, reporter: Reporter | None = None) -> EditResult:
+         name: str | None = None, reporter: Reporter | None = None,
+         models: EditModels | None = None) -> EditResult:
     """Render each prompt from the project's latest (or chosen) checkpoint: the tuned frames,
-    or with `settings.full` every frame of the clip's span, in windows."""
+    or with `settings.full` every frame of the clip's span, in windows. `models`, from
+    `load_edit_models` for that checkpoint, are used as they are instead of loading them."""
     from accelerate import PartialState
 
     settings = settings or EditSettings()
@@ -145,14 +171,18 @@ def edit(project_dir: Path, prompts: Sequence[str], settings: EditSettings | Non
     project = Project.open(Path(project_dir))
     checkpoint = find_checkpoint(project, settings.checkpoint, reporter)
     check_frames(checkpoint, project.require("frames", "extract")["key"])
+    if models is not None and models.checkpoint_id != _checkpoint_id(checkpoint):
+        raise BadInputError(f"The models given were loaded for another checkpoint than "
+                            f"{checkpoint.name} of {project.root}.",
+                            "Load them with load_edit_models for this checkpoint.")
     names = unique_names(project, prompts, name)
     jobs = list(zip(prompts, names, strict=True))
     try:
         if state.is_main_process:
             with project.lock("edit"):
-                outputs = _render(project, checkpoint, jobs, settings, state, reporter)
+                outputs = _render(project, checkpoint, jobs, settings, state, reporter, models)
         else:
-            outputs = _render(project, checkpoint, jobs, settings, state, reporter)
+            outputs = _render(project, checkpoint, jobs, settings, state, reporter, models)
     except (RuntimeError, MemoryError) as exc:  # torch.OutOfMemoryError is a RuntimeError
         if not is_out_of_memory(exc):
             raise
@@ -173,10 +203,9 @@ def edit(project_dir: Path, prompts: Sequence[str], settings: EditSettings | Non
 
 def _render(project: Project, checkpoint: Checkpoint, jobs: list[tuple[str, str]],
             settings: EditSettings, state: PartialState,
-            reporter: Reporter) -> list[EditOutput]:
-    components = load_components(checkpoint.record["base_model"], device=state.device,
-                                 reporter=reporter)
-    unet = tuned_unet(checkpoint, components.unet, components.fingerprint)
+            reporter: Reporter, models: EditModels | None) -> list[EditOutput]:
+    models = models or load_edit_models(checkpoint, state.device, reporter)
+    components, unet = models.components, models.unet
     with state.main_process_first():
         clip = (span_clip(project, components, settings, reporter) if settings.full
                 else tuned_clip(project, components, reporter))

@@ -16,11 +16,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vedit.errors import BadInputError
 from vedit.progress import quiet_library_progress
 from vedit.project import atomic_dir
+
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKL, SchedulerMixin, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
 #: Side of a frame, in pixels, that the tiny model was "trained" at (latent 8 x 8).
 TINY_RESOLUTION = 64
@@ -49,28 +53,41 @@ def build_tiny_model(path: Path, *, prediction_type: str = "epsilon", seed: int 
 
     if sd2 and sdxl:
         raise ValueError("a tiny model is SD 2.x-style or SDXL, not both")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(**(sdxl_unet_config() if sdxl else unet_config(sd2)))
+        vae = _calibrated(_vae())
+        text_encoder = _text_encoder(sd2)
+        text_encoder_2 = _text_encoder(True, projection=True) if sdxl else None
+    scheduler = _sdxl_scheduler(prediction_type) if sdxl else _scheduler(prediction_type, sd2)
+    return write_model(path, unet, vae, text_encoder, scheduler, sd2=sd2,
+                       text_encoder_2=text_encoder_2)
+
+
+def write_model(path: Path, unet: UNet2DConditionModel, vae: AutoencoderKL,
+                text_encoder: CLIPTextModel, scheduler: SchedulerMixin, *, sd2: bool = False,
+                text_encoder_2: CLIPTextModelWithProjection | None = None) -> Path:
+    """Write SD components built in code to `path` in the diffusers layout, atomically, with
+    this module's tokenizer (the text encoders' vocabulary must cover `tiny_clip_vocab()`);
+    with `text_encoder_2`, in SDXL's layout. The benchmarks write SD 1.5's shapes this way.
+    `path` must not exist or be an empty folder."""
     path = Path(path)
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise BadInputError(f"{path} already exists and is not empty.",
-                            "Choose a new folder for the tiny model.")
+                            "Choose a new folder for the model.")
+    modules: list[tuple[str, Any]] = [("unet", unet), ("vae", vae), ("text_encoder", text_encoder)]
     with atomic_dir(path) as staging:
-        vocab = _write_tokenizer(staging / "tokenizer", sd2=sd2)
-        if sdxl:  # OpenCLIP's tokenizer, as SD 2.x's
+        _write_tokenizer(staging / "tokenizer", sd2=sd2)
+        if text_encoder_2 is not None:  # OpenCLIP's tokenizer, as SD 2.x's
             _write_tokenizer(staging / "tokenizer_2", sd2=True)
-        with torch.random.fork_rng(devices=[]), quiet_library_progress():
-            torch.manual_seed(seed)
-            unet = UNet2DConditionModel(**(sdxl_unet_config() if sdxl else unet_config(sd2)))
-            unet.save_pretrained(staging / "unet", safe_serialization=True)
-            _calibrated(_vae()).save_pretrained(staging / "vae", safe_serialization=True)
-            _text_encoder(vocab, sd2).save_pretrained(staging / "text_encoder",
-                                                      safe_serialization=True)
-            if sdxl:
-                _text_encoder(vocab, True, projection=True).save_pretrained(
-                    staging / "text_encoder_2", safe_serialization=True)
-        scheduler = _sdxl_scheduler(prediction_type) if sdxl else _scheduler(prediction_type, sd2)
+            modules.append(("text_encoder_2", text_encoder_2))
+        with quiet_library_progress():
+            for name, module in modules:
+                module.save_pretrained(staging / name, safe_serialization=True)
         scheduler.save_pretrained(staging / "scheduler")
         index = _model_index(type(scheduler).__name__)
-        _write_json(staging / "model_index.json", _sdxl_model_index(index) if sdxl else index)
+        _write_json(staging / "model_index.json",
+                    index if text_encoder_2 is None else _sdxl_model_index(index))
     return path
 
 
@@ -143,22 +160,27 @@ def sdxl_unet_config() -> dict[str, Any]:
     }
 
 
+def vae_config() -> dict[str, Any]:
+    """Four levels, so a scale factor of 8 like SD's VAE, with a handful of channels; the
+    scaling factor is SD's until `_calibrated` sets the tiny VAE's own."""
+    return {
+        "in_channels": 3,
+        "out_channels": 3,
+        "down_block_types": ("DownEncoderBlock2D",) * 4,
+        "up_block_types": ("UpDecoderBlock2D",) * 4,
+        "block_out_channels": (16, 16, 32, 32),
+        "layers_per_block": 1,
+        "latent_channels": 4,
+        "norm_num_groups": 8,
+        "sample_size": TINY_RESOLUTION,
+        "scaling_factor": 0.18215,
+    }
+
+
 def _vae() -> Any:
-    """Four levels, so a scale factor of 8 like SD's VAE, with a handful of channels."""
     from diffusers import AutoencoderKL
 
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(16, 16, 32, 32),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=TINY_RESOLUTION,
-        scaling_factor=0.18215,
-    )
+    return AutoencoderKL(**vae_config())
 
 
 def _calibrated(vae: Any) -> Any:
@@ -176,24 +198,31 @@ def _calibrated(vae: Any) -> Any:
     return vae
 
 
-def _text_encoder(vocab: dict[str, int], sd2: bool, *, projection: bool = False) -> Any:
+def text_encoder_config(sd2: bool = False, *, projection: bool = False) -> dict[str, Any]:
+    """A small CLIP text encoder over `tiny_clip_vocab()`, as `CLIPTextConfig` keywords; with
+    `projection`, SDXL's second encoder, one layer deeper."""
+    vocab = tiny_clip_vocab()
+    return {
+        "vocab_size": len(vocab),
+        "hidden_size": _TEXT_WIDTH,
+        "intermediate_size": 64,
+        "num_hidden_layers": 3 if projection else 2,
+        "num_attention_heads": 4,
+        "max_position_embeddings": 77,
+        "projection_dim": _TEXT_WIDTH,
+        "hidden_act": "gelu" if sd2 else "quick_gelu",
+        "bos_token_id": vocab[BOS_TOKEN],
+        "eos_token_id": vocab[EOS_TOKEN],
+        "pad_token_id": vocab[_pad_token(sd2)],
+    }
+
+
+def _text_encoder(sd2: bool, *, projection: bool = False) -> Any:
     """CLIP's text transformer; with `projection`, SDXL's second encoder, whose pooled output
     goes through a projection."""
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    config = CLIPTextConfig(
-        vocab_size=len(vocab),
-        hidden_size=_TEXT_WIDTH,
-        intermediate_size=64,
-        num_hidden_layers=3 if projection else 2,
-        num_attention_heads=4,
-        max_position_embeddings=77,
-        projection_dim=_TEXT_WIDTH,
-        hidden_act="gelu" if sd2 else "quick_gelu",
-        bos_token_id=vocab[BOS_TOKEN],
-        eos_token_id=vocab[EOS_TOKEN],
-        pad_token_id=vocab[_pad_token(sd2)],
-    )
+    config = CLIPTextConfig(**text_encoder_config(sd2, projection=projection))
     return CLIPTextModelWithProjection(config) if projection else CLIPTextModel(config)
 
 

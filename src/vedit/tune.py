@@ -18,7 +18,7 @@ import signal
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -287,14 +287,17 @@ def _prepare(project: Project, settings: TuneSettings, accelerator: Accelerator,
 def build_run(unet2d: UNet2DConditionModel, scheduler: DDPMScheduler, prediction_type: str,
               latents: FrameLatents, prompt_embeds: torch.Tensor, settings: TuneSettings,
               accelerator: Accelerator, record: dict[str, Any] | None = None, *,
-              fused: bool | None = None) -> TrainingRun:
+              fused: bool | None = None,
+              inflate: Callable[[UNet2DConditionModel], InflatedUNet] = inflate_unet
+              ) -> TrainingRun:
     """Inflate the base UNet, add LoRA, keep the trained weights in fp32 (the frozen rest stays
     in its dtype), set checkpointing, build AdamW (`fused`: default on a GPU) and let
-    accelerate prepare it all."""
+    accelerate prepare it all. `inflate` makes the video UNet; the benchmarks pass one that
+    leaves it 2D, to price inflation with everything else equal."""
     # The new layers' random initial weights follow --seed, so a run is reproducible.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(settings.seed)
-        unet = inflate_unet(unet2d)
+        unet = inflate(unet2d)
         add_lora(unet, rank=settings.rank, targets=settings.targets)
     trained = trainable_parameters(unet)
     for param in trained:
