@@ -127,7 +127,7 @@ def test_edit_two_prompts_then_reuse_the_inversion_then_remux(project: Path) -> 
     assert [e["name"] for e in data["edits"]] == ["a-cat-is-talking", "a-dog-is-talking"]
     for entry in data["edits"]:
         assert entry["inversion"]["reused"] is False  # computed once, for both prompts
-        assert entry["checkpoint"] == "step-80" and entry["seed"] == 33
+        assert entry["checkpoint"] == "run-1/step-80" and entry["seed"] == 33
         video = probe(Path(entry["files"]["video"]))
         assert (video.codec, video.frame_count, float(video.fps)) == ("h264", 6, 12.5)
         assert (video.width, video.height) == (112, 64)

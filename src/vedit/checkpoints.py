@@ -1,7 +1,12 @@
-"""Tuning checkpoints: `checkpoints/step-N/` with the trained weights, their record and the
-optimizer state, all in safetensors (no pickle, so loading a checkpoint never runs code).
+"""Tuning checkpoints: `checkpoints/RUN/step-N/` with the trained weights, their record and
+the optimizer state, all in safetensors (no pickle, so loading a checkpoint never runs code).
 
-    checkpoints/step-N/
+Each tuning run keeps its own folder (`run-1`, `run-2`, ...), so a new run never touches the
+checkpoints of an earlier one; `--resume` continues the latest run. A project tuned before runs
+were kept has its checkpoints right in `checkpoints/step-N/`: they read as a run of their own
+(named "", shown as `step-N`), older than every numbered one.
+
+    checkpoints/RUN/step-N/
       lora.safetensors       LoRA adapters, diffusers/peft keys prefixed `unet.`
       temporal.safetensors   the temporal attention (`...attn_temp.*`), keyed like the original
       training.safetensors   optimizer state and random generator state, for --resume
@@ -24,7 +29,7 @@ from vedit import tomlio
 from vedit.errors import BadInputError, ProjectError
 from vedit.inflate import InflatedUNet, inflate_unet
 from vedit.lora import add_lora, load_lora_state_dict
-from vedit.project import Project, atomic_dir
+from vedit.project import FLAT_RUN, Project, atomic_dir
 from vedit.tensorfiles import load_tensors, save_tensors
 
 RECORD = "checkpoint.toml"
@@ -35,22 +40,35 @@ TRAINING_FILE = "training.safetensors"
 
 @dataclass(frozen=True)
 class Checkpoint:
-    """A finished checkpoint folder and its record."""
+    """A finished checkpoint folder, the tuning run it belongs to, and its record."""
 
     path: Path
     step: int
     record: dict[str, Any]
+    run: str = FLAT_RUN
 
     @property
     def name(self) -> str:
-        return self.path.name
+        """How commands name it: `RUN/step-N` (`step-N` in an older project's flat run)."""
+        return f"{self.run}/{self.path.name}" if self.run != FLAT_RUN else self.path.name
 
 
 def list_checkpoints(project: Project) -> list[Checkpoint]:
-    """Every complete checkpoint, by step."""
-    found = [read_checkpoint(path) for path in project.checkpoint_dirs()
-             if (path / RECORD).is_file()]
-    return sorted(found, key=lambda c: c.step)
+    """Every complete checkpoint: run by run, oldest run first, each run by step. The last one
+    is the latest."""
+    found = []
+    for run in project.run_names():
+        complete = [read_checkpoint(path, run) for path in project.checkpoint_dirs(run)
+                    if (path / RECORD).is_file()]
+        found += sorted(complete, key=lambda c: c.step)
+    return found
+
+
+def next_run(project: Project) -> str:
+    """The name of a new tuning run: one past the last run that has a checkpoint (a run folder
+    an interrupted run left without one is taken again)."""
+    numbers = [Project.run_number(c.run) for c in list_checkpoints(project)]
+    return Project.run_name(max(numbers, default=0) + 1)
 
 
 def latest_checkpoint(project: Project) -> Checkpoint | None:
@@ -59,23 +77,36 @@ def latest_checkpoint(project: Project) -> Checkpoint | None:
 
 
 def find_checkpoint(project: Project, name: str | None = None) -> Checkpoint:
-    """The named checkpoint (`step-300`, `300` or a path), or the latest one."""
+    """The named checkpoint, or the latest one (the last step of the latest run).
+
+    A name is `RUN/step-N`; a run (`run-2`: its last step); `step-N` or `N` where only one run
+    has that step; or the path of a checkpoint folder."""
+    found = list_checkpoints(project)
     if name is None:
-        latest = latest_checkpoint(project)
-        if latest is None:
+        if not found:
             raise ProjectError(f"Project {project.root} has no checkpoint yet.",
                                f"Run `vedit tune {project.root} --prompt ...` first.")
-        return latest
+        return found[-1]
+    text = name.strip().strip("/")
+    named = [c for c in found if c.name == text] or [c for c in found if c.run == text][-1:]
+    if not named and text.removeprefix("step-").isdigit():
+        named = [c for c in found if c.step == int(text.removeprefix("step-"))]
+        if len(named) > 1:
+            raise BadInputError(
+                f"Several tuning runs have a checkpoint {name!r}: "
+                f"{', '.join(c.name for c in named)}.",
+                f"Name one with its run, e.g. --checkpoint {named[-1].name}.")
+    if named:
+        return named[0]
     path = Path(name)
-    if not path.is_dir():
-        path = project.checkpoint_dir(name.removeprefix("step-"))
-    if not (path / RECORD).is_file():
-        known = ", ".join(c.name for c in list_checkpoints(project)) or "none"
-        raise BadInputError(f"No checkpoint {name!r} in {project.root}.", f"Known: {known}.")
-    return read_checkpoint(path)
+    if (path / RECORD).is_file():
+        inside = [c for c in found if c.path.resolve() == path.resolve()]
+        return inside[0] if inside else read_checkpoint(path)
+    known = ", ".join(c.name for c in found) or "none"
+    raise BadInputError(f"No checkpoint {name!r} in {project.root}.", f"Known: {known}.")
 
 
-def read_checkpoint(path: Path) -> Checkpoint:
+def read_checkpoint(path: Path, run: str = FLAT_RUN) -> Checkpoint:
     try:
         record = tomlio.loads((path / RECORD).read_text(encoding="utf-8"))
         step = int(record["step"])
@@ -83,7 +114,7 @@ def read_checkpoint(path: Path) -> Checkpoint:
         raise BadInputError(
             f"Checkpoint {path} has an unreadable {RECORD} ({exc}).",
             "Delete that checkpoint folder and resume from an earlier one.") from None
-    return Checkpoint(path, step, record)
+    return Checkpoint(path, step, record, run)
 
 
 def write_checkpoint(folder: Path, record: dict[str, Any], lora: dict[str, torch.Tensor],

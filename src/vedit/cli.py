@@ -26,6 +26,8 @@ from vedit.settings import (
 if TYPE_CHECKING:
     from typer._click import Context, Parameter  # Typer's own copy of click: its types
 
+    from vedit.tune import TuneResult
+
 Body = TypeVar("Body", bound=Callable[..., None])
 
 
@@ -279,9 +281,12 @@ def tune(
     checkpoint_every: Annotated[int | None, typer.Option(
         "--checkpoint-every", help="Save a checkpoint every N steps (0: only at the end).  "
         f"\\[default: {TuneSettings.checkpoint_every}]", show_default=False)] = None,
+    evaluate: Annotated[bool | None, typer.Option(
+        "--eval/--no-eval", help="Report the loss on fixed draws before and after tuning "
+        "(16 extra forward passes).  \\[default: eval]", show_default=False)] = None,
     resume: Annotated[bool, typer.Option(
-        "--resume", help="Continue from the latest checkpoint, with its settings, to --steps.")
-    ] = False,
+        "--resume", help="Continue the latest run from its last checkpoint, with its "
+        "settings, to --steps (else a new run starts beside the earlier ones).")] = False,
     frames: FramesOpt = None,
     stride: StrideOpt = None,
     start: StartOpt = None,
@@ -305,7 +310,7 @@ def tune(
         prompt=prompt, model=model, steps=steps, lr=lr, lora_lr=lora_lr, rank=rank,
         lora_targets=lora_targets, batch=batch, grad_accum=grad_accum, seed=seed,
         mixed_precision=mixed_precision, gradient_checkpointing=gradient_checkpointing,
-        checkpoint_every=checkpoint_every)
+        checkpoint_every=checkpoint_every, eval=evaluate)
     result: dict[str, object] = {}
     if target.is_dir():
         if project or any(v is not None for v in frame_flags.values()):
@@ -323,13 +328,24 @@ def tune(
         result["extract"] = extracted.to_dict()
         target = extracted.project
     result.update(tuned.to_dict())
-    last = tuned.checkpoints[-1] if tuned.checkpoints else None
+    out.result(result, tune_summary(target, tuned))
+
+
+def tune_summary(target: Path, tuned: TuneResult) -> str:
+    """The human result of tune: what was tuned, the loss it reached, where the checkpoint is."""
+    run = f" (run {tuned.run})" if tuned.run else ""
     if tuned.start_step >= tuned.steps:
-        text = f"{target} is already tuned to step {tuned.steps}; nothing to do."
-    else:
-        text = (f"Tuned {target} to step {tuned.steps} in {tuned.seconds:.1f} s"
-                + (f"; latest checkpoint {last}." if last else "."))
-    out.result(result, text)
+        return (f"{target} is already tuned to step {tuned.steps}{run}; nothing to do: "
+                "give --steps above it to go on.")
+    lines = [f"Tuned {target} to step {tuned.steps}{run} in {tuned.seconds:.1f} s."]
+    if tuned.eval_loss_after is not None:
+        before = (f"{tuned.eval_loss_before:.4f} before, "
+                  if tuned.eval_loss_before is not None else "")
+        lines.append(f"Loss on fixed draws: {before}{tuned.eval_loss_after:.4f} after.")
+    if tuned.checkpoints:
+        lines.append(f"Checkpoint: {tuned.checkpoints[-1]}")
+        lines.append(f"Next: vedit edit {target} --prompt \"...\"")
+    return "\n".join(lines)
 
 
 @command()

@@ -6,8 +6,9 @@ Stages share nothing but this folder, and every name in it is spelled here:
     frames/00000.png ...   the tuned frames (extract)
     source/audio.m4a       the clip's sound, packets untouched (.mka where mp4 cannot hold them)
     latents/KEY.safetensors, inversions/KEY.safetensors   cached tensors (tune, edit)
-    checkpoints/step-N/    tuning checkpoints (their files: checkpoints.py)
-    logs/tune.jsonl        the loss of every tuning step
+    checkpoints/RUN/step-N/  tuning checkpoints, one folder per tuning run (run-1, run-2, ...;
+                           their files: checkpoints.py), RUN/tune.jsonl the loss of each step
+    checkpoints/step-N/, logs/tune.jsonl   the same, in a project tuned before runs were kept
     edits/NAME/video.mp4   an edit (its other files: edit.py); remux adds final.mp4
 
 Every write goes to a hidden temporary name first and is renamed into place, so an interrupted
@@ -44,6 +45,9 @@ EDIT_VIDEO = "video.mp4"
 FINAL_VIDEO = "final.mp4"
 _TMP_MARK = ".tmp-"
 _STEP_DIR = re.compile(r"^step-\d+$")
+_RUN_DIR = re.compile(r"^run-(\d+)$")
+#: The run of a project tuned before runs were kept: its checkpoints lie in checkpoints/ itself.
+FLAT_RUN = ""
 
 
 def frame_file(index: int) -> str:
@@ -194,9 +198,11 @@ class Project:
     def checkpoints_dir(self) -> Path:
         return self.root / "checkpoints"
 
-    @property
-    def loss_log(self) -> Path:
-        return self.root / "logs" / "tune.jsonl"
+    def loss_log(self, run: str) -> Path:
+        """The loss of every step of a tuning run."""
+        if run == FLAT_RUN:
+            return self.root / "logs" / "tune.jsonl"
+        return self.run_dir(run) / "tune.jsonl"
 
     def frame_paths(self) -> list[Path]:
         """The tuned frames in order; raises ProjectError when extract has not run."""
@@ -227,14 +233,37 @@ class Project:
         """Where an interrupted inversion keeps the work it finished."""
         return self.root / "inversions" / f"{key}.partial.safetensors"
 
-    def checkpoint_dir(self, step: int | str) -> Path:
-        return self.checkpoints_dir / f"step-{step}"
+    @staticmethod
+    def run_name(number: int) -> str:
+        return f"run-{number}"
 
-    def checkpoint_dirs(self) -> list[Path]:
-        """The `step-N` folders under checkpoints/ (complete or not: the caller checks)."""
+    @staticmethod
+    def run_number(run: str) -> int:
+        """The number of a run's name; 0 for the flat run of an older project."""
+        match = _RUN_DIR.match(run)
+        return int(match.group(1)) if match else 0
+
+    def run_dir(self, run: str) -> Path:
+        return self.checkpoints_dir / run if run != FLAT_RUN else self.checkpoints_dir
+
+    def checkpoint_dir(self, run: str, step: int) -> Path:
+        return self.run_dir(run) / f"step-{step}"
+
+    def run_names(self) -> list[str]:
+        """The tuning runs' folders under checkpoints/, oldest first (FLAT_RUN first, where an
+        older project has checkpoints right in checkpoints/)."""
         if not self.checkpoints_dir.is_dir():
             return []
-        return sorted(p for p in self.checkpoints_dir.iterdir() if _STEP_DIR.match(p.name))
+        runs = sorted((p.name for p in self.checkpoints_dir.iterdir()
+                       if p.is_dir() and _RUN_DIR.match(p.name)), key=self.run_number)
+        return ([FLAT_RUN] if self.checkpoint_dirs(FLAT_RUN) else []) + runs
+
+    def checkpoint_dirs(self, run: str) -> list[Path]:
+        """A run's `step-N` folders (complete or not: the caller checks)."""
+        folder = self.run_dir(run)
+        if not folder.is_dir():
+            return []
+        return [p for p in folder.iterdir() if p.is_dir() and _STEP_DIR.match(p.name)]
 
     def edit_dir(self, name: str) -> Path:
         """edits/NAME/; a name that would leave the project is refused."""

@@ -155,6 +155,7 @@ class TuneSettings:
     mixed_precision: str = "auto"
     gradient_checkpointing: bool | None = None  # None: on with a GPU, off on the CPU
     checkpoint_every: int = 250
+    eval: bool = True  # the loss on fixed draws before and after tuning (2 x EVAL_DRAWS forwards)
 
     def __post_init__(self) -> None:
         for name in ("steps", "rank", "batch", "grad_accum"):
