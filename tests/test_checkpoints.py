@@ -71,7 +71,7 @@ def test_a_step_that_several_runs_have_is_ambiguous(project: Project) -> None:
     assert "--checkpoint run-2/step-3" in caught.value.hint
     with pytest.raises(BadInputError, match="No checkpoint 'run-3'") as unknown:
         find_checkpoint(project, "run-3")
-    assert "Known: run-1/step-3, run-2/step-3." == unknown.value.hint
+    assert unknown.value.hint == "Known: run-1/step-3, run-2/step-3."
 
 
 def test_no_checkpoint_yet(project: Project) -> None:

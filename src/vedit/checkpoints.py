@@ -50,7 +50,7 @@ class Checkpoint:
     @property
     def name(self) -> str:
         """How commands name it: `RUN/step-N` (`step-N` in an older project's flat run)."""
-        return f"{self.run}/{self.path.name}" if self.run != FLAT_RUN else self.path.name
+        return Project.checkpoint_name(self.run, self.step)
 
 
 def list_checkpoints(project: Project) -> list[Checkpoint]:

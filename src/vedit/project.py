@@ -249,6 +249,12 @@ class Project:
     def checkpoint_dir(self, run: str, step: int) -> Path:
         return self.run_dir(run) / f"step-{step}"
 
+    @staticmethod
+    def checkpoint_name(run: str, step: int) -> str:
+        """How commands and the record name a checkpoint: `RUN/step-N` (`step-N` in the flat run
+        of an older project)."""
+        return f"{run}/step-{step}" if run != FLAT_RUN else f"step-{step}"
+
     def run_names(self) -> list[str]:
         """The tuning runs' folders under checkpoints/, oldest first (FLAT_RUN first, where an
         older project has checkpoints right in checkpoints/)."""

@@ -499,7 +499,7 @@ def save(project: Project, run: TrainingRun, step: int) -> Path:
                          temporal_state_dict(unet),
                          training_state(run.optimizer, {"noise": run.generator}), metadata)
         project.record["tune"] = run.record | {
-            "last_step": step, "checkpoint": folder.relative_to(project.checkpoints_dir).as_posix()}
+            "last_step": step, "checkpoint": Project.checkpoint_name(run.record["run"], step)}
         project.save()
     run.accelerator.wait_for_everyone()
     return folder
