@@ -520,3 +520,18 @@ def test_a_pyav_without_an_encoder_is_this_machines_problem(
     assert_clean_failure(result, 9, "cannot encode no-such-x264")
     assert "vedit doctor" in result.stderr
     assert not (project / "edits").exists() or not any((project / "edits").iterdir())
+
+
+@pytest.mark.slow
+def test_a_reader_that_closes_stdout_early_ends_vedit_quietly() -> None:
+    """`vedit doctor --json | head -0`: the pipe is closed before vedit writes its result."""
+    process = subprocess.Popen([sys.executable, "-m", "vedit", "doctor", "--json"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout is not None
+        process.stdout.close()
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 141, stderr
+    assert stderr == ""
