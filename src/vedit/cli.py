@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, TypeVar
@@ -43,6 +44,21 @@ def _flags_as_flags(params: list[Parameter]) -> list[Parameter]:
 class _Command(TyperCommand):
     def get_params(self, ctx: Context) -> list[Parameter]:
         return _flags_as_flags(super().get_params(ctx))
+
+    def parse_args(self, ctx: Context, args: list[str]) -> list[str]:
+        """A usage error with `--json` also prints the JSON error document on stdout (Typer
+        prints the message on stderr and exits 2 as usual)."""
+        from typer._click.exceptions import UsageError as ClickUsageError
+
+        wants_json = "--json" in args
+        try:
+            return super().parse_args(ctx, args)
+        except ClickUsageError as exc:
+            if wants_json:
+                error = UsageError(exc.format_message(),
+                                   f"See `{ctx.command_path} --help`.")
+                print(json.dumps({"error": error.to_dict()}, indent=2), flush=True)
+            raise
 
 
 class _Group(TyperGroup):
@@ -229,7 +245,19 @@ def extract(
     verb = "Kept" if result.reused else "Wrote"
     sound = f", audio in {result.audio}" if result.audio else ", no audio"
     out.result(result.to_dict(), f"{verb} {len(result.frames)} frames of {result.width}x"
-                                 f"{result.height} in {result.project}/frames{sound}.")
+                                 f"{result.height} in {result.project}/frames{sound}.\n"
+                                 + extract_span(result.times, result.source.get("duration")))
+
+
+def extract_span(times: list[float], duration: float | None) -> str:
+    """Which part of the clip the frames come from: a default take covers only its start."""
+    text = f"The frames span {times[0]:.2f}-{times[-1]:.2f} s"
+    if not duration:
+        return text + "."
+    text += f" of the {duration:.2f} s clip"
+    if times[-1] - times[0] < duration / 2:
+        text += " (--spread takes them from all of it, --start from later on)"
+    return text + "."
 
 
 @command()
@@ -414,7 +442,11 @@ def edit(
         overlap=overlap))
     prompts = list(prompt or []) + (read_prompts(prompts_file) if prompts_file else [])
     result = edit_stage.edit(project, prompts, settings, name=name, reporter=out.reporter)
-    lines = [f"{e.files['video']}  ({e.prompt}, {e.frames} frames)" for e in result.edits]
+    lines = []
+    for e in result.edits:
+        lines += [f"{e.files['video']}  ({e.prompt}, {e.frames} frames)",
+                  f"  side by side with the source: {e.files['compare']}"]
+    lines.append(f"Add the clip's sound: vedit remux {project}")
     out.result(result.to_dict(), "\n".join(lines))
 
 
