@@ -169,6 +169,15 @@ def test_names_are_slugs_made_unique_or_given(project: Path) -> None:
         "a-cat-talking", "a-cat-talking-2", "take-1", "take-2"]
 
 
+def test_human_output_names_the_comparison_and_the_remux(project: Path) -> None:
+    result = runner.invoke(app, ["edit", str(project), "-p", "a cat", "--steps", "1"])
+    assert result.exit_code == 0, result.stderr
+    edit_folder = project / "edits" / "a-cat"
+    assert str(edit_folder / "video.mp4") in result.stdout
+    assert f"side by side with the source: {edit_folder / 'compare.mp4'}" in result.stdout
+    assert f"vedit remux {project}" in result.stdout
+
+
 def test_optional_formats(project: Path) -> None:
     result = edit_stage.edit(project, ["a cat"], EditSettings(steps=2, formats="mp4,gif,frames"))
     files = result.edits[0].files

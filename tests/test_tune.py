@@ -67,6 +67,8 @@ def test_one_shot_tune_writes_checkpoints_then_resumes(tmp_path: Path, clip_qcif
     resumed = json.loads(again.stdout)
     assert resumed["start_step"] == 30 and resumed["steps"] == 40
     assert resumed["latents_reused"] is True
+    assert "Reusing the frames' VAE latents from an earlier run" in again.stderr
+    assert ".safetensors" not in again.stderr  # a cache key means nothing to a user
     assert resumed["run"] == "run-1"
     assert [Path(p).name for p in resumed["checkpoints"]] == ["step-40"]
     log = (tmp_path / "talk.vedit" / "checkpoints" / "run-1" / "tune.jsonl").read_text()

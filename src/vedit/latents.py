@@ -144,8 +144,8 @@ def frame_latents(project: Project, vae: AutoencoderKL, model_fingerprint: str,
                 for name, t in (("mean", mean), ("std", std))}
 
     metadata = {"frames_key": frames_key, "model": model_fingerprint}
-    tensors, reused = cached_tensors(path, encode, metadata,
-                                     f"Reusing the cached latents {path.name}.", reporter)
+    note = "Reusing the frames' VAE latents from an earlier run (latents/)."
+    tensors, reused = cached_tensors(path, encode, metadata, note, reporter)
     return FrameLatents(tensors["mean"], tensors["std"], key, path, reused=reused)
 
 
@@ -240,7 +240,8 @@ def span_latents(project: Project, span: Span, vae: AutoencoderKL, model_fingerp
                 task.advance(len(chunk))
         return {"mean": rearrange(torch.cat(means), "f c h w -> 1 c f h w").contiguous()}
 
-    note = f"Reusing the cached latents {path.name} ({span.num_frames} frames)."
+    note = (f"Reusing the VAE latents of the span's {span.num_frames} frames from an earlier "
+            "edit --full (latents/).")
     tensors, reused = cached_tensors(path, encode,
                                      {"span_key": span.key, "model": model_fingerprint}, note,
                                      reporter)
