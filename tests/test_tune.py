@@ -279,3 +279,20 @@ def test_a_project_tuned_before_runs_were_kept(project: Project, tiny_model: Pat
     assert fresh.run == "run-1"
     assert [c.name for c in list_checkpoints(Project.open(project))] == [
         "step-2", "step-3", "run-1/step-1"]
+
+
+def test_the_human_result_gives_the_losses_the_checkpoint_and_the_next_command(
+        tmp_path: Path) -> None:
+    from vedit.cli import tune_summary
+
+    folder = tmp_path / "p.vedit" / "checkpoints" / "run-2" / "step-300"
+    tuned = tune_stage.TuneResult(
+        project=tmp_path / "p.vedit", steps=300, start_step=0, checkpoints=[folder],
+        loss_log=folder.parent / "tune.jsonl", device="cpu", mixed_precision="no",
+        seconds=12.0, latents_reused=True, run="run-2", training_seconds=10.0,
+        eval_loss_before=0.25, eval_loss_after=0.125)
+    text = tune_summary(tmp_path / "p.vedit", tuned)
+    assert "to step 300 (run run-2) in 12.0 s." in text
+    assert "Loss on fixed draws: 0.2500 before, 0.1250 after." in text
+    assert f"Checkpoint: {folder}" in text and "vedit edit" in text
+    assert tuned.to_dict()["seconds_per_step"] == pytest.approx(10.0 / 300, abs=1e-4)
