@@ -70,3 +70,9 @@ def fake_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeHu
     with FakeHub() as hub:
         point_hub_at(monkeypatch, hub.endpoint, tmp_path / "hf-home")
         yield hub
+
+
+@pytest.fixture(scope="session")
+def tiny_model_xl(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random model in SDXL's layout (two text encoders, "text_time" UNet, Euler)."""
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-sdxl", sdxl=True)

@@ -14,13 +14,14 @@ from vedit import __version__
 from vedit.errors import EXIT_CODES, EnvironmentProblem, UsageError
 from vedit.model_files import DEFAULT_MODEL, CachedModel, ModelSource
 from vedit.output import Output, with_output
-from vedit.project import Project
+from vedit.project import Project, default_project_dir, locked_early
 from vedit.settings import (
     DEFAULT_SIZE,
     EditSettings,
     ExtractSettings,
     TuneSettings,
     config_values,
+    edit_prompts,
     resolve,
 )
 
@@ -325,12 +326,13 @@ def tune(
     config: ConfigOpt = None,
 ) -> None:
     """LoRA-tune the inflated UNet on a project's frames (or a clip's, extracting them first)."""
+    from vedit.checkpoints import recorded_settings
     from vedit.video import check_clip
 
+    # Every check that needs no model library comes first, the lock included: a mistyped
+    # path, a bad option or a busy project is refused in well under a second.
     if not target.is_dir():
-        check_clip(target)  # a mistyped path fails before torch is imported (seconds)
-    from vedit import tune as tune_stage
-
+        check_clip(target)
     values = config_values(config, ["extract", "tune"])
     frame_flags = dict(frames=frames, stride=stride, start=start, end=end, spread=spread,
                        size=size, crop=crop)
@@ -339,22 +341,30 @@ def tune(
         lora_targets=lora_targets, batch=batch, grad_accum=grad_accum, seed=seed,
         mixed_precision=mixed_precision, gradient_checkpointing=gradient_checkpointing,
         checkpoint_every=checkpoint_every, eval=evaluate)
-    result: dict[str, object] = {}
+    opened: Project | None = None
     if target.is_dir():
         if project or any(v is not None for v in frame_flags.values()):
             raise UsageError("Frame options and --project go with a clip, not a project.",
                              "Give the clip instead, or run `vedit extract` again.")
         opened = Project.open(target)
-        recorded = tune_stage.recorded_settings(opened, resume=resume)
-        settings = resolve(TuneSettings, recorded, values, overrides=flags)
-        tuned = tune_stage.tune(opened, settings, resume=resume, reporter=out.reporter)
+        settings = resolve(TuneSettings, recorded_settings(opened, resume=resume), values,
+                           overrides=flags)
     else:
         settings = resolve(TuneSettings, values, overrides=flags)
-        extracted, tuned = tune_stage.tune_clip(
-            target, settings, resolve(ExtractSettings, values, overrides=frame_flags),
-            project_dir=project, resume=resume, reporter=out.reporter)
-        result["extract"] = extracted.to_dict()
-        target = extracted.project
+        frame_settings = resolve(ExtractSettings, values, overrides=frame_flags)
+    result: dict[str, object] = {}
+    with locked_early(opened.root if opened else project or default_project_dir(target),
+                      "tune", enabled=not out.secondary):
+        from vedit import tune as tune_stage
+
+        if opened is not None:
+            tuned = tune_stage.tune(opened, settings, resume=resume, reporter=out.reporter)
+        else:
+            extracted, tuned = tune_stage.tune_clip(
+                target, settings, frame_settings, project_dir=project, resume=resume,
+                reporter=out.reporter)
+            result["extract"] = extracted.to_dict()
+            target = extracted.project
     result.update(tuned.to_dict())
     out.result(result, tune_summary(target, tuned))
 
@@ -426,12 +436,16 @@ def edit(
         "--window", help="With --full: frames the UNet sees at once.  \\[default: the tuned "
         "frame count]", show_default=False)] = None,
     overlap: Annotated[int | None, typer.Option(
-        "--overlap", help="With --full: frames neighbouring windows share.  \\[default: a "
-        "quarter of the window]", show_default=False)] = None,
+        "--overlap", help="With --full: frames neighbouring windows share at least (frames to "
+        "spare lengthen the overlaps evenly).  \\[default: a quarter of the window, 1 or more]",
+        show_default=False)] = None,
+    full_stride: Annotated[int | None, typer.Option(
+        "--full-stride", help="With --full: source frames between the frames a window holds; "
+        "every frame is still edited, in interleaved sequences.  \\[default: the tuned "
+        "frames' spacing, e.g. extract's --stride]", show_default=False)] = None,
     config: ConfigOpt = None,
 ) -> None:
     """Render the tuned clip under new prompts into edits/NAME/ (mp4, side-by-side, ...)."""
-    from vedit import edit as edit_stage
     from vedit.prompts import read_prompts
 
     values = config_values(config, ["edit"])
@@ -439,9 +453,13 @@ def edit(
         checkpoint=checkpoint, steps=steps, guidance=guidance,
         negative_prompt=negative_prompt, seed=seed, formats=formats, batch=batch,
         inversion=inversion, inversion_prompt=inversion_prompt, full=full, window=window,
-        overlap=overlap))
-    prompts = list(prompt or []) + (read_prompts(prompts_file) if prompts_file else [])
-    result = edit_stage.edit(project, prompts, settings, name=name, reporter=out.reporter)
+        overlap=overlap, full_stride=full_stride))
+    prompts = edit_prompts(list(prompt or []) + (read_prompts(prompts_file)
+                                                 if prompts_file else []))
+    with locked_early(project, "edit", enabled=not out.secondary):
+        from vedit import edit as edit_stage
+
+        result = edit_stage.edit(project, prompts, settings, name=name, reporter=out.reporter)
     lines = []
     for e in result.edits:
         lines += [f"{e.files['video']}  ({e.prompt}, {e.frames} frames)",
@@ -469,3 +487,15 @@ def remux(
                             reporter=out.reporter)
     lines = [f"{r.path} ({r.video_duration:.2f} s, audio: {r.audio_mode})" for r in results]
     out.result({"outputs": [r.to_dict() for r in results]}, "\n".join(lines))
+
+
+@command()
+def status(
+    out: Output,
+    project: Annotated[Path, typer.Argument(help="The project folder.", show_default=False)],
+) -> None:
+    """Say what a project holds, what is stale or damaged, and what the next command reuses."""
+    from vedit.status import describe, project_status
+
+    found = project_status(project)
+    out.result(found.to_dict(), describe(found))

@@ -204,7 +204,7 @@ class _RemoteFile:
 
 def _download_repo_files(repo_id: str, revision: str | None,
                          select: Callable[[Iterable[str]], list[str]], reporter: Reporter, *,
-                         check: Callable[[Path], None] | None = None) -> Path:
+                         check: Callable[[Path], object] | None = None) -> Path:
     """Download the files `select` picks from the repo's listing at one commit into the HF cache,
     small files first so `check` can refuse the model before the weights; point refs/REVISION at
     the commit only once every file is in. Returns the snapshot folder."""

@@ -14,7 +14,7 @@ The frame count reaches those modules through one shared `FrameContext`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -195,15 +195,22 @@ class InflatedUNet(nn.Module):
         sample: torch.Tensor,
         timestep: torch.Tensor | float | int,
         encoder_hidden_states: torch.Tensor,
+        added_cond_kwargs: Mapping[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """Predict noise for clips `sample` (b, c, f, h, w) under prompts (b, n, d)."""
+        """Predict noise for clips `sample` (b, c, f, h, w) under prompts (b, n, d); an SDXL
+        UNet also takes its added conditioning per clip (`text_embeds` (b, d'), `time_ids`
+        (b, 6)), which every frame of the clip gets."""
         batch, _, num_frames = sample.shape[:3]
         # Left set on return: checkpointed blocks are recomputed during backward.
         self.context.num_frames = num_frames
         frames = rearrange(sample, "b c f h w -> (b f) c h w")
         prompts = encoder_hidden_states.repeat_interleave(num_frames, dim=0)
         timestep = per_frame_timestep(timestep, batch, num_frames)
-        prediction: torch.Tensor = self.unet(frames, timestep, prompts, return_dict=False)[0]
+        added = None if added_cond_kwargs is None else {
+            name: value.repeat_interleave(num_frames, dim=0)
+            for name, value in added_cond_kwargs.items()}
+        prediction: torch.Tensor = self.unet(frames, timestep, prompts, added_cond_kwargs=added,
+                                             return_dict=False)[0]
         return rearrange(prediction, "(b f) c h w -> b c f h w", f=num_frames)
 
     def enable_gradient_checkpointing(self) -> None:

@@ -24,9 +24,15 @@ DEFAULT_MODEL = "CompVis/stable-diffusion-v1-4"
 
 #: The pipeline components vedit uses, in model_index.json's names; the safety checker is not one.
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+#: An SDXL base adds a second text encoder (with a projection) and its tokenizer.
+SDXL_EXTRA_COMPONENTS = ("text_encoder_2", "tokenizer_2")
 WEIGHTED_COMPONENTS = ("unet", "vae", "text_encoder")
 CONFIG_FILE = {"unet": "config.json", "vae": "config.json", "text_encoder": "config.json",
                "scheduler": "scheduler_config.json"}
+SDXL_CONFIG_FILE = CONFIG_FILE | {"text_encoder_2": "config.json"}
+
+#: The base-model families vedit knows: SD 1.x/2.x share one layout, SDXL has its own.
+ModelFamily = Literal["sd", "sdxl"]
 
 #: A diffusers weight file name: `NAME[.VARIANT][-00001-of-00002].safetensors`.
 WEIGHT_NAME = re.compile(r"^[^.]+?(?:\.(?P<variant>[^.]+?))?(?:-\d+-of-\d+)?\.safetensors$")
@@ -57,6 +63,10 @@ class ModelSource:
     revision: str | None = None
     commit_hash: str | None = None
     source_file: Path | None = None
+
+    @property
+    def family(self) -> ModelFamily:
+        return "sdxl" if "text_encoder_2" in self.components else "sd"
 
     @property
     def size_bytes(self) -> int:
@@ -101,31 +111,35 @@ def cached_snapshot(repo_id: str, revision: str | None) -> Path | None:
                                    revision=revision)
     return Path(found).parent if isinstance(found, str) else None
 
-# --- what a diffusers SD 1.x/2.x folder must hold ------------------------------------------
+# --- what a diffusers SD 1.x/2.x or SDXL folder must hold ------------------------------------
 
 
-def inspect_model_folder(path: Path, *, variant: str | None = None) -> dict[str, ComponentInfo]:
-    """Check a diffusers SD 1.x/2.x folder has every component vedit needs; describe each."""
+def inspect_model_folder(path: Path, *, variant: str | None = None,
+                         allow_sdxl: bool = False) -> dict[str, ComponentInfo]:
+    """Check a diffusers SD 1.x/2.x folder (or an SDXL one, where `allow_sdxl`) has every
+    component vedit needs; describe each."""
     path = Path(path)
     if not (path / "model_index.json").is_file():
         raise BadInputError(f"{path} is not a diffusers model folder (no model_index.json).",
                             "Point to a folder saved with `save_pretrained`, a hub id or a "
                             ".safetensors checkpoint.")
     components = {name: _inspect_component(path, name, variant) for name in COMPONENTS}
-    check_is_sd_unet(path)
+    if check_is_sd_unet(path, allow_sdxl=allow_sdxl) == "sdxl":
+        components |= {name: _inspect_component(path, name, variant)
+                       for name in SDXL_EXTRA_COMPONENTS}
     return components
 
 
 def _inspect_component(root: Path, name: str, variant: str | None) -> ComponentInfo:
     files = files_in(root / name)
     names = [p.name for p in files]
-    if name == "tokenizer":
+    if name.startswith("tokenizer"):
         if not has_tokenizer_files(names):
             raise _missing(root, name, "no tokenizer files (vocab.json and merges.txt, or "
                                        "tokenizer.json)")
         return ComponentInfo(name, size_bytes=_size_of(files))
-    if CONFIG_FILE[name] not in names:
-        raise _missing(root, name, f"no {name}/{CONFIG_FILE[name]}")
+    if SDXL_CONFIG_FILE[name] not in names:
+        raise _missing(root, name, f"no {name}/{SDXL_CONFIG_FILE[name]}")
     if name == "scheduler":
         return ComponentInfo(name, size_bytes=_size_of(files))
     chosen_variant, weights = choose_weight_files(names, variant)
@@ -141,17 +155,27 @@ def _inspect_component(root: Path, name: str, variant: str | None) -> ComponentI
 
 
 def _missing(root: Path, component: str, detail: str) -> BadInputError:
-    return BadInputError(f"The model at {root} lacks its {component}: {detail}.",
-                         "Use a complete diffusers Stable Diffusion 1.x/2.x folder "
-                         "(unet, vae, text_encoder, tokenizer, scheduler).")
+    hint = ("Use a complete diffusers SDXL folder (it also has text_encoder_2 and tokenizer_2)."
+            if component in SDXL_EXTRA_COMPONENTS else
+            "Use a complete diffusers Stable Diffusion 1.x/2.x folder "
+            "(unet, vae, text_encoder, tokenizer, scheduler).")
+    return BadInputError(f"The model at {root} lacks its {component}: {detail}.", hint)
 
 
-def check_is_sd_unet(root: Path) -> None:
-    """Reject SDXL, inpainting and other UNets that look like SD's folder but aren't SD 1.x/2.x."""
+def check_is_sd_unet(root: Path, *, allow_sdxl: bool = False) -> ModelFamily:
+    """The family of the model at `root`, from its UNet config: reject inpainting and other UNets
+    that look like SD's folder but aren't text-to-image SD 1.x/2.x, and SDXL unless
+    `allow_sdxl` (vedit's stages do not run on SDXL yet)."""
     config = read_json(root / "unet" / "config.json")
     kind = config.get("_class_name", "UNet2DConditionModel")
-    if config.get("addition_embed_type") is not None:
-        kind += " with SDXL-style added conditioning"
+    sdxl = kind == "UNet2DConditionModel" and config.get("addition_embed_type") == "text_time"
+    if sdxl and not allow_sdxl:
+        raise BadInputError(f"{root} is a Stable Diffusion XL (SDXL) model; vedit's stages "
+                            "run on Stable Diffusion 1.x and 2.x only for now.",
+                            "Use a Stable Diffusion 1.x or 2.x base model, e.g. "
+                            f"{DEFAULT_MODEL}.")
+    if config.get("addition_embed_type") is not None and not sdxl:
+        kind += f" with {config['addition_embed_type']!r} added conditioning"
     if kind != "UNet2DConditionModel":
         raise BadInputError(f"{root} is not a Stable Diffusion 1.x/2.x model (its unet is {kind}).",
                             "vedit supports Stable Diffusion 1.x and 2.x base models.")
@@ -159,6 +183,7 @@ def check_is_sd_unet(root: Path) -> None:
         raise BadInputError(f"{root} is an inpainting or image-conditioned model "
                             f"({config['in_channels']} input channels).",
                             "Use a text-to-image Stable Diffusion 1.x/2.x base model.")
+    return "sdxl" if sdxl else "sd"
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -255,7 +280,7 @@ def model_fingerprint(source: ModelSource) -> str:
 def _folder_digest(source: ModelSource) -> str:
     """Hash of the component configs and of the weight files' names, sizes and mtimes."""
     digest = hashlib.sha256()
-    for name in COMPONENTS:
+    for name in source.components:
         for path in files_in(source.path / name):
             digest.update(path.relative_to(source.path).as_posix().encode())
             if path.suffix in (".json", ".txt"):

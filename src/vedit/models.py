@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING
 
 from vedit.errors import BadInputError, ModelNotFoundError
 from vedit.model_files import (
-    COMPONENTS,
     DEFAULT_MODEL,
     ModelSource,
     cached_snapshot,
@@ -30,15 +29,21 @@ from vedit.single_file import resolve_single_file
 
 if TYPE_CHECKING:
     import torch
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from diffusers import AutoencoderKL, DDIMScheduler, ModelMixin, UNet2DConditionModel
+    from transformers import (
+        CLIPTextModel,
+        CLIPTextModelWithProjection,
+        CLIPTokenizer,
+        PreTrainedModel,
+    )
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 
 
 @dataclass
 class Components:
-    """The loaded components of a base model and the facts stages need about it."""
+    """The loaded components of a base model and the facts stages need about it (an SDXL base
+    has a second text encoder and tokenizer)."""
 
     unet: UNet2DConditionModel
     vae: AutoencoderKL
@@ -51,6 +56,10 @@ class Components:
     prediction_type: str
     vae_scale_factor: int
     native_resolution: int
+    text_encoder_2: CLIPTextModelWithProjection | None = None
+    tokenizer_2: CLIPTokenizer | None = None
+    #: SDXL: the unconditional branch is all zeros rather than the empty prompt's states.
+    force_zeros_for_empty_prompt: bool = False
     fingerprint: str = field(init=False)
 
     def __post_init__(self) -> None:
@@ -69,17 +78,20 @@ class Components:
 
 
 def resolve_model(spec: str | Path = DEFAULT_MODEL, *, revision: str | None = None,
-                  variant: str | None = None, reporter: Reporter | None = None) -> ModelSource:
+                  variant: str | None = None, reporter: Reporter | None = None,
+                  allow_sdxl: bool = False) -> ModelSource:
     """Find `spec` on disk: a cached hub repo, a diffusers folder, or a single-file checkpoint
-    (converted on first use when configs for it are cached). Raises if it is not usable."""
+    (converted on first use when configs for it are cached). Raises if it is not usable, or is
+    an SDXL base and not `allow_sdxl` (the stages run on SD 1.x/2.x only for now)."""
     path = Path(spec).expanduser()
     if path.is_dir():
         return ModelSource(str(path.resolve()), "folder", path.resolve(),
-                           inspect_model_folder(path, variant=variant))
+                           inspect_model_folder(path, variant=variant, allow_sdxl=allow_sdxl))
     if path.is_file():
         return resolve_single_file(path.resolve(), variant=variant, reporter=reporter)
     repo_id = as_repo_id(str(spec))
-    return _resolve_cached_repo(repo_id, revision=revision, variant=variant)
+    return _resolve_cached_repo(repo_id, revision=revision, variant=variant,
+                                allow_sdxl=allow_sdxl)
 
 
 def as_repo_id(spec: str) -> str:
@@ -95,8 +107,8 @@ def as_repo_id(spec: str) -> str:
     return spec
 
 
-def _resolve_cached_repo(repo_id: str, *, revision: str | None,
-                         variant: str | None) -> ModelSource:
+def _resolve_cached_repo(repo_id: str, *, revision: str | None, variant: str | None,
+                         allow_sdxl: bool) -> ModelSource:
     snapshot = cached_snapshot(repo_id, revision)
     if snapshot is None:
         raise ModelNotFoundError(
@@ -104,7 +116,7 @@ def _resolve_cached_repo(repo_id: str, *, revision: str | None,
             f"Run `vedit fetch-models {repo_id}` first (with network; the cache can then be "
             "copied to an offline machine).")
     try:
-        components = inspect_model_folder(snapshot, variant=variant)
+        components = inspect_model_folder(snapshot, variant=variant, allow_sdxl=allow_sdxl)
     except BadInputError as error:
         raise ModelNotFoundError(f"The cached copy of {repo_id} is incomplete: {error.message}",
                                  f"Run `vedit fetch-models {repo_id}` to finish it.") from None
@@ -141,42 +153,54 @@ def native_bf16() -> bool:
 def load_components(model_spec: str | Path | ModelSource = DEFAULT_MODEL, *,
                     device: str | torch.device,
                     dtype: torch.dtype | None = None, revision: str | None = None,
-                    variant: str | None = None, reporter: Reporter | None = None) -> Components:
-    """Load the UNet, VAE, text encoder, tokenizer and a DDIM scheduler of a base model from
-    local files, frozen and in eval mode, on `device` in `dtype` (default: `default_dtype`).
-    `model_spec` is resolved first (`resolve_model`), unless it is a resolved `ModelSource`."""
+                    variant: str | None = None, reporter: Reporter | None = None,
+                    allow_sdxl: bool = False) -> Components:
+    """Load the UNet, VAE, text encoder(s), tokenizer(s) and a DDIM scheduler of a base model
+    from local files, frozen and in eval mode, on `device` in `dtype` (default:
+    `default_dtype`). `model_spec` is resolved first (`resolve_model`, which refuses SDXL unless
+    `allow_sdxl`), unless it is a resolved `ModelSource`."""
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     from vedit.sampler import ddim_scheduler
 
     reporter = reporter or Reporter()
     source = (model_spec if isinstance(model_spec, ModelSource)
-              else resolve_model(model_spec, revision=revision, variant=variant, reporter=reporter))
+              else resolve_model(model_spec, revision=revision, variant=variant, reporter=reporter,
+                                 allow_sdxl=allow_sdxl))
     device = torch.device(device)
     dtype = dtype or default_dtype(device)
     folder = str(source.path)
-    loading = reporter.task(f"Loading {source.name}", total=len(COMPONENTS))
+    weighted: list[tuple[str, type[ModelMixin | PreTrainedModel]]] = [
+        ("unet", UNet2DConditionModel), ("vae", AutoencoderKL), ("text_encoder", CLIPTextModel)]
+    tokenizers = ["tokenizer"]
+    if source.family == "sdxl":
+        weighted.append(("text_encoder_2", CLIPTextModelWithProjection))
+        tokenizers.append("tokenizer_2")
+    loading = reporter.task(f"Loading {source.name}", total=len(source.components))
     with quiet_library_progress(), loading as task:
         models = {}
-        for name, cls in (("unet", UNet2DConditionModel), ("vae", AutoencoderKL),
-                          ("text_encoder", CLIPTextModel)):
+        for name, cls in weighted:
             models[name] = cls.from_pretrained(folder, subfolder=name, torch_dtype=dtype,
                                                use_safetensors=True, local_files_only=True,
                                                variant=source.components[name].variant)
             models[name].to(device).eval().requires_grad_(False)
             task.advance()
-        tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer",
-                                                  local_files_only=True)
+        loaded = {name: CLIPTokenizer.from_pretrained(folder, subfolder=name,
+                                                      local_files_only=True)
+                  for name in tokenizers}
         scheduler = ddim_scheduler(source.path)
-        task.advance(2)
+        task.advance(len(tokenizers) + 1)
     vae_scale_factor = 2 ** (len(models["vae"].config.block_out_channels) - 1)
+    index = read_json(source.path / "model_index.json")
     return Components(
         unet=models["unet"], vae=models["vae"], text_encoder=models["text_encoder"],
-        tokenizer=tokenizer, scheduler=scheduler, source=source, device=device, dtype=dtype,
-        prediction_type=scheduler.config.prediction_type, vae_scale_factor=vae_scale_factor,
-        native_resolution=native_resolution(source))
+        tokenizer=loaded["tokenizer"], scheduler=scheduler, source=source, device=device,
+        dtype=dtype, prediction_type=scheduler.config.prediction_type,
+        vae_scale_factor=vae_scale_factor, native_resolution=native_resolution(source),
+        text_encoder_2=models.get("text_encoder_2"), tokenizer_2=loaded.get("tokenizer_2"),
+        force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", False)))
 
 
 def native_resolution(source: ModelSource) -> int:

@@ -5,6 +5,11 @@ component classes and file names as a real SD 1.x/2.x checkpoint (model_index.js
 text_encoder/, tokenizer/, scheduler/, safetensors weights), only very small. A 64 px frame
 becomes an 8 x 8 latent. The CLIP tokenizer gets a byte-level BPE vocabulary written here, so
 any English prompt tokenizes without fetching OpenAI's vocabulary.
+
+With `sdxl`, the folder is laid out as `StableDiffusionXLPipeline` saves SDXL: a second text
+encoder with a projection (`text_encoder_2/`, `tokenizer_2/`), a UNet with SDXL's added
+"text_time" conditioning and deeper, linear-projection transformers, an Euler scheduler and
+`force_zeros_for_empty_prompt`.
 """
 
 from __future__ import annotations
@@ -33,28 +38,39 @@ _MERGES: tuple[tuple[str, str], ...] = (
 
 
 def build_tiny_model(path: Path, *, prediction_type: str = "epsilon", seed: int = 0,
-                     sd2: bool = False) -> Path:
-    """Write a tiny seeded SD model (SD 2.x-style when `sd2`) to `path`, atomically; return it.
+                     sd2: bool = False, sdxl: bool = False) -> Path:
+    """Write a tiny seeded SD model (SD 2.x-style when `sd2`, SDXL's layout when `sdxl`) to
+    `path`, atomically; return it.
 
     `path` must not exist or be an empty folder. Same seed, same weights.
     """
     import torch
+    from diffusers import UNet2DConditionModel
 
+    if sd2 and sdxl:
+        raise ValueError("a tiny model is SD 2.x-style or SDXL, not both")
     path = Path(path)
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise BadInputError(f"{path} already exists and is not empty.",
                             "Choose a new folder for the tiny model.")
     with atomic_dir(path) as staging:
         vocab = _write_tokenizer(staging / "tokenizer", sd2=sd2)
+        if sdxl:  # OpenCLIP's tokenizer, as SD 2.x's
+            _write_tokenizer(staging / "tokenizer_2", sd2=True)
         with torch.random.fork_rng(devices=[]), quiet_library_progress():
             torch.manual_seed(seed)
-            _unet(sd2).save_pretrained(staging / "unet", safe_serialization=True)
+            unet = UNet2DConditionModel(**(sdxl_unet_config() if sdxl else unet_config(sd2)))
+            unet.save_pretrained(staging / "unet", safe_serialization=True)
             _calibrated(_vae()).save_pretrained(staging / "vae", safe_serialization=True)
             _text_encoder(vocab, sd2).save_pretrained(staging / "text_encoder",
                                                       safe_serialization=True)
-        scheduler = _scheduler(prediction_type, sd2)
+            if sdxl:
+                _text_encoder(vocab, True, projection=True).save_pretrained(
+                    staging / "text_encoder_2", safe_serialization=True)
+        scheduler = _sdxl_scheduler(prediction_type) if sdxl else _scheduler(prediction_type, sd2)
         scheduler.save_pretrained(staging / "scheduler")
-        _write_json(staging / "model_index.json", _model_index(type(scheduler).__name__))
+        index = _model_index(type(scheduler).__name__)
+        _write_json(staging / "model_index.json", _sdxl_model_index(index) if sdxl else index)
     return path
 
 
@@ -78,10 +94,32 @@ def unet_config(sd2: bool = False) -> dict[str, Any]:
     }
 
 
-def _unet(sd2: bool) -> Any:
-    from diffusers import UNet2DConditionModel
+#: The tiny SDXL's text encoders are each this wide; their states are concatenated.
+_TEXT_WIDTH = 32
 
-    return UNet2DConditionModel(**unet_config(sd2))
+
+def sdxl_unet_config() -> dict[str, Any]:
+    """SDXL's UNet shape at toy scale: no attention in the first level, deeper transformers
+    below (SDXL's are 2 and 10 deep), linear projections, and the "text_time" added embedding
+    of the pooled prompt and six size numbers (original size, crop corner, target size)."""
+    time_embed_dim = 8
+    return {
+        "sample_size": TINY_RESOLUTION // 8,
+        "in_channels": 4,
+        "out_channels": 4,
+        "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+        "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
+        "block_out_channels": (32, 64),
+        "layers_per_block": 1,
+        "transformer_layers_per_block": (1, 2),
+        "cross_attention_dim": 2 * _TEXT_WIDTH,
+        "attention_head_dim": (2, 4),
+        "use_linear_projection": True,
+        "norm_num_groups": 8,
+        "addition_embed_type": "text_time",
+        "addition_time_embed_dim": time_embed_dim,
+        "projection_class_embeddings_input_dim": 6 * time_embed_dim + _TEXT_WIDTH,
+    }
 
 
 def _vae() -> Any:
@@ -117,23 +155,25 @@ def _calibrated(vae: Any) -> Any:
     return vae
 
 
-def _text_encoder(vocab: dict[str, int], sd2: bool) -> Any:
-    from transformers import CLIPTextConfig, CLIPTextModel
+def _text_encoder(vocab: dict[str, int], sd2: bool, *, projection: bool = False) -> Any:
+    """CLIP's text transformer; with `projection`, SDXL's second encoder, whose pooled output
+    goes through a projection."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     config = CLIPTextConfig(
         vocab_size=len(vocab),
-        hidden_size=32,
+        hidden_size=_TEXT_WIDTH,
         intermediate_size=64,
-        num_hidden_layers=2,
+        num_hidden_layers=3 if projection else 2,
         num_attention_heads=4,
         max_position_embeddings=77,
-        projection_dim=32,
+        projection_dim=_TEXT_WIDTH,
         hidden_act="gelu" if sd2 else "quick_gelu",
         bos_token_id=vocab[BOS_TOKEN],
         eos_token_id=vocab[EOS_TOKEN],
         pad_token_id=vocab[_pad_token(sd2)],
     )
-    return CLIPTextModel(config)
+    return CLIPTextModelWithProjection(config) if projection else CLIPTextModel(config)
 
 
 def _scheduler(prediction_type: str, sd2: bool) -> Any:
@@ -146,6 +186,28 @@ def _scheduler(prediction_type: str, sd2: bool) -> Any:
     if sd2:
         return DDIMScheduler(clip_sample=False, **common)
     return PNDMScheduler(skip_prk_steps=True, **common)
+
+
+def _sdxl_scheduler(prediction_type: str) -> Any:
+    """The Euler scheduler config SDXL base 1.0 ships with."""
+    from diffusers import EulerDiscreteScheduler
+
+    return EulerDiscreteScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                                  beta_schedule="scaled_linear", steps_offset=1,
+                                  timestep_spacing="leading", interpolation_type="linear",
+                                  use_karras_sigmas=False, prediction_type=prediction_type)
+
+
+def _sdxl_model_index(sd_index: dict[str, Any]) -> dict[str, Any]:
+    """model_index.json as `StableDiffusionXLPipeline.save_pretrained` writes it."""
+    index = {key: value for key, value in sd_index.items()
+             if key not in ("safety_checker", "requires_safety_checker")}
+    return index | {
+        "_class_name": "StableDiffusionXLPipeline",
+        "force_zeros_for_empty_prompt": True,
+        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+        "tokenizer_2": ["transformers", "CLIPTokenizer"],
+    }
 
 
 def _model_index(scheduler_class: str) -> dict[str, Any]:

@@ -230,12 +230,19 @@ def upright(image: Image.Image, rotation: int) -> Image.Image:
 
 def fit_frame(image: Image.Image, width: int, height: int) -> Image.Image:
     """Scale to cover `width` x `height` keeping the aspect, then crop the centre."""
-    scale = max(width / image.width, height / image.height)
-    cover = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
+    cover, (left, top) = cover_and_crop(image.width, image.height, width, height)
     if cover != image.size:
         image = image.resize(cover, Image.Resampling.LANCZOS)
-    left, top = (cover[0] - width) // 2, (cover[1] - height) // 2
     return image.crop((left, top, left + width, top + height))
+
+
+def cover_and_crop(source_width: int, source_height: int, width: int,
+                   height: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """`fit_frame`'s geometry: the scaled size (w, h) that covers `width` x `height`, and the
+    (left, top) corner of the centre crop in it."""
+    scale = max(width / source_width, height / source_height)
+    cover = (max(width, round(source_width * scale)), max(height, round(source_height * scale)))
+    return cover, ((cover[0] - width) // 2, (cover[1] - height) // 2)
 
 
 def first_frame_at(frame_times: Sequence[float], seconds: float) -> int:
