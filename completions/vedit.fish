@@ -25,7 +25,7 @@ complete -c vedit -n '__fish_seen_subcommand_from doctor' -l help -s h -d 'Show 
 complete -c vedit -n '__fish_seen_subcommand_from edit' -l prompt -s p -x -d 'A prompt to render; repeat for several'
 complete -c vedit -n '__fish_seen_subcommand_from edit' -l prompts-file -r -F -d 'One prompt a line (\'-\': stdin); blank lines and # comments are skipped'
 complete -c vedit -n '__fish_seen_subcommand_from edit' -l name -x -d 'Edit folder name (numbered for several prompts)'
-complete -c vedit -n '__fish_seen_subcommand_from edit' -l checkpoint -x -d 'step-N, N or a folder'
+complete -c vedit -n '__fish_seen_subcommand_from edit' -l checkpoint -x -d 'RUN/step-N, a run (its last step), step-N or a folder'
 complete -c vedit -n '__fish_seen_subcommand_from edit' -l steps -x -d 'DDIM steps, for inversion and sampling'
 complete -c vedit -n '__fish_seen_subcommand_from edit' -l guidance -x -d 'Classifier-free guidance scale'
 complete -c vedit -n '__fish_seen_subcommand_from edit' -l negative-prompt -x -d 'What to steer away from'

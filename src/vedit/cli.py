@@ -401,8 +401,8 @@ def edit(
         "--name", help="Edit folder name (numbered for several prompts).  \\[default: a "
         "slug of the prompt]", show_default=False)] = None,
     checkpoint: Annotated[str | None, typer.Option(
-        "--checkpoint", help="step-N, N or a folder.  \\[default: the latest]",
-        show_default=False)] = None,
+        "--checkpoint", help="RUN/step-N, a run (its last step), step-N or a folder.  "
+        "\\[default: the latest run's last]", show_default=False)] = None,
     steps: Annotated[int | None, typer.Option(
         "--steps", help="DDIM steps, for inversion and sampling.  "
         f"\\[default: {EditSettings.steps}]", show_default=False)] = None,
