@@ -88,7 +88,7 @@ _vedit() {
                 --gpu-memory) return ;;
                 --config) COMPREPLY=($(compgen -f -- "$cur")); return ;;
             esac
-            if [[ $cur == -* ]]; then COMPREPLY=($(compgen -W "--prompt -p --project --model -m --steps --lr --lora-lr --rank --lora-targets --batch --grad-accum --seed --mixed-precision --gradient-checkpointing --no-gradient-checkpointing --checkpoint-every --resume --frames -n --stride --start --end --spread --no-spread --size --crop --no-crop --dry-run --gpu-memory --config --json --quiet -q --debug --help -h" -- "$cur")); else COMPREPLY=($(compgen -f -- "$cur")); fi ;;
+            if [[ $cur == -* ]]; then COMPREPLY=($(compgen -W "--prompt -p --project --model -m --steps --lr --lora-lr --rank --lora-targets --batch --grad-accum --seed --mixed-precision --gradient-checkpointing --no-gradient-checkpointing --checkpoint-every --eval --no-eval --resume --frames -n --stride --start --end --spread --no-spread --size --crop --no-crop --dry-run --gpu-memory --config --json --quiet -q --debug --help -h" -- "$cur")); else COMPREPLY=($(compgen -f -- "$cur")); fi ;;
     esac
 }
 complete -o filenames -F _vedit vedit

@@ -26,11 +26,12 @@ def pytest_configure(config: pytest.Config) -> None:
         "HF_HOME": str(_SCRATCH / "hf-home"),
         "HF_HUB_CACHE": str(_SCRATCH / "hf-home" / "hub"),
         "VEDIT_CACHE_DIR": str(_SCRATCH / "vedit-cache"),
-        "VEDIT_CONFIG": str(_SCRATCH / "no-user-config.toml"),  # the developer's own is not read
+        "VEDIT_CONFIG": str(_SCRATCH / "empty-user-config.toml"),  # not the developer's own
         "HF_HUB_DISABLE_TELEMETRY": "1",
         "DISABLE_TELEMETRY": "1",
         "DO_NOT_TRACK": "1",
     })
+    (_SCRATCH / "empty-user-config.toml").write_text("")
     for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
         os.environ.pop(name, None)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -73,6 +74,9 @@ def test_human_output_says_what_was_written(tmp_path: Path, clip_silent: Path) -
     result = run("extract", clip_silent, "-o", tmp_path / "p", "-n", "4", "--size", "64")
     assert result.exit_code == 0
     assert "Wrote 4 frames of 88x64" in result.stdout
+    span = re.search(r"The frames span 0\.00-(\d\.\d\d) s of the (\d\.\d\d) s clip", result.stdout)
+    assert span, result.stdout
+    assert float(span[1]) < float(span[2])
     assert "no audio" in result.stderr
 
 
@@ -180,6 +184,16 @@ def test_the_installed_command_keeps_stdout_clean(tmp_path: Path, clip_qcif: Pat
                             text=True, timeout=120)
     assert failed.returncode == 4 and failed.stdout == ""
     assert failed.stderr.startswith("error: ")
+
+
+@pytest.mark.parametrize("args", [["extract", "--json"], ["edit", "p", "--json", "--bogus"],
+                                  ["tune", "p", "--steps", "many", "--json"]])
+def test_a_usage_error_with_json_prints_the_error_document(args: list[str]) -> None:
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2
+    error = json.loads(result.stdout)["error"]
+    assert error["kind"] == "usage" and error["exit_code"] == 2
+    assert error["message"] and f"vedit {args[0]} --help" in error["hint"]
 
 
 NOT_UTF8 = b"caf\xe9".decode("utf-8", "surrogateescape")  # Latin-1 bytes, as argv brings them

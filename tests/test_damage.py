@@ -116,7 +116,7 @@ def test_extract_again_repairs_a_damaged_record(project: Path) -> None:
 
 @pytest.fixture(scope="module")
 def tuned(tmp_path_factory: pytest.TempPathFactory, extracted: Path, tiny_model: Path) -> Path:
-    """A project with three checkpoints, step-1 to step-3."""
+    """A project with one tuning run of three checkpoints, run-1/step-1 to run-1/step-3."""
     root = tmp_path_factory.mktemp("tuned")
     shutil.copytree(extracted, root / "p")
     tune(root / "p", TuneSettings(prompt="a square slides", model=str(tiny_model), steps=3,
@@ -131,8 +131,8 @@ def tuned_copy(tmp_path: Path, tuned: Path) -> Path:
 
 
 def edit_checkpoint(project: Path, where: str, value: Any, step: int = 2) -> Path:
-    """Set (or, with None, remove) a key of step-STEP's checkpoint.toml."""
-    path = project / "checkpoints" / f"step-{step}" / RECORD
+    """Set (or, with None, remove) a key of run-1/step-STEP's checkpoint.toml."""
+    path = project / "checkpoints" / "run-1" / f"step-{step}" / RECORD
     record = tomlio.loads(path.read_text())
     *tables, key = where.split(".")
     table = record
@@ -157,7 +157,7 @@ def test_damaged_checkpoints_are_named_and_skipped(tuned_copy: Path) -> None:
     assert "It is skipped" in said(result)
     [edit] = json.loads(result.stdout)["edits"]
     assert tomlio.loads((Path(edit["folder"]) / "edit.toml").read_text())["checkpoint"] == \
-        "step-1"
+        "run-1/step-1"
 
 
 @pytest.mark.parametrize(("where", "value", "named"), [
@@ -292,7 +292,7 @@ def test_a_crafted_model_folder_header_is_exit_3(tmp_path: Path, tiny_model: Pat
 @pytest.mark.parametrize(("file", "dtype"), [(TEMPORAL_FILE, torch.int64), (LORA_FILE, torch.bool)])
 def test_checkpoint_weights_that_are_not_floats_are_refused(tuned_copy: Path, file: str,
                                                             dtype: torch.dtype) -> None:
-    path = tuned_copy / "checkpoints" / "step-3" / file
+    path = tuned_copy / "checkpoints" / "run-1" / "step-3" / file
     tensors, metadata = load_tensors(path)
     save_tensors(path, {k: v.to(dtype) for k, v in tensors.items()}, metadata)
     result = runner.invoke(app, ["edit", str(tuned_copy), "-p", "a dog", "--steps", "1"])

@@ -223,7 +223,7 @@ def test_edit_two_prompts_then_reuse_the_inversion_then_remux(project: Path) -> 
     assert [e["name"] for e in data["edits"]] == ["a-cat-is-talking", "a-dog-is-talking"]
     for entry in data["edits"]:
         assert entry["inversion"]["reused"] is False  # computed once, for both prompts
-        assert entry["checkpoint"] == "step-80" and entry["seed"] == 33
+        assert entry["checkpoint"] == "run-1/step-80" and entry["seed"] == 33
         video = probe(Path(entry["files"]["video"]))
         assert (video.codec, video.frame_count, float(video.fps)) == ("h264", 6, 12.5)
         assert (video.width, video.height) == (112, 64)
@@ -263,6 +263,15 @@ def test_names_are_slugs_made_unique_or_given(project: Path) -> None:
     named = edit_stage.edit(project, ["x", "y"], settings, name="take")
     assert [e.name for e in first.edits + second.edits + named.edits] == [
         "a-cat-talking", "a-cat-talking-2", "take-1", "take-2"]
+
+
+def test_human_output_names_the_comparison_and_the_remux(project: Path) -> None:
+    result = runner.invoke(app, ["edit", str(project), "-p", "a cat", "--steps", "1"])
+    assert result.exit_code == 0, result.stderr
+    edit_folder = project / "edits" / "a-cat"
+    assert str(edit_folder / "video.mp4") in result.stdout
+    assert f"side by side with the source: {edit_folder / 'compare.mp4'}" in result.stdout
+    assert f"vedit remux {project}" in result.stdout
 
 
 def test_optional_formats(project: Path) -> None:

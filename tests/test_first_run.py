@@ -10,7 +10,7 @@ import pytest
 from clips import stream_durations
 from typer.testing import CliRunner
 
-from vedit import doctor
+from vedit import demo, doctor
 from vedit.cli import app
 
 runner = CliRunner()
@@ -40,6 +40,25 @@ def test_demo_runs_offline_and_ends_with_videos_that_have_sound(
     assert all(Path(p).is_file() for p in data["compare"])
     again = runner.invoke(app, ["demo"])
     assert again.exit_code == 4 and "not empty" in again.stderr
+
+
+def test_a_demo_that_fails_leaves_no_folder(tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    missing = runner.invoke(app, ["demo", "--model", "no-one/no-model", "-o",
+                                  str(tmp_path / "D")])
+    assert missing.exit_code == 6, missing.stderr
+    assert not (tmp_path / "D").exists()
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(demo, "build_tiny_model", broken)  # a failure after the clip is made
+    (tmp_path / "E").mkdir()  # an empty folder the user made stays, empty
+    for folder in ("D", "E"):
+        failed = runner.invoke(app, ["demo", "-o", str(tmp_path / folder)])
+        assert failed.exit_code == 8, failed.stderr
+    assert not (tmp_path / "D").exists() and list((tmp_path / "E").iterdir()) == []
 
 
 def test_doctor_json_names_the_device_and_passes_here() -> None:

@@ -323,21 +323,65 @@ def test_interrupted_extract_writes_nothing(tmp_path: Path, signal_number: int) 
 @pytest.mark.parametrize("signal_number", [signal.SIGINT, signal.SIGTERM])
 def test_interrupted_tune_saves_a_checkpoint_to_resume_from(project: Path,
                                                             signal_number: int) -> None:
-    log = project / "logs" / "tune.jsonl"
-    log.unlink()
+    log = project / "checkpoints" / "run-2" / "tune.jsonl"  # the new run's, beside run-1
     process = start("tune", project, "--prompt", PROMPT, "--steps", "100000",
                     "--checkpoint-every", "0")
     wait_for(lambda: log.exists() and len(log.read_text().splitlines()) >= 3, process)
     process.send_signal(signal_number)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 130, stderr
-    assert "saved checkpoints/step-" in stderr and "--resume" in stderr
-    [checkpoint] = list_checkpoints(Project.open(project))
+    assert "saved checkpoints/run-2/step-" in stderr and "--resume" in stderr
+    earlier, checkpoint = list_checkpoints(Project.open(project))
+    assert earlier.name == "run-1/step-2"
     assert checkpoint.step >= 3
     for name in (LORA_FILE, TEMPORAL_FILE):
         assert load_tensors(checkpoint.path / name)[0]
     resumed = vedit("tune", project, "--resume", "--steps", checkpoint.step + 1, "--json")
     assert resumed.returncode == 0, resumed.stderr
+
+
+#: A new tuning run on a tuned project, stopped at each of its phases in turn: (the function
+#: whose call the signal comes before, which call, the signal, the checkpoints it leaves).
+TUNE_PHASES = [
+    ("vedit.tune:load_components", 1, "SIGTERM", []),  # loading the base model
+    ("vedit.latents:encode_frames", 1, "SIGINT", []),  # encoding the frames
+    ("vedit.tune:fixed_draw_loss", 1, "SIGTERM", []),  # the loss before tuning
+    ("vedit.tune:train_step", 1, "SIGINT", []),  # the first step
+    ("vedit.checkpoints:save_tensors", 2, "SIGTERM", ["run-2/step-1"]),  # its first checkpoint
+    ("vedit.tune:train_step", 3, "SIGINT", ["run-3/step-1", "run-3/step-2"]),  # after it
+    ("vedit.tune:fixed_draw_loss", 2, "SIGTERM",  # the loss after tuning
+     ["run-4/step-1", "run-4/step-2", "run-4/step-3"]),
+]
+
+
+@pytest.mark.slow
+def test_a_new_run_interrupted_at_any_phase_loses_no_checkpoint(tmp_path: Path,
+                                                                  project: Path) -> None:
+    """Real signals in a real process at every phase of a new run: every earlier checkpoint
+    stays byte for byte, the record names one that exists, and edit works after."""
+    shutil.rmtree(project / "latents")  # so that the run encodes the frames again
+    plan = [{"args": ["tune", str(project), "--prompt", PROMPT, "--steps", "3",
+                      "--checkpoint-every", "1", "-q"], "phase": phase, "call": call,
+             "signal": name} for phase, call, name, _ in TUNE_PHASES]
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    earlier = {"run-1/step-2": snapshot(project / "checkpoints" / "run-1" / "step-2")}
+    done = subprocess.run([sys.executable, str(Path(__file__).with_name("interrupter.py")),
+                           tmp_path / "plan.json", tmp_path / "codes.json"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert json.loads((tmp_path / "codes.json").read_text()) == [130] * len(TUNE_PHASES)
+    # Each interrupted run added only its own checkpoints; the others are as they were.
+    expected = [name for *_, names in TUNE_PHASES for name in names]
+    found = list_checkpoints(Project.open(project))
+    assert [c.name for c in found] == ["run-1/step-2", *expected]
+    for name, files in earlier.items():
+        assert snapshot(project / "checkpoints" / name) == files
+    record = Project.open(project).record["tune"]
+    assert record["checkpoint"] == found[-1].name
+    for checkpoint in ("run-1/step-2", None):
+        args = ["edit", str(project), "-p", "a cat", "--steps", "1", "-q"]
+        result = runner.invoke(app, args + (["--checkpoint", checkpoint] if checkpoint else []))
+        assert result.exit_code == 0, result.stderr
 
 
 @pytest.mark.slow
@@ -512,3 +556,18 @@ def test_a_pyav_without_an_encoder_is_this_machines_problem(
     assert_clean_failure(result, 9, "cannot encode no-such-x264")
     assert "vedit doctor" in result.stderr
     assert not (project / "edits").exists() or not any((project / "edits").iterdir())
+
+
+@pytest.mark.slow
+def test_a_reader_that_closes_stdout_early_ends_vedit_quietly() -> None:
+    """`vedit doctor --json | head -0`: the pipe is closed before vedit writes its result."""
+    process = subprocess.Popen([sys.executable, "-m", "vedit", "doctor", "--json"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout is not None
+        process.stdout.close()
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 141, stderr
+    assert stderr == ""

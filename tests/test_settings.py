@@ -90,8 +90,7 @@ def test_flags_beat_the_config_which_beats_the_defaults(tmp_path: Path) -> None:
 def test_the_users_defaults_file_sits_below_a_config_file(tmp_path: Path,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     user = tmp_path / "user.toml"
-    user.write_text('model = "my/model"\nsteps = 100\nfuture-key = 1\n[tune]\nrank = 8\n'
-                    '[plugins]\nx = 1\n')
+    user.write_text('model = "my/model"\nsteps = 100\n[tune]\nrank = 8\n')
     monkeypatch.setenv("VEDIT_CONFIG", str(user))
     assert resolve(TuneSettings, config_values(None, ["tune"])) == TuneSettings(
         model="my/model", steps=100, rank=8)
@@ -99,6 +98,21 @@ def test_the_users_defaults_file_sits_below_a_config_file(tmp_path: Path,
     given.write_text("[tune]\nsteps = 300\n")
     assert resolve(TuneSettings, config_values(given, ["tune"])) == TuneSettings(
         model="my/model", steps=300, rank=8)
+
+
+def test_a_typo_or_a_missing_file_in_the_users_defaults_is_an_error(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    user = tmp_path / "user.toml"
+    monkeypatch.setenv("VEDIT_CONFIG", str(user))
+    with pytest.raises(BadInputError, match="does not exist") as missing:
+        config_values(None, ["extract"])
+    assert "VEDIT_CONFIG" in missing.value.hint
+    user.write_text("framez = 3\n")
+    with pytest.raises(BadInputError, match="framez"):
+        config_values(None, ["extract"])
+    user.write_text("[tune]\nstepz = 3\n")
+    with pytest.raises(BadInputError, match="stepz"):
+        config_values(None, ["tune"])
 
 
 def test_one_file_serves_every_command(tmp_path: Path) -> None:

@@ -28,8 +28,25 @@ def _tensors(path: Path, metadata: dict[str, str]) -> None:
     save_tensors(path, {"x": torch.zeros(2, 3)}, metadata)
 
 
+def _checkpoint(folder: Path, step: int, steps: int) -> None:
+    _tensors(folder / LORA_FILE, {})
+    _tensors(folder / TEMPORAL_FILE, {})
+    (folder / RECORD).write_text(tomlio.dumps({
+        "step": step, "base_model": "/models/sd", "base_fingerprint": MODEL,
+        "lora_targets": ["attn1.to_q", "attn2.to_q"], "frames_key": FRAMES_KEY,
+        "settings": {"prompt": "a man skiing", "steps": steps, "lr": 3e-5, "rank": 16}}))
+
+
+def _loss_log(path: Path, steps: int, scale: float = 1.0) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({"step": s, "loss": scale / s, "smoothed": scale / s})
+                            + "\n" for s in range(1, steps + 1)))
+
+
 def make_project(tmp_path: Path) -> Path:
-    """A project after extract, tune (checkpoints at steps 2 and 4), one edit and a remux."""
+    """A project after extract, tune (checkpoints at steps 2 and 4), one edit and a remux.
+    Its checkpoints are in the flat layout of a project tuned before runs were kept
+    (`checkpoints/step-N`, `logs/tune.jsonl`); tune now writes `checkpoints/run-N/step-N`."""
     clip = tmp_path / "clip.mp4"
     clip.write_bytes(b"not really a video, but it has a hash")
     project = Project.create(tmp_path / "clip.vedit")
@@ -46,16 +63,8 @@ def make_project(tmp_path: Path) -> Path:
     for index in range(3):
         (root / "frames" / f"{index:05d}.png").write_bytes(b"png")
     for step in (2, 4):
-        folder = root / "checkpoints" / f"step-{step}"
-        _tensors(folder / LORA_FILE, {})
-        _tensors(folder / TEMPORAL_FILE, {})
-        (folder / RECORD).write_text(tomlio.dumps({
-            "step": step, "base_model": "/models/sd", "base_fingerprint": MODEL,
-            "lora_targets": ["attn1.to_q", "attn2.to_q"], "frames_key": FRAMES_KEY,
-            "settings": {"prompt": "a man skiing", "steps": 6, "lr": 3e-5, "rank": 16}}))
-    (root / "logs").mkdir()
-    (root / "logs" / "tune.jsonl").write_text("".join(
-        json.dumps({"step": s, "loss": 1.0 / s, "smoothed": 1.0 / s}) + "\n" for s in (1, 2, 3, 4)))
+        _checkpoint(root / "checkpoints" / f"step-{step}", step, steps=6)
+    _loss_log(root / "logs" / "tune.jsonl", 4)
     _tensors(root / "latents" / "aaaa.safetensors", {"frames_key": FRAMES_KEY, "model": MODEL})
     _tensors(root / "latents" / "bbbb.safetensors", {"frames_key": "older", "model": MODEL})
     _tensors(root / "inversions" / "inv1.safetensors", {"key": "inv1"})
@@ -94,6 +103,31 @@ def test_status_reports_every_stage_and_what_the_next_edit_reuses(tmp_path: Path
     assert status["next"]["edit"] == ("uses step-4; reuses the cached latents; "
                                       "inverts the clip anew")
     assert status["damaged"] == []
+
+
+def test_status_reads_tuning_runs_beside_the_flat_layout(tmp_path: Path) -> None:
+    """Runs in `checkpoints/run-N/` (each with its own loss log) after an older project's flat
+    checkpoints: listed oldest run first, each with its own run's loss; the latest run's curve
+    is the one shown, and the next commands use its last checkpoint."""
+    root = make_project(tmp_path)
+    _checkpoint(root / "checkpoints" / "run-1" / "step-3", 3, steps=3)
+    _loss_log(root / "checkpoints" / "run-1" / "tune.jsonl", 3, scale=2.0)
+    for step in (1, 2):
+        _checkpoint(root / "checkpoints" / "run-10" / f"step-{step}", step, steps=5)
+    _loss_log(root / "checkpoints" / "run-10" / "tune.jsonl", 2, scale=4.0)
+    (root / "checkpoints" / "run-10" / "step-2" / LORA_FILE).unlink()
+    (root / "checkpoints" / "run-10" / "step-9").mkdir()  # being written: no record yet
+    status = project_status(root).to_dict()
+    assert [(c["name"], c["run"], c["loss"]) for c in status["checkpoints"]] == [
+        ("step-2", "", 0.5), ("step-4", "", 0.25), ("run-1/step-3", "run-1", 2 / 3),
+        ("run-10/step-1", "run-10", 4.0), ("run-10/step-2", "run-10", 2.0)]
+    assert status["loss"] == [4.0, 2.0]
+    assert status["damaged"] == [f"run-10/step-2/{LORA_FILE} is missing."]
+    assert "continues from run-10/step-1 to step 5" in status["next"]["tune"]
+    assert status["next"]["edit"].startswith("uses run-10/step-1;")
+    result = runner.invoke(app, ["status", str(root)])
+    assert result.exit_code == 0, result.output
+    assert "checkpoint   run-1/step-3: loss 0.6667" in result.stdout
 
 
 def test_status_says_what_is_stale(tmp_path: Path) -> None:

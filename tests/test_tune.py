@@ -56,8 +56,10 @@ def test_one_shot_tune_writes_checkpoints_then_resumes(tmp_path: Path, clip_qcif
         assert metadata["base_model"] == str(tiny_model)
         temporal, _ = load_tensors(folder / TEMPORAL_FILE)
         assert temporal and all(".attn_temp." in k for k in temporal)
-    log = (tmp_path / "talk.vedit" / "logs" / "tune.jsonl").read_text().splitlines()
-    assert [json.loads(line)["step"] for line in log] == list(range(1, 31))
+    assert data["run"] == "run-1"
+    assert [Path(p).parent.name for p in data["checkpoints"]] == ["run-1"] * 3
+    log = (tmp_path / "talk.vedit" / "checkpoints" / "run-1" / "tune.jsonl").read_text()
+    assert [json.loads(line)["step"] for line in log.splitlines()] == list(range(1, 31))
 
     again = runner.invoke(app, ["tune", str(tmp_path / "talk.vedit"), "--steps", "40",
                                 "--resume", "--json"])
@@ -65,9 +67,12 @@ def test_one_shot_tune_writes_checkpoints_then_resumes(tmp_path: Path, clip_qcif
     resumed = json.loads(again.stdout)
     assert resumed["start_step"] == 30 and resumed["steps"] == 40
     assert resumed["latents_reused"] is True
+    assert "Reusing the frames' VAE latents from an earlier run" in again.stderr
+    assert ".safetensors" not in again.stderr  # a cache key means nothing to a user
+    assert resumed["run"] == "run-1"
     assert [Path(p).name for p in resumed["checkpoints"]] == ["step-40"]
-    log = (tmp_path / "talk.vedit" / "logs" / "tune.jsonl").read_text().splitlines()
-    assert [json.loads(line)["step"] for line in log] == list(range(1, 41))
+    log = (tmp_path / "talk.vedit" / "checkpoints" / "run-1" / "tune.jsonl").read_text()
+    assert [json.loads(line)["step"] for line in log.splitlines()] == list(range(1, 41))
 
 
 def _weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -83,8 +88,8 @@ def test_resuming_gives_the_same_weights_as_an_uninterrupted_run(tmp_path: Path,
     tune_stage.tune(tmp_path / "resumed", settings(tiny_model, steps=4, lr=1e-3, lora_lr=1e-3))
     tune_stage.tune(tmp_path / "resumed", settings(tiny_model, steps=8, lr=1e-3, lora_lr=1e-3),
                     resume=True)
-    straight = _weights(tmp_path / "straight" / "checkpoints" / "step-8")
-    resumed = _weights(tmp_path / "resumed" / "checkpoints" / "step-8")
+    straight = _weights(tmp_path / "straight" / "checkpoints" / "run-1" / "step-8")
+    resumed = _weights(tmp_path / "resumed" / "checkpoints" / "run-1" / "step-8")
     assert straight.keys() == resumed.keys()
     for key in straight:
         torch.testing.assert_close(resumed[key], straight[key], rtol=0, atol=1e-6)
@@ -133,7 +138,7 @@ def test_ctrl_c_saves_a_checkpoint_that_resume_continues(project: Path, tiny_mod
         return real_loss(*args, **kwargs)
 
     monkeypatch.setattr(tune_stage, "training_loss", interrupted)
-    with pytest.raises(Interrupted, match="interrupted at step 4; saved checkpoints/step-4"):
+    with pytest.raises(Interrupted, match="interrupted at step 4; saved checkpoints/run-1/step-4"):
         tune_stage.tune(project, settings(tiny_model, steps=10))
     monkeypatch.setattr(tune_stage, "training_loss", real_loss)
     assert [c.step for c in list_checkpoints(Project.open(project))] == [4]
@@ -205,9 +210,9 @@ def test_gradient_accumulation_counts_optimizer_steps(project: Path, tiny_model:
                                                lora_lr=1e-3))
     assert batches.count(True) == 6
     assert result.steps == 2
-    log = (project / "logs" / "tune.jsonl").read_text().splitlines()
+    log = (project / "checkpoints" / "run-1" / "tune.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in log] == [1, 2]
-    lora = load_tensors(project / "checkpoints" / "step-2" / LORA_FILE)[0]
+    lora = load_tensors(project / "checkpoints" / "run-1" / "step-2" / LORA_FILE)[0]
     assert any(v.abs().sum() > 0 for k, v in lora.items() if "lora_B" in k)
 
 
@@ -218,7 +223,8 @@ def test_resuming_to_a_step_already_reached_does_nothing(project: Path, tiny_mod
     assert result.exit_code == 0, result.stderr
     data = json.loads(result.stdout)
     assert (data["start_step"], data["steps"], data["checkpoints"]) == (4, 4, [])
-    assert "Already tuned to step 4" in result.stderr
+    assert "already tuned to step 4" in runner.invoke(app, ["tune", str(project), "--resume",
+                                                            "--steps", "3"]).stdout
     assert (project / "vedit.toml").read_text() == record
     assert [c.step for c in list_checkpoints(Project.open(project))] == [2, 4]
 
@@ -226,11 +232,70 @@ def test_resuming_to_a_step_already_reached_does_nothing(project: Path, tiny_mod
 def test_a_half_written_loss_log_line_does_not_stop_a_resume(project: Path,
                                                               tiny_model: Path) -> None:
     tune_stage.tune(project, settings(tiny_model, steps=2))
-    log = project / "logs" / "tune.jsonl"
+    log = project / "checkpoints" / "run-1" / "tune.jsonl"
     with log.open("a") as handle:
         handle.write('{"step": 3, "lo')  # a process killed in the middle of a line
     tune_stage.tune(project, settings(tiny_model, steps=3), resume=True)
     assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1, 2, 3]
+
+
+def test_a_new_run_keeps_the_earlier_runs(project: Project, tiny_model: Path) -> None:
+    first = tune_stage.tune(project, settings(tiny_model, steps=2))
+    files = {p: p.read_bytes() for p in (project / "checkpoints" / "run-1").rglob("*")
+             if p.is_file()}
+    second = tune_stage.tune(project, settings(tiny_model, steps=3, seed=5))
+    assert (first.run, second.run) == ("run-1", "run-2")
+    assert [c.name for c in list_checkpoints(Project.open(project))] == [
+        "run-1/step-2", "run-2/step-3"]
+    assert {p: p.read_bytes() for p in files} == files
+    assert Project.open(project).record["tune"]["checkpoint"] == "run-2/step-3"
+    resumed = tune_stage.tune(project, settings(tiny_model, steps=4), resume=True)
+    assert (resumed.run, resumed.start_step) == ("run-2", 3)  # --resume: the latest run
+
+
+def test_a_project_tuned_before_runs_were_kept(project: Project, tiny_model: Path) -> None:
+    """The old layout, checkpoints/step-N/ and logs/tune.jsonl: edited, resumed, and kept when
+    a new run starts."""
+    tune_stage.tune(project, settings(tiny_model, steps=2))
+    old = project / "checkpoints"
+    (old / "run-1" / "step-2").rename(old / "step-2")
+    (project / "logs").mkdir()
+    (old / "run-1" / "tune.jsonl").rename(project / "logs" / "tune.jsonl")
+    (old / "run-1").rmdir()
+    record = project / "vedit.toml"
+    record.write_text(record.read_text().replace('"run-1/step-2"', '"step-2"')
+                      .replace('run = "run-1"\n', ""))
+    edited = runner.invoke(app, ["edit", str(project), "-p", "a cat", "--steps", "1", "--json"])
+    assert edited.exit_code == 0, edited.stderr
+    assert json.loads(edited.stdout)["edits"][0]["checkpoint"] == "step-2"
+
+    resumed = tune_stage.tune(project, settings(tiny_model, steps=3), resume=True)
+    assert (resumed.run, resumed.start_step) == ("", 2)
+    assert (old / "step-3" / LORA_FILE).is_file()
+    log = (project / "logs" / "tune.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in log] == [1, 2, 3]
+
+    fresh = tune_stage.tune(project, settings(tiny_model, steps=1))
+    assert fresh.run == "run-1"
+    assert [c.name for c in list_checkpoints(Project.open(project))] == [
+        "step-2", "step-3", "run-1/step-1"]
+
+
+def test_the_human_result_gives_the_losses_the_checkpoint_and_the_next_command(
+        tmp_path: Path) -> None:
+    from vedit.cli import tune_summary
+
+    folder = tmp_path / "p.vedit" / "checkpoints" / "run-2" / "step-300"
+    tuned = tune_stage.TuneResult(
+        project=tmp_path / "p.vedit", steps=300, start_step=0, checkpoints=[folder],
+        loss_log=folder.parent / "tune.jsonl", device="cpu", mixed_precision="no",
+        seconds=12.0, latents_reused=True, run="run-2", training_seconds=10.0,
+        eval_loss_before=0.25, eval_loss_after=0.125)
+    text = tune_summary(tmp_path / "p.vedit", tuned)
+    assert "to step 300 (run run-2) in 12.0 s." in text
+    assert "Loss on fixed draws: 0.2500 before, 0.1250 after." in text
+    assert f"Checkpoint: {folder}" in text and "vedit edit" in text
+    assert tuned.to_dict()["seconds_per_step"] == pytest.approx(10.0 / 300, abs=1e-4)
 
 
 def test_ctrl_c_inside_a_step_resumes_exactly_as_the_uninterrupted_run(
@@ -253,12 +318,12 @@ def test_ctrl_c_inside_a_step_resumes_exactly_as_the_uninterrupted_run(
         return batch
 
     monkeypatch.setattr(tune_stage, "noisy_batch", drawn_then_interrupted)
-    with pytest.raises(Interrupted, match="at step 2; saved checkpoints/step-2"):
+    with pytest.raises(Interrupted, match="at step 2; saved checkpoints/run-1/step-2"):
         tune_stage.tune(tmp_path / "resumed", settings(tiny_model, steps=4, **fast))
     monkeypatch.setattr(tune_stage, "noisy_batch", real_batch)
     tune_stage.tune(tmp_path / "resumed", settings(tiny_model, steps=4, **fast), resume=True)
-    straight = _weights(tmp_path / "straight" / "checkpoints" / "step-4")
-    resumed = _weights(tmp_path / "resumed" / "checkpoints" / "step-4")
+    straight = _weights(tmp_path / "straight" / "checkpoints" / "run-1" / "step-4")
+    resumed = _weights(tmp_path / "resumed" / "checkpoints" / "run-1" / "step-4")
     assert straight.keys() == resumed.keys()
     for key in straight:
         assert torch.equal(resumed[key], straight[key]), key
@@ -284,9 +349,10 @@ def test_a_signal_during_the_update_waits_for_the_step_to_be_counted(
         return result
 
     monkeypatch.setattr(AdamW, "step", step_then_ctrl_c)
-    with pytest.raises(Interrupted, match="at step 2; saved checkpoints/step-2"):
+    with pytest.raises(Interrupted, match="at step 2; saved checkpoints/run-1/step-2"):
         tune_stage.tune(project, settings(tiny_model, steps=3))
-    training = load_tensors(project / "checkpoints" / "step-2" / "training.safetensors")[0]
+    training = load_tensors(
+        project / "checkpoints" / "run-1" / "step-2" / "training.safetensors")[0]
     adam_steps = {float(v) for k, v in training.items() if k.endswith(".step")}
     assert adam_steps == {2.0}
 
@@ -306,7 +372,8 @@ def test_the_fp16_loss_scale_is_kept_across_a_resume(project: Path, tiny_model: 
         return accelerator
 
     def scaler_state(step: int) -> dict:
-        tensors, _ = load_tensors(project / "checkpoints" / f"step-{step}" / TRAINING_FILE)
+        run = project / "checkpoints" / "run-1"
+        tensors, _ = load_tensors(run / f"step-{step}" / TRAINING_FILE)
         return json.loads(bytes(tensors[SCALER_KEY].tolist()).decode())
 
     monkeypatch.setattr(tune_stage, "make_accelerator", with_scaler)

@@ -1,7 +1,12 @@
-"""Tuning checkpoints: `checkpoints/step-N/` with the trained weights, their record and the
-optimizer state, all in safetensors (no pickle, so loading a checkpoint never runs code).
+"""Tuning checkpoints: `checkpoints/RUN/step-N/` with the trained weights, their record and
+the optimizer state, all in safetensors (no pickle, so loading a checkpoint never runs code).
 
-    checkpoints/step-N/
+Each tuning run keeps its own folder (`run-1`, `run-2`, ...), so a new run never touches the
+checkpoints of an earlier one; `--resume` continues the latest run. A project tuned before runs
+were kept has its checkpoints right in `checkpoints/step-N/`: they read as a run of their own
+(named "", shown as `step-N`), older than every numbered one.
+
+    checkpoints/RUN/step-N/
       lora.safetensors       LoRA adapters, diffusers/peft keys prefixed `unet.`
       temporal.safetensors   the temporal attention (`...attn_temp.*`), keyed like the original
       training.safetensors   optimizer, random generator and fp16 loss-scale state, for --resume
@@ -23,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 from vedit import schema, tomlio
 from vedit.errors import BadInputError, ProjectError
 from vedit.progress import Reporter
-from vedit.project import Project, atomic_dir
+from vedit.project import FLAT_RUN, Project, atomic_dir
 from vedit.settings import ATTENTIONS, PROJECTIONS, TuneSettings
 
 if TYPE_CHECKING:
@@ -51,28 +56,41 @@ RECORD_SCHEMA = schema.table({
 
 @dataclass(frozen=True)
 class Checkpoint:
-    """A finished checkpoint folder and its record."""
+    """A finished checkpoint folder, the tuning run it belongs to, and its record."""
 
     path: Path
     step: int
     record: dict[str, Any]
+    run: str = FLAT_RUN
 
     @property
     def name(self) -> str:
-        return self.path.name
+        """How commands name it: `RUN/step-N` (`step-N` in an older project's flat run)."""
+        return Project.checkpoint_name(self.run, self.step)
 
 
 def list_checkpoints(project: Project, reporter: Reporter | None = None) -> list[Checkpoint]:
-    """Every complete checkpoint, by step; a damaged one is skipped (and named to `reporter`),
-    so that it does not stop the use of the others."""
+    """Every complete checkpoint: run by run, oldest run first, each run by step; the last one
+    is the latest. A damaged one is skipped (and named to `reporter`), so that it does not stop
+    the use of the others."""
     found = []
-    for path in project.checkpoint_dirs():
-        if (path / RECORD).is_file():
-            try:
-                found.append(read_checkpoint(path))
-            except ProjectError as exc:
-                (reporter or Reporter()).warn(f"{exc.message} It is skipped.")
-    return sorted(found, key=lambda c: c.step)
+    for run in project.run_names():
+        complete = []
+        for path in project.checkpoint_dirs(run):
+            if (path / RECORD).is_file():
+                try:
+                    complete.append(read_checkpoint(path, run))
+                except ProjectError as exc:
+                    (reporter or Reporter()).warn(f"{exc.message} It is skipped.")
+        found += sorted(complete, key=lambda c: c.step)
+    return found
+
+
+def next_run(project: Project) -> str:
+    """The name of a new tuning run: one past the last run that has a checkpoint (a run folder
+    an interrupted run left without one is taken again)."""
+    numbers = [Project.run_number(c.run) for c in list_checkpoints(project)]
+    return Project.run_name(max(numbers, default=0) + 1)
 
 
 def latest_checkpoint(project: Project, reporter: Reporter | None = None) -> Checkpoint | None:
@@ -82,23 +100,47 @@ def latest_checkpoint(project: Project, reporter: Reporter | None = None) -> Che
 
 def find_checkpoint(project: Project, name: str | None = None,
                     reporter: Reporter | None = None) -> Checkpoint:
-    """The named checkpoint (`step-300`, `300` or a path), or the latest one."""
+    """The named checkpoint, or the latest one (the last step of the latest run).
+
+    A name is `RUN/step-N`; a run (`run-2`: its last step); `step-N` or `N` where only one run
+    has that step; or the path of a checkpoint folder."""
+    found = list_checkpoints(project, reporter)
     if name is None:
-        latest = latest_checkpoint(project, reporter)
-        if latest is None:
+        if not found:
             raise ProjectError(f"Project {project.root} has no checkpoint yet.",
                                f"Run `vedit tune {project.root} --prompt ...` first.")
-        return latest
-    path = Path(name)
-    if not path.is_dir():
-        path = project.checkpoint_dir(name.removeprefix("step-"))
-    if not (path / RECORD).is_file():
-        known = ", ".join(c.name for c in list_checkpoints(project)) or "none"
-        raise BadInputError(f"No checkpoint {name!r} in {project.root}.", f"Known: {known}.")
-    return read_checkpoint(path)
+        return found[-1]
+    text = name.strip().strip("/")
+    named = [c for c in found if c.name == text] or [c for c in found if c.run == text][-1:]
+    if not named and text.removeprefix("step-").isdigit():
+        named = [c for c in found if c.step == int(text.removeprefix("step-"))]
+        if len(named) > 1:
+            raise BadInputError(
+                f"Several tuning runs have a checkpoint {name!r}: "
+                f"{', '.join(c.name for c in named)}.",
+                f"Name one with its run, e.g. --checkpoint {named[-1].name}.")
+    if named:
+        return named[0]
+    for path in (Path(name), *_folders_named(project, text)):
+        if (path / RECORD).is_file():  # outside the project, or damaged: read says which
+            inside = [c for c in found if c.path.resolve() == path.resolve()]
+            return inside[0] if inside else read_checkpoint(path)
+    known = ", ".join(c.name for c in found) or "none"
+    raise BadInputError(f"No checkpoint {name!r} in {project.root}.", f"Known: {known}.")
 
 
-def read_checkpoint(path: Path) -> Checkpoint:
+def _folders_named(project: Project, text: str) -> list[Path]:
+    """The project's checkpoint folders that `text` (`RUN/step-N`, `step-N` or `N`) names,
+    complete or not: a damaged one, which listing skips, is then reported by name."""
+    run, _, step = text.rpartition("/")
+    step = step.removeprefix("step-")
+    if not step.isdigit():
+        return []
+    runs = [run] if run else project.run_names()
+    return [project.checkpoint_dir(r, int(step)) for r in runs if r in project.run_names()]
+
+
+def read_checkpoint(path: Path, run: str = FLAT_RUN) -> Checkpoint:
     """A checkpoint folder's record, checked (RECORD_SCHEMA); a damaged one is a ProjectError."""
     hint = "Delete that checkpoint folder; resume from an earlier one or tune again."
     try:
@@ -110,7 +152,7 @@ def read_checkpoint(path: Path) -> Checkpoint:
         RECORD_SCHEMA(record, "")
     except schema.Invalid as exc:
         raise ProjectError(f"Checkpoint {path} has a damaged {RECORD}: {exc}.", hint) from None
-    return Checkpoint(path, record["step"], record)
+    return Checkpoint(path, record["step"], record, run)
 
 
 def recorded_settings(project: Project, *, resume: bool) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, TypeVar
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
     from typer._click import Context, Parameter  # Typer's own copy of click: its types
 
     from vedit.memory.predict import MemoryPrediction
+    from vedit.tune import TuneResult
 
 Body = TypeVar("Body", bound=Callable[..., None])
 
@@ -50,6 +52,21 @@ def _flags_as_flags(params: list[Parameter]) -> list[Parameter]:
 class _Command(TyperCommand):
     def get_params(self, ctx: Context) -> list[Parameter]:
         return _flags_as_flags(super().get_params(ctx))
+
+    def parse_args(self, ctx: Context, args: list[str]) -> list[str]:
+        """A usage error with `--json` also prints the JSON error document on stdout (Typer
+        prints the message on stderr and exits 2 as usual)."""
+        from typer._click.exceptions import UsageError as ClickUsageError
+
+        wants_json = "--json" in args
+        try:
+            return super().parse_args(ctx, args)
+        except ClickUsageError as exc:
+            if wants_json:
+                error = UsageError(exc.format_message(),
+                                   f"See `{ctx.command_path} --help`.")
+                print(json.dumps({"error": error.to_dict()}, indent=2), flush=True)
+            raise
 
 
 class _Group(TyperGroup):
@@ -268,7 +285,19 @@ def extract(
     verb = "Kept" if result.reused else "Wrote"
     sound = f", audio in {result.audio}" if result.audio else ", no audio"
     out.result(result.to_dict(), f"{verb} {len(result.frames)} frames of {result.width}x"
-                                 f"{result.height} in {result.project}/frames{sound}.")
+                                 f"{result.height} in {result.project}/frames{sound}.\n"
+                                 + extract_span(result.times, result.source.get("duration")))
+
+
+def extract_span(times: list[float], duration: float | None) -> str:
+    """Which part of the clip the frames come from: a default take covers only its start."""
+    text = f"The frames span {times[0]:.2f}-{times[-1]:.2f} s"
+    if not duration:
+        return text + "."
+    text += f" of the {duration:.2f} s clip"
+    if times[-1] - times[0] < duration / 2:
+        text += " (--spread takes them from all of it, --start from later on)"
+    return text + "."
 
 
 @command()
@@ -322,9 +351,12 @@ def tune(
         "--checkpoint-every", help="Save a checkpoint every N steps (0: only at the end).  "
         f"\\[default: {TuneSettings.checkpoint_every}]", show_default=False,
         parser=ASCII_INT)] = None,
+    evaluate: Annotated[bool | None, typer.Option(
+        "--eval/--no-eval", help="Report the loss on fixed draws before and after tuning "
+        "(16 extra forward passes).  \\[default: eval]", show_default=False)] = None,
     resume: Annotated[bool, typer.Option(
-        "--resume", help="Continue from the latest checkpoint, with its settings, to --steps.")
-    ] = False,
+        "--resume", help="Continue the latest run from its last checkpoint, with its "
+        "settings, to --steps (else a new run starts beside the earlier ones).")] = False,
     frames: FramesOpt = None,
     stride: StrideOpt = None,
     start: StartOpt = None,
@@ -352,7 +384,7 @@ def tune(
         prompt=prompt, model=model, steps=steps, lr=lr, lora_lr=lora_lr, rank=rank,
         lora_targets=lora_targets, batch=batch, grad_accum=grad_accum, seed=seed,
         mixed_precision=mixed_precision, gradient_checkpointing=gradient_checkpointing,
-        checkpoint_every=checkpoint_every)
+        checkpoint_every=checkpoint_every, eval=evaluate)
     opened: Project | None = None
     if target.is_dir():
         if project or any(v is not None for v in frame_flags.values()):
@@ -384,23 +416,42 @@ def tune(
             result["extract"] = extracted.to_dict()
             target = extracted.project
     result.update(tuned.to_dict())
-    last = tuned.checkpoints[-1] if tuned.checkpoints else None
-    if tuned.start_step >= tuned.steps:
-        text = f"{target} is already tuned to step {tuned.steps}; nothing to do."
-    else:
-        text = (f"Tuned {target} to step {tuned.steps} in {tuned.seconds:.1f} s"
-                + (f"; latest checkpoint {last}." if last else "."))
-    if tuned.peak_memory_gb is not None and tuned.start_step < tuned.steps:
-        from vedit.memory.gpu import target_gpu
-        from vedit.memory.predict import measured_against_predicted, predict_tune, tune_plan
-
-        plan = tune_plan(target, settings).with_(encodes_frames=not tuned.latents_reused)
-        memory = measured_against_predicted(
-            tuned.peak_memory_gb, lambda: predict_tune(plan, target_gpu(), advise=False))
-        if memory is not None:
-            result["memory"] = memory
-            text += " " + _measured_text(memory)
+    text = tune_summary(target, tuned)
+    memory = _tune_memory(target, settings, tuned)
+    if memory is not None:
+        result["memory"] = memory
+        text += "\n" + _measured_text(memory)
     out.result(result, text)
+
+
+def tune_summary(target: Path, tuned: TuneResult) -> str:
+    """The human result of tune: what was tuned, the loss it reached, where the checkpoint is."""
+    run = f" (run {tuned.run})" if tuned.run else ""
+    if tuned.start_step >= tuned.steps:
+        return (f"{target} is already tuned to step {tuned.steps}{run}; nothing to do: "
+                "give --steps above it to go on.")
+    lines = [f"Tuned {target} to step {tuned.steps}{run} in {tuned.seconds:.1f} s."]
+    if tuned.eval_loss_after is not None:
+        before = (f"{tuned.eval_loss_before:.4f} before, "
+                  if tuned.eval_loss_before is not None else "")
+        lines.append(f"Loss on fixed draws: {before}{tuned.eval_loss_after:.4f} after.")
+    if tuned.checkpoints:
+        lines.append(f"Checkpoint: {tuned.checkpoints[-1]}")
+        lines.append(f"Next: vedit edit {target} --prompt \"...\"")
+    return "\n".join(lines)
+
+
+def _tune_memory(target: Path, settings: TuneSettings, tuned: TuneResult
+                 ) -> dict[str, float] | None:
+    """A GPU run's measured peak next to what the predictor says for the same run."""
+    if tuned.peak_memory_gb is None or tuned.start_step >= tuned.steps:
+        return None
+    from vedit.memory.gpu import target_gpu
+    from vedit.memory.predict import measured_against_predicted, predict_tune, tune_plan
+
+    plan = tune_plan(target, settings).with_(encodes_frames=not tuned.latents_reused)
+    return measured_against_predicted(
+        tuned.peak_memory_gb, lambda: predict_tune(plan, target_gpu(), advise=False))
 
 
 def _tune_dry_run(out: Output, target: Path, settings: TuneSettings,
@@ -433,8 +484,8 @@ def edit(
         "--name", help="Edit folder name (numbered for several prompts).  \\[default: a "
         "slug of the prompt]", show_default=False)] = None,
     checkpoint: Annotated[str | None, typer.Option(
-        "--checkpoint", help="step-N, N or a folder.  \\[default: the latest]",
-        show_default=False)] = None,
+        "--checkpoint", help="RUN/step-N, a run (its last step), step-N or a folder.  "
+        "\\[default: the latest run's last]", show_default=False)] = None,
     steps: Annotated[int | None, typer.Option(
         "--steps", help="DDIM steps, for inversion and sampling.  "
         f"\\[default: {EditSettings.steps}]", show_default=False, parser=ASCII_INT)] = None,
@@ -499,7 +550,11 @@ def edit(
         from vedit import edit as edit_stage
 
         result = edit_stage.edit(project, prompts, settings, name=name, reporter=out.reporter)
-    lines = [f"{e.files['video']}  ({e.prompt}, {e.frames} frames)" for e in result.edits]
+    lines = []
+    for e in result.edits:
+        lines += [f"{e.files['video']}  ({e.prompt}, {e.frames} frames)",
+                  f"  side by side with the source: {e.files['compare']}"]
+    lines.append(f"Add the clip's sound: vedit remux {project}")
     data = result.to_dict()
     if result.peak_memory_gb is not None:
         from vedit.memory.gpu import target_gpu

@@ -8,6 +8,7 @@ stage, file and format is the real one, in well under a minute on two CPU cores.
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from typing import Any, TypeVar
 from vedit.edit import edit
 from vedit.errors import ProjectError
 from vedit.extract import extract
+from vedit.models import resolve_model
 from vedit.progress import Reporter
 from vedit.remux import remux
 from vedit.settings import EditSettings, ExtractSettings, TuneSettings
@@ -52,7 +54,31 @@ def run_demo(folder: Path, *, model: str | None = None,
     if folder.exists() and any(folder.iterdir()):
         raise ProjectError(f"{folder} exists and is not empty.",
                            "Give the demo a new folder with -o, or remove that one.")
+    if model is not None:
+        resolve_model(model, reporter=reporter)  # a missing model fails before any work
+    created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
+    try:
+        return _run_demo(folder, model, reporter)
+    except BaseException:
+        # Everything in the folder is the demo's own: a failed demo leaves none of it, so the
+        # rerun starts clean instead of refusing a folder that "exists".
+        if created:
+            shutil.rmtree(folder)
+        else:
+            _empty(folder)
+        raise
+
+
+def _empty(folder: Path) -> None:
+    for entry in folder.iterdir():
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+
+
+def _run_demo(folder: Path, model: str | None, reporter: Reporter) -> DemoResult:
     seconds: dict[str, float] = {}
 
     def timed(stage: str, run: Callable[[], T]) -> T:

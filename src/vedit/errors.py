@@ -94,6 +94,10 @@ class Interrupted(VeditError):
 
 
 #: Every documented exit code, for the README table and `--help` text.
+#: A reader closed stdout early (`vedit ... | head`): vedit stops quietly, as a Unix tool
+#: killed by SIGPIPE does (128 + 13).
+BROKEN_PIPE = 141
+
 EXIT_CODES: dict[int, str] = {
     0: "success",
     1: "unexpected failure (a bug: rerun with --debug and report it)",
@@ -107,6 +111,7 @@ EXIT_CODES: dict[int, str] = {
     DiskError.exit_code: "could not write: disk full or no permission",
     EnvironmentProblem.exit_code: "this machine lacks something vedit needs (see vedit doctor)",
     Interrupted.exit_code: "interrupted (Ctrl-C or SIGTERM); finished work was kept",
+    BROKEN_PIPE: "stdout was closed early (a pipe into `head`): vedit stopped quietly",
 }
 
 

@@ -64,7 +64,8 @@ def cached_inversion(project: Project, key: str, compute: Callable[[ResumeFile],
     reporter = reporter or Reporter()
     path = project.inversion_file(key)
     resume = ResumeFile(project.inversion_progress_file(key), key)
-    note = f"Reusing the cached inversion {path.name} (same checkpoint, steps and prompt)."
+    note = ("Reusing the cached inversion of an earlier edit (same checkpoint, steps and "
+            "prompt: inversions/).")
     try:
         tensors, reused = cached_tensors(path, lambda: {"noise": compute(resume).half()},
                                          {"key": key}, note, reporter,

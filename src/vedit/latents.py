@@ -13,7 +13,9 @@ the model.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+import math
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
@@ -36,6 +38,11 @@ if TYPE_CHECKING:
 #: Bump when latents for the same frames and model would come out differently.
 LATENTS_VERSION = 1
 ENCODE_SLICE = 8  # frames the VAE encodes at once: bounded memory for long clips
+#: A frame over this many times the VAE's tile area (512 x 512 for SD) is encoded in tiles, one
+#: frame at a time: no single operation then runs for minutes, so Ctrl-C and SIGTERM are
+#: honoured between tiles, the bar moves tile by tile and memory stays bounded. Frames at a
+#: model's usual sizes are encoded whole, as before (tiles blend at their seams).
+TILE_ABOVE = 4
 
 
 @dataclass(frozen=True)
@@ -101,19 +108,50 @@ def images_to_tensor(images: Sequence[np.ndarray]) -> torch.Tensor:
 def encode_frames(vae: AutoencoderKL, frames: torch.Tensor, *,
                   slice_size: int = ENCODE_SLICE, reporter: Reporter | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Encode `(f, 3, h, w)` frames a slice at a time; scaled mean and std, `(f, c, h, w)`."""
+    """Encode `(f, 3, h, w)` frames a slice at a time (a large frame in tiles); scaled mean and
+    std, `(f, c, h, w)`."""
     reporter = reporter or Reporter()
     weight = next(vae.parameters())
     scale = float(vae.config.scaling_factor)
+    tiles = _tiles_per_frame(vae, frames.shape[-2], frames.shape[-1])
     means, stds = [], []
-    with reporter.task("encoding frames", total=len(frames)) as task:
-        for start in range(0, len(frames), slice_size):
-            chunk = frames[start:start + slice_size].to(weight.device, weight.dtype)
+    with reporter.task("encoding frames", total=len(frames)) as task, \
+            _tiled(vae, task.advance, tiles):
+        for start in range(0, len(frames), 1 if tiles else slice_size):
+            chunk = frames[start:start + (1 if tiles else slice_size)].to(weight.device,
+                                                                         weight.dtype)
             dist = vae.encode(chunk).latent_dist
             means.append(dist.mean.float() * scale)
             stds.append(dist.std.float() * scale)
-            task.advance(len(chunk))
+            if not tiles:
+                task.advance(len(chunk))
     return torch.cat(means), torch.cat(stds)
+
+
+def _tiles_per_frame(vae: AutoencoderKL, height: int, width: int) -> int:
+    """How many tiles diffusers' tiled encode cuts a frame into; 0 where it is encoded whole."""
+    tile = int(vae.tile_sample_min_size)
+    if height * width <= TILE_ABOVE * tile * tile:
+        return 0
+    stride = int(tile * (1 - vae.tile_overlap_factor))
+    return math.ceil(height / stride) * math.ceil(width / stride)
+
+
+@contextmanager
+def _tiled(vae: AutoencoderKL, advance: Callable[[float], None], tiles: int) -> Iterator[None]:
+    """With `tiles`, the VAE encodes in tiles and each tile moves the bar by its share of a
+    frame; the VAE is left as it was."""
+    if not tiles:
+        yield
+        return
+    was_tiling = vae.use_tiling
+    vae.enable_tiling()
+    hook = vae.encoder.register_forward_hook(lambda *_: advance(1 / tiles))
+    try:
+        yield
+    finally:
+        hook.remove()
+        vae.use_tiling = was_tiling
 
 
 def frame_latents(project: Project, vae: AutoencoderKL, model_fingerprint: str,
@@ -137,8 +175,8 @@ def frame_latents(project: Project, vae: AutoencoderKL, model_fingerprint: str,
 
     metadata = {"frames_key": frames["key"], "model": model_fingerprint}
     shape = latent_shape(vae, frames["count"], width, height)
-    tensors, reused = cached_tensors(path, encode, metadata,
-                                     f"Reusing the cached latents {path.name}.", reporter,
+    note = "Reusing the frames' VAE latents from an earlier run (latents/)."
+    tensors, reused = cached_tensors(path, encode, metadata, note, reporter,
                                      shapes={"mean": shape, "std": shape})
     return FrameLatents(tensors["mean"], tensors["std"], key, path, reused=reused)
 
@@ -234,7 +272,8 @@ def span_latents(project: Project, span: Span, vae: AutoencoderKL, model_fingerp
                 task.advance(len(chunk))
         return {"mean": rearrange(torch.cat(means), "f c h w -> 1 c f h w").contiguous()}
 
-    note = f"Reusing the cached latents {path.name} ({span.num_frames} frames)."
+    note = (f"Reusing the VAE latents of the span's {span.num_frames} frames from an earlier "
+            "edit --full (latents/).")
     shape = latent_shape(vae, span.num_frames, span.width, span.height)
     tensors, reused = cached_tensors(path, encode,
                                      {"span_key": span.key, "model": model_fingerprint}, note,

@@ -11,6 +11,7 @@ import functools
 import inspect
 import json
 import os
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Annotated, Any, TypeVar, cast
@@ -19,7 +20,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from vedit.errors import VeditError, as_vedit_error
+from vedit.errors import BROKEN_PIPE, VeditError, as_vedit_error
 from vedit.progress import Reporter
 
 Body = TypeVar("Body", bound=Callable[..., None])
@@ -94,6 +95,11 @@ def command_output(*, json_mode: bool, quiet: bool, debug: bool) -> Iterator[Out
         yield output
     except (typer.Exit, typer.Abort):
         raise
+    except BrokenPipeError:
+        # The reader is gone (`vedit doctor --json | head`): stop quietly, as a Unix tool does.
+        # What is still buffered for stdout goes nowhere, so the exit cannot fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise typer.Exit(BROKEN_PIPE) from None
     except BaseException as exc:
         error = as_vedit_error(exc)
         if output.debug and output.stderr is not None:

@@ -23,6 +23,10 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+#: How far back a bar's speed (and so its ETA) looks. Rich's 30 s default shows no ETA at all
+#: once one step takes longer, as a tuning step on the CPU or a big frame does.
+SPEED_PERIOD = 15 * 60.0
+
 
 class Task:
     """One running progress bar; `advance` and `update` are no-ops when progress is hidden."""
@@ -87,6 +91,7 @@ class Reporter:
             TextColumn("{task.fields[status]}"),
             console=self.console,
             transient=True,
+            speed_estimate_period=SPEED_PERIOD,
         )
         with progress:
             task_id = progress.add_task(description, total=total, status="")

@@ -6,8 +6,9 @@ Stages share nothing but this folder, and every name in it is spelled here:
     frames/00000.png ...   the tuned frames (extract)
     source/audio.m4a       the clip's sound, packets untouched (.mka where mp4 cannot hold them)
     latents/KEY.safetensors, inversions/KEY.safetensors   cached tensors (tune, edit)
-    checkpoints/step-N/    tuning checkpoints (their files: checkpoints.py)
-    logs/tune.jsonl        the loss of every tuning step
+    checkpoints/RUN/step-N/  tuning checkpoints, one folder per tuning run (run-1, run-2, ...;
+                           their files: checkpoints.py), RUN/tune.jsonl the loss of each step
+    checkpoints/step-N/, logs/tune.jsonl   the same, in a project tuned before runs were kept
     edits/NAME/video.mp4   an edit (its other files: edit.py); remux adds final.mp4
 
 Every write goes to a hidden temporary name first and is renamed into place, so an interrupted
@@ -62,6 +63,9 @@ _HELD_EARLY: set[Path] = set()
 _TOP_NAMES = (RECORD_NAME, LOCK_NAME, "frames", "source", "latents", "checkpoints", "logs",
               "inversions", "edits")
 _STEP_DIR = re.compile(r"^step-\d+$")
+_RUN_DIR = re.compile(r"^run-(\d+)$")
+#: The run of a project tuned before runs were kept: its checkpoints lie in checkpoints/ itself.
+FLAT_RUN = ""
 
 
 def frame_file(index: int) -> str:
@@ -241,9 +245,11 @@ class Project:
     def checkpoints_dir(self) -> Path:
         return self.path("checkpoints")
 
-    @property
-    def loss_log(self) -> Path:
-        return self.path("logs", "tune.jsonl")
+    def loss_log(self, run: str) -> Path:
+        """The loss of every step of a tuning run."""
+        if run == FLAT_RUN:
+            return self.path("logs", "tune.jsonl")
+        return self.path(*self._run_parts(run), "tune.jsonl")
 
     def frame_paths(self) -> list[Path]:
         """The tuned frames in order; raises ProjectError when extract has not run."""
@@ -274,16 +280,51 @@ class Project:
         """Where an interrupted inversion keeps the work it finished."""
         return self.path("inversions", f"{key}.partial.safetensors")
 
-    def checkpoint_dir(self, step: int | str) -> Path:
-        return self.path("checkpoints", f"step-{step}")
+    @staticmethod
+    def run_name(number: int) -> str:
+        return f"run-{number}"
 
-    def checkpoint_dirs(self) -> list[Path]:
-        """The `step-N` folders under checkpoints/ (complete or not: the caller checks); one
-        that is a link is refused."""
+    @staticmethod
+    def run_number(run: str) -> int:
+        """The number of a run's name; 0 for the flat run of an older project."""
+        match = _RUN_DIR.match(run)
+        return int(match.group(1)) if match else 0
+
+    @staticmethod
+    def _run_parts(run: str) -> tuple[str, ...]:
+        return ("checkpoints", run) if run != FLAT_RUN else ("checkpoints",)
+
+    def run_dir(self, run: str) -> Path:
+        return self.path(*self._run_parts(run))
+
+    def checkpoint_dir(self, run: str, step: int) -> Path:
+        return self.path(*self._run_parts(run), f"step-{step}")
+
+    @staticmethod
+    def checkpoint_name(run: str, step: int) -> str:
+        """How commands and the record name a checkpoint: `RUN/step-N` (`step-N` in the flat run
+        of an older project)."""
+        return f"{run}/step-{step}" if run != FLAT_RUN else f"step-{step}"
+
+    def run_names(self) -> list[str]:
+        """The tuning runs' folders under checkpoints/, oldest first (FLAT_RUN first, where an
+        older project has checkpoints right in checkpoints/). A run folder that is a link is
+        refused when it is listed."""
         folder = self.checkpoints_dir
         if not folder.is_dir():
             return []
-        return sorted(self.path("checkpoints", p.name) for p in folder.iterdir()
+        runs = sorted((p.name for p in folder.iterdir()
+                       if _RUN_DIR.match(p.name) and (p.is_dir() or p.is_symlink())),
+                      key=self.run_number)
+        return ([FLAT_RUN] if self.checkpoint_dirs(FLAT_RUN) else []) + runs
+
+    def checkpoint_dirs(self, run: str) -> list[Path]:
+        """A run's `step-N` folders (complete or not: the caller checks); one that is a link is
+        refused."""
+        folder = self.run_dir(run)
+        if not folder.is_dir():
+            return []
+        return sorted(self.path(*self._run_parts(run), p.name) for p in folder.iterdir()
                       if _STEP_DIR.match(p.name))
 
     def edit_dir(self, name: str) -> Path:

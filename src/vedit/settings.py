@@ -196,6 +196,7 @@ class TuneSettings:
     mixed_precision: str = "auto"
     gradient_checkpointing: bool | None = None  # None: on with a GPU, off on the CPU
     checkpoint_every: int = 250
+    eval: bool = True  # the loss on fixed draws before and after tuning (2 x EVAL_DRAWS forwards)
 
     def __post_init__(self) -> None:
         for name in ("steps", "rank", "batch", "grad_accum"):
@@ -294,16 +295,17 @@ class EditSettings:
 TABLES: dict[str, type] = {"extract": ExtractSettings, "tune": TuneSettings, "edit": EditSettings}
 
 
-def read_config(path: Path, *, strict: bool = True) -> dict[str, dict[str, Any]]:
+def read_config(path: Path, *, named_by: str = "--config") -> dict[str, dict[str, Any]]:
     """Parse a config file into its top-level keys (under "") and its tables.
 
-    Strictly (a --config file), a table's keys must be settings of its command and top-level
-    keys settings of some command; the user's own defaults file is read leniently."""
+    A table's keys must be settings of its command and top-level keys settings of some
+    command, so a typo is never ignored (in a --config file as in the user's defaults file).
+    `named_by` says where the path came from, for the hint."""
     try:
         data = tomlio.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise BadInputError(f"Config file {path} does not exist.",
-                            "Check the --config path.") from None
+                            f"Check the {named_by} path.") from None
     except (tomlio.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise BadInputError(f"Config file {path} is not valid TOML: {exc}.",
                             "See https://toml.io for the syntax.") from None
@@ -312,15 +314,11 @@ def read_config(path: Path, *, strict: bool = True) -> dict[str, dict[str, Any]]
         if not isinstance(table, dict):
             continue
         if name not in TABLES:
-            if strict:
-                raise BadInputError(f"Config file {path} has an unknown table [{name}].",
-                                    f"vedit reads the tables {', '.join(TABLES)}.")
-            continue
+            raise BadInputError(f"Config file {path} has an unknown table [{name}].",
+                                f"vedit reads the tables {', '.join(TABLES)}.")
         config[name] = {_field_name(k): v for k, v in table.items()}
-        if strict:
-            check_known(config[name], TABLES[name], where=f"[{name}] of {path}")
-    if strict:
-        check_known(config[""], *TABLES.values(), where=str(path))
+        check_known(config[name], TABLES[name], where=f"[{name}] of {path}")
+    check_known(config[""], *TABLES.values(), where=str(path))
     return config
 
 
@@ -339,8 +337,9 @@ def config_values(path: Path | None, sections: Sequence[str]) -> dict[str, Any]:
     the top-level keys overlaid by the tables named in `sections`."""
     layers = []
     user = user_config_path()
-    if user.is_file():
-        layers.append(read_config(user, strict=False))
+    named = bool(os.environ.get("VEDIT_CONFIG"))
+    if named or user.is_file():  # a file that VEDIT_CONFIG names must be there
+        layers.append(read_config(user, named_by="VEDIT_CONFIG" if named else "user config"))
     if path is not None:
         layers.append(read_config(path))
     values: dict[str, Any] = {}

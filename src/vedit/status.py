@@ -18,7 +18,7 @@ import safetensors
 from vedit import tomlio
 from vedit.checkpoints import LORA_FILE, RECORD, TEMPORAL_FILE, read_checkpoint
 from vedit.errors import BadInputError, ProjectError
-from vedit.project import EDIT_VIDEO, FINAL_VIDEO, RECORD_NAME, Project, file_sha256
+from vedit.project import EDIT_VIDEO, FINAL_VIDEO, FLAT_RUN, RECORD_NAME, Project, file_sha256
 
 SPARK = "▁▂▃▄▅▆▇█"
 EDIT_RECORD = "edit.toml"
@@ -57,9 +57,12 @@ def project_status(root: Path) -> Status:
     frames_key = frames.get("key") if isinstance(frames, dict) else None
     status.source = _source(record, status)
     status.frames = _frames(root, frames, status) if isinstance(frames, dict) else None
-    losses = _losses(root, status)
-    status.loss = [loss for _, loss in sorted(losses.items())]
-    status.checkpoints = _checkpoints(root, frames_key, losses, status)
+    layout = Project(root, record)  # its paths only: the record may be damaged
+    losses = {run: _losses(layout, run, status) for run in _logged_runs(layout)}
+    status.checkpoints = _checkpoints(layout, frames_key, losses, status)
+    if losses:
+        status.loss = [loss for _, loss in sorted(losses[max(losses, key=Project.run_number)]
+                                                   .items())]
     status.latents = _cached(root / "latents", status, frames_key)
     status.edits = _edits(root, {c["name"] for c in status.checkpoints}, status)
     status.inversions = _inversions(root, status)
@@ -108,51 +111,61 @@ def _frames(root: Path, frames: dict[str, Any], status: Status) -> dict[str, Any
     return facts
 
 
-def _losses(root: Path, status: Status) -> dict[int, float]:
-    """The smoothed loss of each tuning step in logs/tune.jsonl (its last run's, for a step
-    logged twice)."""
-    log = root / "logs" / "tune.jsonl"
+def _logged_runs(project: Project) -> list[str]:
+    """The tuning runs with a loss log, oldest first (an older project's flat run included)."""
+    runs = dict.fromkeys([FLAT_RUN, *project.run_names()])
+    return [run for run in runs if project.loss_log(run).is_file()]
+
+
+def _losses(project: Project, run: str, status: Status) -> dict[int, float]:
+    """The smoothed loss of each step in a run's loss log (its last entry, for a step logged
+    twice)."""
+    log = project.loss_log(run)
     losses: dict[int, float] = {}
-    if not log.is_file():
-        return losses
     for number, line in enumerate(log.read_text(encoding="utf-8", errors="replace")
                                   .splitlines(), 1):
         try:
             entry = json.loads(line)
             losses[int(entry["step"])] = float(entry.get("smoothed", entry["loss"]))
         except (ValueError, KeyError, TypeError):
-            status.damaged.append(f"logs/tune.jsonl line {number} is not a loss entry.")
+            status.damaged.append(f"{log.relative_to(project.root).as_posix()} line {number} "
+                                  "is not a loss entry.")
     return losses
 
 
-def _checkpoints(root: Path, frames_key: str | None, losses: dict[int, float],
-                 status: Status) -> list[dict[str, Any]]:
+def _checkpoints(project: Project, frames_key: str | None,
+                 losses: dict[str, dict[int, float]], status: Status) -> list[dict[str, Any]]:
+    """Every checkpoint, run by run (oldest first: an older project's flat `step-N` ones, then
+    `run-1`, `run-2`, ...), each run by step; the last is the one edit and --resume use."""
     found = []
-    folder = root / "checkpoints"
-    for path in sorted(folder.glob("step-*")) if folder.is_dir() else []:
-        if not (path / RECORD).is_file():
-            continue  # a folder being written (it appears whole) or not vedit's
-        try:
-            checkpoint = read_checkpoint(path)
-        except BadInputError as exc:
-            status.damaged.append(exc.message)
-            continue
-        settings = checkpoint.record.get("settings", {})
-        entry = {"name": checkpoint.name, "step": checkpoint.step,
-                 "loss": losses.get(checkpoint.step),
-                 "base_model": checkpoint.record.get("base_model"),
-                 "base_fingerprint": checkpoint.record.get("base_fingerprint"),
-                 "settings": {k: settings.get(k) for k in ("prompt", "steps", "lr", "rank",
-                                                           "lora_targets", "seed")},
-                 "state": "current" if checkpoint.record.get("frames_key") == frames_key
-                 else "stale: tuned on other frames"}
-        for name in (LORA_FILE, TEMPORAL_FILE):
-            problem = _tensor_file_problem(path / name)
-            if problem:
-                status.damaged.append(f"{checkpoint.name}/{name} {problem}.")
-                entry["state"] = "damaged"
-        found.append(entry)
-    return sorted(found, key=lambda c: c["step"])
+    for run in project.run_names():
+        in_run = []
+        for path in project.checkpoint_dirs(run):
+            if not (path / RECORD).is_file():
+                continue  # a folder being written (it appears whole) or not vedit's
+            try:
+                checkpoint = read_checkpoint(path, run)
+            except (BadInputError, ProjectError) as exc:
+                status.damaged.append(exc.message)
+                continue
+            settings = checkpoint.record.get("settings", {})
+            entry: dict[str, Any] = {
+                "name": checkpoint.name, "run": run, "step": checkpoint.step,
+                "loss": losses.get(run, {}).get(checkpoint.step),
+                "base_model": checkpoint.record.get("base_model"),
+                "base_fingerprint": checkpoint.record.get("base_fingerprint"),
+                "settings": {k: settings.get(k) for k in ("prompt", "steps", "lr", "rank",
+                                                          "lora_targets", "seed")},
+                "state": "current" if checkpoint.record.get("frames_key") == frames_key
+                else "stale: tuned on other frames"}
+            for name in (LORA_FILE, TEMPORAL_FILE):
+                problem = _tensor_file_problem(path / name)
+                if problem:
+                    status.damaged.append(f"{checkpoint.name}/{name} {problem}.")
+                    entry["state"] = "damaged"
+            in_run.append(entry)
+        found += sorted(in_run, key=lambda c: c["step"])
+    return found
 
 
 def _tensor_file_problem(path: Path) -> str | None:
@@ -244,7 +257,7 @@ def _next(status: Status, frames_key: str | None) -> dict[str, str]:
     plan = {"tune": f"`--resume` continues from {latest['name']} to step {tuned_to}"
             if tuned_to and latest["step"] < tuned_to
             else f"tuned to step {latest['step']}: `--resume --steps N` goes on; without "
-            "--resume tune starts over, replacing the checkpoints"}
+            "--resume tune starts a new run beside the earlier ones, which it keeps"}
     encoded = any(c["state"] == "current" and c["model"] == latest["base_fingerprint"]
                   for c in status.latents)
     reuse = [f"{i['key']} at --steps {i['steps']}" for i in status.inversions

@@ -13,7 +13,6 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 import signal
 import threading
 import time
@@ -22,7 +21,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TextIO
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +35,7 @@ from vedit.checkpoints import (
     list_checkpoints,
     load_training_state,
     load_weights,
+    next_run,
     training_state,
     write_checkpoint,
 )
@@ -88,6 +88,8 @@ class TuneResult:
     mixed_precision: str
     seconds: float
     latents_reused: bool
+    run: str = ""
+    training_seconds: float = 0.0  # the training steps' own time: no loading, evaluation, saving
     eval_loss_before: float | None = None
     eval_loss_after: float | None = None
     smoothed_loss: float | None = None
@@ -97,11 +99,13 @@ class TuneResult:
     def to_dict(self) -> dict[str, Any]:
         trained = self.steps - self.start_step
         return {
-            "project": str(self.project), "steps": self.steps, "start_step": self.start_step,
+            "project": str(self.project), "run": self.run, "steps": self.steps,
+            "start_step": self.start_step,
             "checkpoints": [str(p) for p in self.checkpoints], "loss_log": str(self.loss_log),
             "device": self.device, "mixed_precision": self.mixed_precision,
             "seconds": round(self.seconds, 3),
-            "seconds_per_step": round(self.seconds / trained, 4) if trained else None,
+            "training_seconds": round(self.training_seconds, 3),
+            "seconds_per_step": round(self.training_seconds / trained, 4) if trained else None,
             "latents_reused": self.latents_reused,
             "eval_loss_before": self.eval_loss_before, "eval_loss_after": self.eval_loss_after,
             "smoothed_loss": self.smoothed_loss, "peak_memory_gb": self.peak_memory_gb,
@@ -159,7 +163,9 @@ def make_accelerator(settings: TuneSettings) -> Accelerator:
 
 def tune(project: Project | Path, settings: TuneSettings, *, resume: bool = False,
          reporter: Reporter | None = None) -> TuneResult:
-    """Tune the inflated UNet on the project's frames; checkpoints go to `checkpoints/step-N/`."""
+    """Tune the inflated UNet on the project's frames; checkpoints go to
+    `checkpoints/RUN/step-N/`, a new run's folder beside the earlier ones (or, with `resume`,
+    the latest run's)."""
     return _tune(project, settings, resume, reporter or Reporter(), base=None)
 
 
@@ -213,21 +219,24 @@ def _tune_locked(project: Project, settings: TuneSettings, resume: bool, acceler
     device = accelerator.device
     precision = accelerator.mixed_precision
     checkpoint = _checkpoint_to_resume(project, reporter) if resume else None
+    run_name = checkpoint.run if checkpoint is not None else next_run(project)
     if checkpoint is not None and checkpoint.step >= settings.steps:
-        reporter.info(f"Already tuned to step {checkpoint.step}; give --steps above it to go on.")
         return TuneResult(project=project.root, steps=checkpoint.step,
                           start_step=checkpoint.step, checkpoints=[],
-                          loss_log=project.loss_log, device=str(device),
+                          loss_log=project.loss_log(run_name), device=str(device),
                           mixed_precision=precision, seconds=time.monotonic() - started,
-                          latents_reused=False, processes=accelerator.num_processes)
+                          latents_reused=False, run=run_name,
+                          processes=accelerator.num_processes)
     try:
-        run = _prepare(project, settings, accelerator, reporter, checkpoint, base)
-        start_step = _resume_from(checkpoint, run, reporter) if checkpoint else 0
-        if not resume and accelerator.is_main_process:
-            _start_fresh(project, reporter)
-        before = fixed_draw_loss(run) if start_step == 0 else None
-        written, smoothed = _loop(project, run, start_step, reporter)
-        after = fixed_draw_loss(run)
+        run = _prepare(project, settings, accelerator, reporter, checkpoint, base, run_name)
+        if checkpoint is not None:
+            start_step = _resume_from(checkpoint, run, reporter)
+        else:
+            start_step = 0
+            _announce_new_run(project, run_name, reporter)
+        before = _evaluate(run, "before", reporter) if start_step == 0 else None
+        written, smoothed, training_seconds = _loop(project, run, start_step, reporter)
+        after = _evaluate(run, "after", reporter)
     except (RuntimeError, MemoryError) as exc:  # torch.OutOfMemoryError is a RuntimeError
         if not is_out_of_memory(exc):
             raise
@@ -242,22 +251,25 @@ def _tune_locked(project: Project, settings: TuneSettings, resume: bool, acceler
             lambda: predict_tune(tune_plan(project.root, settings), target_gpu()), fallback)
         raise OutOfMemoryError(f"Tuning ran out of GPU memory ({_memory_summary(device)}).",
                                hint) from None
-    result = TuneResult(
+    return TuneResult(
         project=project.root, steps=settings.steps, start_step=start_step,
-        checkpoints=written, loss_log=project.loss_log, device=str(device),
+        checkpoints=written, loss_log=project.loss_log(run_name), device=str(device),
         mixed_precision=precision, seconds=time.monotonic() - started,
-        latents_reused=run.latents.reused, eval_loss_before=before, eval_loss_after=after,
-        smoothed_loss=smoothed, peak_memory_gb=measured_peak_gb(device),
-        processes=accelerator.num_processes)
-    if accelerator.is_main_process:
-        project.record["tune"] = run.record | {"last_step": settings.steps,
-                                               "checkpoint": written[-1].name if written else None}
-        project.save()
-    return result
+        latents_reused=run.latents.reused, run=run_name, training_seconds=training_seconds,
+        eval_loss_before=before, eval_loss_after=after, smoothed_loss=smoothed,
+        peak_memory_gb=measured_peak_gb(device), processes=accelerator.num_processes)
+
+
+def _announce_new_run(project: Project, run_name: str, reporter: Reporter) -> None:
+    """Say that a new run starts beside the earlier ones, which it leaves as they are."""
+    earlier = list(dict.fromkeys(c.run or "checkpoints/step-N" for c in list_checkpoints(project)))
+    if earlier:
+        reporter.info(f"Starting tuning run {run_name} beside {', '.join(earlier)}, which "
+                      "stay as they are (--resume would continue the latest).")
 
 
 def _prepare(project: Project, settings: TuneSettings, accelerator: Accelerator, reporter: Reporter,
-             resuming: Checkpoint | None, base: ModelSource | None) -> TrainingRun:
+             resuming: Checkpoint | None, base: ModelSource | None, run_name: str) -> TrainingRun:
     """Load the base model, cache the latents and prompt, inflate, add LoRA, build the optimizer.
 
     A checkpoint to resume is checked against the model and frames before any work is done."""
@@ -268,7 +280,7 @@ def _prepare(project: Project, settings: TuneSettings, accelerator: Accelerator,
     record = {"settings": as_record(settings), "lora_targets": list(settings.targets),
               "base_model": components.model_id, "base_fingerprint": components.fingerprint,
               "prediction_type": components.prediction_type, "frames_key": frames["key"],
-              "vedit": __version__}
+              "run": run_name, "vedit": __version__}
     if resuming is not None:
         check_compatible(resuming, record)
     if min(frames["width"], frames["height"]) != components.native_resolution:
@@ -396,51 +408,76 @@ def training_loss(run: TrainingRun, generator: torch.Generator, batch: int) -> t
 
 
 @torch.no_grad()
-def fixed_draw_loss(run: TrainingRun, draws: int = EVAL_DRAWS) -> float:
+def fixed_draw_loss(run: TrainingRun, draws: int = EVAL_DRAWS,
+                    on_draw: Callable[[], None] | None = None) -> float:
     """The loss on the same noise and timestep draws every time: a number to compare before and
-    after tuning (the training loss itself jumps with each step's random timestep)."""
+    after tuning (the training loss itself jumps with each step's random timestep). `on_draw`
+    is called after each draw, for progress."""
     generator = torch.Generator(run.accelerator.device).manual_seed(1234)
     was_training = run.unet.training
     run.unet.eval()
+    losses = []
     with run.accelerator.autocast():
-        losses = [training_loss(run, generator, 1).item() for _ in range(draws)]
+        for _ in range(draws):
+            losses.append(training_loss(run, generator, 1).item())
+            if on_draw is not None:
+                on_draw()
     run.unet.train(was_training)
     return round(sum(losses) / len(losses), 6)
 
 
+def _evaluate(run: TrainingRun, when: str, reporter: Reporter) -> float | None:
+    """The fixed-draw loss as a phase of its own, with progress; None with `--no-eval`."""
+    if not run.settings.eval:
+        return None
+    with reporter.task(f"loss {when} tuning", total=EVAL_DRAWS) as task:
+        return fixed_draw_loss(run, on_draw=task.advance)
+
+
 def _loop(project: Project, run: TrainingRun, start_step: int,
-          reporter: Reporter) -> tuple[list[Path], float | None]:
+          reporter: Reporter) -> tuple[list[Path], float | None, float]:
+    """Train to `settings.steps`; returns the checkpoints written, the smoothed loss and the
+    seconds the training steps themselves took."""
     accelerator, settings = run.accelerator, run.settings
     run.step, smoothed, written = start_step, None, []
-    log = _LossLog(project.loss_log, start_step, accelerator.is_main_process)
-    tick = time.monotonic()
+    log = _LossLog(project.loss_log(run.record["run"]), start_step,
+                   accelerator.is_main_process)
+    training = 0.0
     try:
         with reporter.task("tuning", total=settings.steps) as task:
             task.update(completed=start_step)
             while run.step < settings.steps:
+                tick = time.monotonic()
                 loss = train_step(run)
                 if not accelerator.sync_gradients:
+                    training += time.monotonic() - tick
                     continue
                 step = run.step
                 value = accelerator.gather(loss).mean().item()
+                training += time.monotonic() - tick
                 if not math.isfinite(value):
                     raise BadInputError(f"The loss became {value} at step {step}.",
                                         "Lower --lr/--lora-lr, or use --mixed-precision bf16.")
                 smoothed = value if smoothed is None else _smooth(smoothed, value)
                 log.write(step, value, smoothed)
-                rate = (step - start_step) / max(time.monotonic() - tick, 1e-9)
+                rate = (step - start_step) / max(training, 1e-9)
                 task.update(completed=step, status=_status(smoothed, rate, accelerator.device))
                 if step == settings.steps or (settings.checkpoint_every
                                               and step % settings.checkpoint_every == 0):
                     written.append(save(project, run, step))
     except KeyboardInterrupt:
-        saved = save(project, run, run.step) if run.step > start_step else None
-        where = f"; saved {saved.relative_to(project.root)}" if saved else ""
-        raise Interrupted(f"Tuning interrupted at step {run.step}{where}.",
-                          f"Continue with `vedit tune {project.root} --resume`.") from None
+        if run.step == start_step:
+            raise Interrupted(f"Tuning interrupted before step {run.step + 1} was done; nothing "
+                              "new was saved, and every checkpoint is as it was.",
+                              "Rerun the same command to start again.") from None
+        saved = save(project, run, run.step)
+        raise Interrupted(f"Tuning interrupted at step {run.step}; saved "
+                          f"{saved.relative_to(project.root)}.",
+                          f"Continue with `vedit tune {project.root} --resume --steps "
+                          f"{settings.steps}`.") from None
     finally:
         log.close()
-    return written, smoothed
+    return written, smoothed, training
 
 
 def _smooth(smoothed: float, value: float) -> float:
@@ -449,8 +486,16 @@ def _smooth(smoothed: float, value: float) -> float:
 
 def _status(smoothed: float, rate: float, device: torch.device) -> str:
     memory = measured_peak_gb(device)
-    text = f"loss {smoothed:.4f} · {rate:.2f} it/s"
+    text = f"loss {smoothed:.4f} · {speed_text(rate)}"
     return text + (f" · {memory:.1f} GB" if memory is not None else "")
+
+
+def speed_text(rate: float) -> str:
+    """Steps per second as people read them: `2.31 it/s`, or `50 s/it` below one a second."""
+    if rate >= 1:
+        return f"{rate:.2f} it/s"
+    seconds = 1 / max(rate, 1e-9)
+    return f"{seconds:.1f} s/it" if seconds < 10 else f"{seconds:.0f} s/it"
 
 
 def _logged_step(line: str) -> float:
@@ -462,21 +507,29 @@ def _logged_step(line: str) -> float:
 
 
 class _LossLog:
-    """`logs/tune.jsonl`: one JSON line per step, for plotting; a resume cuts it at its step."""
+    """A run's `tune.jsonl`: one JSON line per step, for plotting; a resume cuts it at its step.
+    A new run's log (and so its folder) appears with its first step."""
 
     def __init__(self, path: Path, start_step: int, enabled: bool) -> None:
-        self.handle = None
+        self.path = path
+        self.handle: TextIO | None = None
+        self.enabled = enabled
         if not enabled:
             return
-        kept = []
         if start_step and path.is_file():
             kept = [line for line in path.read_text(encoding="utf-8").splitlines()
                     if _logged_step(line) <= start_step]
-        write_text_atomic(path, "".join(line + "\n" for line in kept))
-        self.handle = os.fdopen(open_no_follow(path, os.O_WRONLY | os.O_APPEND), "a",
-                                encoding="utf-8")
+            write_text_atomic(path, "".join(line + "\n" for line in kept))
+            self.handle = os.fdopen(open_no_follow(path, os.O_WRONLY | os.O_APPEND), "a",
+                                    encoding="utf-8")
+        else:
+            path.unlink(missing_ok=True)  # what a run interrupted before its first step left
 
     def write(self, step: int, loss: float, smoothed: float) -> None:
+        if self.enabled and self.handle is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.handle = os.fdopen(open_no_follow(self.path, os.O_WRONLY | os.O_APPEND
+                                                   | os.O_CREAT), "a", encoding="utf-8")
         if self.handle is not None:
             self.handle.write(json.dumps({"step": step, "loss": round(loss, 6),
                                           "smoothed": round(smoothed, 6),
@@ -489,8 +542,9 @@ class _LossLog:
 
 
 def save(project: Project, run: TrainingRun, step: int) -> Path:
-    """Write `checkpoints/step-N/` (main process only; the others wait)."""
-    folder = project.checkpoint_dir(step)
+    """Write `checkpoints/RUN/step-N/`, then name it in the project record (main process only;
+    the others wait): the record only ever names a checkpoint that is there."""
+    folder = project.checkpoint_dir(run.record["run"], step)
     if run.accelerator.is_main_process:
         unet = _unwrapped(run)
         metadata = {"base_model": run.record["base_model"],
@@ -503,18 +557,11 @@ def save(project: Project, run: TrainingRun, step: int) -> Path:
                          temporal_state_dict(unet),
                          training_state(run.optimizer, {"noise": run.step_start_rng},
                                         run.accelerator.scaler), metadata)
+        project.record["tune"] = run.record | {
+            "last_step": step, "checkpoint": Project.checkpoint_name(run.record["run"], step)}
+        project.save()
     run.accelerator.wait_for_everyone()
     return folder
-
-
-def _start_fresh(project: Project, reporter: Reporter) -> None:
-    """A new tuning run replaces the checkpoints of an earlier one (--resume continues it)."""
-    old = list_checkpoints(project)
-    if old:
-        reporter.info(f"Replacing the {len(old)} checkpoint(s) of an earlier tuning run "
-                      "(--resume would have continued it).")
-    for checkpoint in old:
-        shutil.rmtree(checkpoint.path)
 
 
 def _checkpoint_to_resume(project: Project, reporter: Reporter) -> Checkpoint:

@@ -353,8 +353,11 @@ def _next_window(progress: WindowProgress, timesteps: torch.Tensor, step_window:
 
 
 def _status(progress: WindowProgress, steps: int, plan: WindowPlan) -> str:
-    step = min(progress.step + 1, steps)
-    return f"step {step}/{steps}{_window_text(len(progress.outputs) + 1, plan)}"
+    """The step and window running now, where the bar's count of windows done does not say it
+    (with one window the count is the step: a second counter would only disagree by one)."""
+    if len(plan) == 1 or progress.step >= steps:
+        return ""
+    return f"now step {progress.step + 1}/{steps}{_window_text(len(progress.outputs) + 1, plan)}"
 
 
 def _window_text(window: int, plan: WindowPlan) -> str:
