@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from vedit import tomlio
 from vedit.checkpoints import RECORD, find_checkpoint, list_checkpoints, next_run
 from vedit.errors import BadInputError, ProjectError
 from vedit.project import Project
@@ -20,7 +21,9 @@ def checkpoint(project: Project, name: str) -> Path:
     """A checkpoint folder as far as listing goes: its record (`run-2/step-5`, or `step-5`)."""
     folder = project.checkpoints_dir / name
     folder.mkdir(parents=True)
-    (folder / RECORD).write_text(f"step = {name.rsplit('-', 1)[1]}\n")
+    (folder / RECORD).write_text(tomlio.dumps({
+        "step": int(name.rsplit("-", 1)[1]), "settings": {"prompt": "a man skiing"},
+        "lora_targets": ["attn1.to_q"], "base_model": "/models/sd", "base_fingerprint": "f"}))
     return folder
 
 
