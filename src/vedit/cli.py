@@ -10,14 +10,17 @@ import typer
 from typer.core import TyperCommand, TyperGroup, TyperOption
 
 from vedit import __version__
+from vedit.clip_models import DEFAULT_CLIP_MODEL, SCORING_MODELS
 from vedit.errors import EXIT_CODES, EnvironmentProblem, UsageError
 from vedit.model_files import DEFAULT_MODEL, CachedModel, ModelSource
 from vedit.output import Output, with_output
+from vedit.progress import Reporter
 from vedit.project import Project
 from vedit.settings import (
     DEFAULT_SIZE,
     EditSettings,
     ExtractSettings,
+    ScoreSettings,
     TuneSettings,
     config_values,
     resolve,
@@ -163,25 +166,49 @@ def fetch_models(
     variant: Annotated[str | None, typer.Option(
         "--variant", help="Weights variant, e.g. fp16, where the repo has it.",
         show_default=False)] = None,
+    scoring: Annotated[bool, typer.Option(
+        "--scoring", help=f"Fetch the models `vedit score` uses: {' and '.join(SCORING_MODELS)} "
+        "(with its processor).")] = False,
     list_: Annotated[bool, typer.Option(
         "--list", help="List the models present and their size; download nothing.")] = False,
 ) -> None:
-    """Download a Stable Diffusion 1.x/2.x model (only what vedit needs), or check a local one."""
-    from vedit import hub, models
+    """Download a Stable Diffusion 1.x/2.x model or a CLIP (only what vedit needs), or check a
+    local one."""
+    from vedit import hub
 
     if list_:
         found = hub.list_models()
-        rows = [f"{m.name}  {human_size(m.size_bytes)}  {m.path}" for m in found]
+        rows = [f"{m.name}  {human_size(m.size_bytes)}  {m.path}"
+                + ("  (scoring)" if m.role == "scoring" else "") for m in found]
         out.result({"models": [_model_facts(m) for m in found]},
                    "\n".join(rows) or "No models yet: run `vedit fetch-models`.")
         return
-    name = model or config_values(None, []).get("model") or DEFAULT_MODEL
-    hub.fetch_model(name, revision=revision, variant=variant, reporter=out.reporter)
+    names = list(SCORING_MODELS) if scoring else []
+    if model or not scoring:
+        names.insert(0, model or config_values(None, []).get("model") or DEFAULT_MODEL)
+    fetched = [_fetch(name, revision, variant, out.reporter) for name in names]
+    if scoring:
+        out.result({"models": [facts for facts, _ in fetched]},
+                   "\n".join(text for _, text in fetched))
+    else:
+        out.result(*fetched[0])
+
+
+def _fetch(name: str, revision: str | None, variant: str | None,
+           reporter: Reporter) -> tuple[dict[str, object], str]:
+    """Fetch one model; its facts for --json and a line for people."""
+    from vedit import clip_models, hub, models
+
+    path = hub.fetch_model(name, revision=revision, variant=variant, reporter=reporter)
+    if clip_models.is_clip_folder(path):
+        clip = clip_models.resolve_clip(name)
+        return clip.to_dict(), (f"{clip.name} is ready in {clip.path} (CLIP, "
+                                f"{human_size(clip.size_bytes)}).")
     source = models.resolve_model(name, revision=revision, variant=variant)
     parts = ", ".join(f"{c} {info.dtype} {human_size(info.size_bytes)}"
                       for c, info in source.components.items() if info.dtype)
-    out.result(_model_facts(source) | {"fingerprint": source.fingerprint},
-               f"{source.name} is ready in {source.path} ({parts}).")
+    return (_model_facts(source) | {"fingerprint": source.fingerprint},
+            f"{source.name} is ready in {source.path} ({parts}).")
 
 
 def human_size(size: int) -> str:
@@ -384,22 +411,80 @@ def edit(
     overlap: Annotated[int | None, typer.Option(
         "--overlap", help="With --full: frames neighbouring windows share.  \\[default: a "
         "quarter of the window]", show_default=False)] = None,
+    score: Annotated[bool | None, typer.Option(
+        "--score/--no-score", help="Score each edit as `vedit score` does, into its edit.toml "
+        "and the result.  \\[default: no]", show_default=False)] = None,
     config: ConfigOpt = None,
 ) -> None:
     """Render the tuned clip under new prompts into edits/NAME/ (mp4, side-by-side, ...)."""
     from vedit import edit as edit_stage
     from vedit.prompts import read_prompts
+    from vedit.score import format_metrics
 
     values = config_values(config, ["edit"])
     settings = resolve(EditSettings, values, overrides=dict(
         checkpoint=checkpoint, steps=steps, guidance=guidance,
         negative_prompt=negative_prompt, seed=seed, formats=formats, batch=batch,
         inversion=inversion, inversion_prompt=inversion_prompt, full=full, window=window,
-        overlap=overlap))
+        overlap=overlap, score=score))
+    scoring = resolve(ScoreSettings, config_values(config, ["score"]))
     prompts = list(prompt or []) + (read_prompts(prompts_file) if prompts_file else [])
-    result = edit_stage.edit(project, prompts, settings, name=name, reporter=out.reporter)
-    lines = [f"{e.files['video']}  ({e.prompt}, {e.frames} frames)" for e in result.edits]
+    result = edit_stage.edit(project, prompts, settings, name=name, scoring=scoring,
+                             reporter=out.reporter)
+    lines = []
+    for e in result.edits:
+        lines.append(f"{e.files['video']}  ({e.prompt}, {e.frames} frames)")
+        if e.scores is not None:
+            lines.append(f"  scores: {format_metrics(e.scores)}")
     out.result(result.to_dict(), "\n".join(lines))
+
+
+@command()
+def score(
+    out: Output,
+    target: Annotated[Path, typer.Argument(
+        metavar="PROJECT_OR_VIDEO", help="A project (its edits are scored), or a video to score "
+        "against --source.", show_default=False)],
+    edits: Annotated[list[str] | None, typer.Argument(
+        metavar="EDIT", help="With a project: the edits to score.  \\[default: every edit]",
+        show_default=False)] = None,
+    source: Annotated[Path | None, typer.Option(
+        "--source", help="With a video: the clip it was made from (a video, or a project for its "
+        "frames).", show_default=False)] = None,
+    prompt: Annotated[str | None, typer.Option(
+        "--prompt", "-p", help="With a video: the prompt it was made with (for the text "
+        "metrics).", show_default=False)] = None,
+    clip_model: Annotated[str | None, typer.Option(
+        "--clip-model", help=f"CLIP hub id or local folder.  \\[default: {DEFAULT_CLIP_MODEL}]",
+        show_default=False)] = None,
+    csv_file: Annotated[Path | None, typer.Option(
+        "--csv", help="Also write one row per video to this CSV file.", show_default=False)
+    ] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Score edits as video-editing benchmarks do: flicker, motion, CLIP consistency and text."""
+    from vedit import score as score_stage
+
+    settings = resolve(ScoreSettings, config_values(config, ["score"]),
+                       overrides=dict(clip_model=clip_model))
+    if source is None:
+        if not target.is_dir():
+            raise UsageError(f"Scoring the video {target} needs --source CLIP, the clip it "
+                             "was made from.", "Or give a project to score its edits.")
+        if prompt is not None:
+            raise UsageError("--prompt goes with a video and --source; a project's edits "
+                             "are scored against their own prompts.", "Drop --prompt.")
+        results = score_stage.score_project(target, edits, settings, reporter=out.reporter)
+    else:
+        if edits:
+            raise UsageError("EDIT names go with a project, not with --source.",
+                             "Score one video against --source at a time.")
+        results = [score_stage.score_video(target, source, prompt, settings,
+                                           reporter=out.reporter)]
+    if csv_file is not None:
+        score_stage.write_csv(csv_file, results)
+    out.result({"videos": [r.to_dict() for r in results]},
+               score_stage.results_table(results))
 
 
 @command()

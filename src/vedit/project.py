@@ -41,6 +41,7 @@ FRAMES_VERSION = 1
 RECORD_NAME = "vedit.toml"
 LOCK_NAME = ".vedit.lock"
 EDIT_VIDEO = "video.mp4"
+EDIT_RECORD = "edit.toml"  # an edit's prompt, settings and scores
 FINAL_VIDEO = "final.mp4"
 _TMP_MARK = ".tmp-"
 _STEP_DIR = re.compile(r"^step-\d+$")
