@@ -183,11 +183,12 @@ def fetch_models(
         out.result({"models": [_model_facts(m) for m in found]},
                    "\n".join(rows) or "No models yet: run `vedit fetch-models`.")
         return
-    names = list(SCORING_MODELS) if scoring else []
+    fetched = []
     if model or not scoring:
-        names.insert(0, model or config_values(None, []).get("model") or DEFAULT_MODEL)
-    fetched = [_fetch(name, revision, variant, out.reporter) for name in names]
+        base = model or config_values(None, []).get("model") or DEFAULT_MODEL
+        fetched.append(_fetch(base, revision, variant, out.reporter))
     if scoring:
+        fetched += [_fetch(name, None, None, out.reporter) for name in SCORING_MODELS]
         out.result({"models": [facts for facts, _ in fetched]},
                    "\n".join(text for _, text in fetched))
     else:

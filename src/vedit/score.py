@@ -268,14 +268,15 @@ class Scorer:
         self.settings = settings or ScoreSettings()
         self.device = device
         self.reporter = reporter or Reporter()
-        self._models: tuple[ClipModel | None, ClipModel | None] | None = None
+        self._loaded: dict[str, ClipModel | None] = {}
 
     def score(self, video: Frames, source: Frames, prompt: str | None = None, *,
               name: str | None = None) -> VideoScore:
         """Score `video` against the frames it was made from, and against `prompt`."""
         matching = match_frames(video, source)
         notes = [matching.note] if matching.note else []
-        clip, pick = self.models()
+        clip = self.clip_model()
+        pick = self.pickscore_model() if prompt else None  # PickScore scores against a prompt
         flow = FlowEstimator()
         flow_scores, batch = [], []
         embeds: dict[str, list[torch.Tensor]] = {"clip": [], "pick": []}
@@ -305,16 +306,29 @@ class Scorer:
         return VideoScore(video.label, source.label, prompt, len(matching), metrics, per_frame,
                           name=name, clip_model=clip.source.name if clip else None, notes=notes)
 
-    def models(self) -> tuple[ClipModel | None, ClipModel | None]:
-        """The CLIP and PickScore models, loaded the first time; None for a default one that is
-        not on disk (with one notice). A CLIP model asked for by name must be there."""
-        if self._models is None:
-            clip = self._load(self.settings.clip_model or DEFAULT_CLIP_MODEL,
-                              required=self.settings.clip_model is not None)
-            pick = self._load(PICKSCORE_MODEL, required=False)
-            self._notice(clip is None, pick is None)
-            self._models = clip, pick
-        return self._models
+    def clip_model(self) -> ClipModel | None:
+        """The CLIP, loaded the first time; None (with a notice) for the default one when it is
+        not on disk. A CLIP asked for by name must be there."""
+        if "clip" not in self._loaded:
+            named = self.settings.clip_model
+            self._loaded["clip"] = self._load(named or DEFAULT_CLIP_MODEL, required=bool(named))
+            if self._loaded["clip"] is None:
+                self.reporter.warn(
+                    f"The CLIP metrics are null: {DEFAULT_CLIP_MODEL} is not in the Hugging Face "
+                    "cache. Run `vedit fetch-models --scoring` once with network (CLIP ViT-L/14 "
+                    f"and PickScore), or `vedit fetch-models {DEFAULT_CLIP_MODEL}` for CLIP "
+                    "alone.")
+        return self._loaded["clip"]
+
+    def pickscore_model(self) -> ClipModel | None:
+        """PickScore, loaded the first time; None when it is not on disk (with a notice, unless
+        the CLIP's notice already named it)."""
+        if "pick" not in self._loaded:
+            self._loaded["pick"] = self._load(PICKSCORE_MODEL, required=False)
+            if self._loaded["pick"] is None and self.clip_model() is not None:
+                self.reporter.info(f"pickscore is null: run `vedit fetch-models "
+                                   f"{PICKSCORE_MODEL}` to add it.")
+        return self._loaded["pick"]
 
     def _load(self, spec: str, *, required: bool) -> ClipModel | None:
         try:
@@ -332,16 +346,6 @@ class Scorer:
         import torch
 
         return "cuda" if torch.cuda.is_available() else "cpu"
-
-    def _notice(self, clip_missing: bool, pick_missing: bool) -> None:
-        if clip_missing:
-            self.reporter.warn(
-                f"The CLIP metrics are null: {DEFAULT_CLIP_MODEL} is not in the Hugging Face "
-                "cache. Run `vedit fetch-models --scoring` once with network (CLIP ViT-L/14 and "
-                f"PickScore), or `vedit fetch-models {DEFAULT_CLIP_MODEL}` for CLIP alone.")
-        elif pick_missing:
-            self.reporter.info(f"pickscore is null: run `vedit fetch-models {PICKSCORE_MODEL}` "
-                               "to add it.")
 
     def _clip_scores(self, embeds: dict[str, list[torch.Tensor]], clip: ClipModel | None,
                      pick: ClipModel | None, prompt: str | None) -> dict[str, list[float | None]]:
