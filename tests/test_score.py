@@ -119,6 +119,8 @@ def test_clip_metrics_equal_transformers_own_computation(tiny_clip: Path, moving
     assert result.per_frame["clip_text_alignment"] == pytest.approx(
         (100 * out.image_embeds @ out.text_embeds[0]).tolist(), abs=1e-5)
     assert result.clip_model == str(tiny_clip)
+    with pytest.warns(UserWarning, match="longer than"):  # scored cut, as the encoder reads it
+        Scorer(ScoreSettings(clip_model=str(tiny_clip))).score(clip, clip, "a square " * 60)
 
 
 def test_without_the_models_the_clip_metrics_are_null_with_one_notice(moving: Path) -> None:
@@ -150,9 +152,10 @@ def test_scoring_models_fetched_from_the_hub_give_every_metric(
                        "special_tokens_map.json", "vocab.json", "merges.txt"]
     pickle = {"pytorch_model.bin": b"pickle, never fetched"}
     fake_hub.add_folder(DEFAULT_CLIP_MODEL, tiny_clip, extra=pickle)
+    own_processor = {f: b"PickScore's own, unused" for f in processor_files}
     fake_hub.add_repo(PICKSCORE_MODEL, {"config.json": (pick / "config.json").read_bytes(),
                                         "model.safetensors": (pick / "model.safetensors")
-                                        .read_bytes(), **pickle})
+                                        .read_bytes(), **pickle, **own_processor})
     fake_hub.add_repo(PROCESSOR_REPOS[PICKSCORE_MODEL], {
         **{f: (pick / f).read_bytes() for f in processor_files},
         "config.json": b"{}", "open_clip_pytorch_model.bin": b"pickle, never fetched"})
@@ -164,6 +167,9 @@ def test_scoring_models_fetched_from_the_hub_give_every_metric(
     got = {r.path.rsplit("/", 1)[-1] for r in fake_hub.requests if r.method == "GET"
            and "/api/" not in r.path}
     assert not {f for f in got if f.endswith(".bin")}
+    assert not [r for r in fake_hub.requests  # the processor comes from LAION's repo only
+                if f"/{PICKSCORE_MODEL}/resolve/" in r.path and r.path.endswith(".json")
+                and not r.path.endswith("/config.json")]
     assert not fake_hub.unexpected()
     listed = runner.invoke(app, ["fetch-models", "--list", "--json"])
     assert {m["name"]: m["role"] for m in json.loads(listed.stdout)["models"]} == {

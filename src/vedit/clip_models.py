@@ -59,15 +59,17 @@ class ClipSource:
 
 
 def select_clip_files(repo_id: str, repo_files: Iterable[str]) -> list[str]:
-    """The files of a CLIP repo vedit needs: config.json, one set of safetensors weights and the
-    processor files at its top level; never pickles, TensorFlow or Flax weights."""
+    """The files of a CLIP repo vedit needs: config.json, one set of safetensors weights and
+    (unless PROCESSOR_REPOS names another repo's) the processor files at its top level; never
+    pickles, TensorFlow or Flax weights."""
     top = sorted(f for f in repo_files if "/" not in f)
     _, weights = choose_weight_files(top, None)
     if not weights:
         raise BadInputError(f"{repo_id} has no .safetensors weights (vedit loads safetensors "
                             "only, never pickle).", "Pick a CLIP repo that has model.safetensors.")
     index = [f for f in top if f.endswith(".safetensors.index.json")]
-    return ["config.json", *[f for f in PROCESSOR_FILES if f in top], *index, *weights]
+    processor = [] if repo_id in PROCESSOR_REPOS else [f for f in PROCESSOR_FILES if f in top]
+    return ["config.json", *processor, *index, *weights]
 
 
 def select_processor_files(repo_id: str, repo_files: Iterable[str]) -> list[str]:
