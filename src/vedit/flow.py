@@ -33,8 +33,10 @@ class FlowEstimator:
 
     def __call__(self, first: np.ndarray, second: np.ndarray) -> np.ndarray:
         """Flow from RGB frame `first` to `second` (same size), `(h, w, 2)` float32."""
-        out = np.zeros((*first.shape[:2], 2), np.float32)
-        return np.asarray(self._dis.calc(_grey(first), _grey(second), out), dtype=np.float32)
+        # No flow given: DIS starts from none (OpenCV's stubs omit that None is allowed, and
+        # any array passed instead changes the result).
+        flow = self._dis.calc(_grey(first), _grey(second), None)  # type: ignore[call-overload]
+        return np.asarray(flow, dtype=np.float32)
 
 
 def _grey(frame: np.ndarray) -> np.ndarray:

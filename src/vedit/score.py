@@ -163,12 +163,13 @@ def _nearest(times: list[float], target: float) -> int:
 
 def _pick(frames: Iterator[np.ndarray], indices: Iterable[int]) -> Iterator[np.ndarray]:
     """The frames at `indices` (never decreasing; repeats allowed) of a stream, in one pass."""
-    position, current = -1, None
+    position = -1
+    current: np.ndarray
     for index in indices:
         while position < index:
             current = next(frames)
             position += 1
-        yield current  # type: ignore[misc]
+        yield current
 
 
 # --- results -----------------------------------------------------------------------------------
@@ -212,10 +213,10 @@ def _shown(name: str, value: float | None) -> str:
 
 def best(scores: Sequence[VideoScore], metric: str) -> float | None:
     """The best value of a metric among the videos (lowest for warp_error, else highest)."""
-    values = [s.metrics[metric] for s in scores if s.metrics.get(metric) is not None]
+    values = [value for s in scores if (value := s.metrics.get(metric)) is not None]
     if not values:
         return None
-    return min(values) if metric in LOWER_IS_BETTER else max(values)  # type: ignore[type-var]
+    return min(values) if metric in LOWER_IS_BETTER else max(values)
 
 
 def results_table(scores: Sequence[VideoScore]) -> Table:
