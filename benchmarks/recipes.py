@@ -349,7 +349,7 @@ def edit_clip(editing: Editing, steps: int, guidance: float, folder: Path,
         uncond = editing.text_encoder(editing.ids.flip(-1))[0]
     if cached_inversion is None:
         with watch.section("invert"):
-            noise = ddim_invert(editing.unet, editing.scheduler.config, editing.latents, uncond,
+            noise = ddim_invert(editing.unet, editing.scheduler, editing.latents, uncond,
                                 steps)
             save_file({"noise": noise.float().cpu()}, str(folder / "inversion.safetensors"))
     else:

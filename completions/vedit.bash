@@ -7,7 +7,7 @@ _vedit() {
     done
     case "$cmd" in
         "")
-            if [[ $cur == -* ]]; then words="--version --install-completion --show-completion --help -h"; else words="demo doctor edit extract fetch-models remux score tune"; fi
+            if [[ $cur == -* ]]; then words="--version --install-completion --show-completion --help -h"; else words="demo doctor edit extract fetch-models remux score status tune"; fi
             COMPREPLY=($(compgen -W "$words" -- "$cur")) ;;
         demo)
             case "$prev" in
@@ -33,9 +33,10 @@ _vedit() {
                 --batch) return ;;
                 --window) return ;;
                 --overlap) return ;;
+                --full-stride) return ;;
                 --config) COMPREPLY=($(compgen -f -- "$cur")); return ;;
             esac
-            if [[ $cur == -* ]]; then COMPREPLY=($(compgen -W "--prompt -p --prompts-file --name --checkpoint --steps --guidance --negative-prompt --seed --formats --batch --inversion --no-inversion --inversion-prompt --empty-inversion-prompt --full --tuned-frames --window --overlap --score --no-score --config --json --quiet -q --debug --help -h" -- "$cur")); else COMPREPLY=($(compgen -f -- "$cur")); fi ;;
+            if [[ $cur == -* ]]; then COMPREPLY=($(compgen -W "--prompt -p --prompts-file --name --checkpoint --steps --guidance --negative-prompt --seed --formats --batch --inversion --no-inversion --inversion-prompt --empty-inversion-prompt --full --tuned-frames --window --overlap --full-stride --score --no-score --config --json --quiet -q --debug --help -h" -- "$cur")); else COMPREPLY=($(compgen -f -- "$cur")); fi ;;
         extract)
             case "$prev" in
                 --output|-o) COMPREPLY=($(compgen -f -- "$cur")); return ;;
@@ -68,6 +69,10 @@ _vedit() {
                 --config) COMPREPLY=($(compgen -f -- "$cur")); return ;;
             esac
             if [[ $cur == -* ]]; then COMPREPLY=($(compgen -W "--source --prompt -p --clip-model --csv --config --json --quiet -q --debug --help -h" -- "$cur")); else COMPREPLY=($(compgen -f -- "$cur")); fi ;;
+        status)
+            case "$prev" in
+            esac
+            if [[ $cur == -* ]]; then COMPREPLY=($(compgen -W "--json --quiet -q --debug --help -h" -- "$cur")); else COMPREPLY=($(compgen -f -- "$cur")); fi ;;
         tune)
             case "$prev" in
                 --prompt|-p) return ;;

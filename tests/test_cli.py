@@ -174,3 +174,61 @@ def test_the_installed_command_keeps_stdout_clean(tmp_path: Path, clip_qcif: Pat
                             text=True, timeout=120)
     assert failed.returncode == 4 and failed.stdout == ""
     assert failed.stderr.startswith("error: ")
+
+
+NOT_UTF8 = b"caf\xe9".decode("utf-8", "surrogateescape")  # Latin-1 bytes, as argv brings them
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--guidance", "nan"], "--guidance nan is not a number from 0 up"),
+    (["--guidance", "inf"], "--guidance inf is not a number from 0 up"),
+    (["--seed", str(2**64)], "seeds go from 0 to 9223372036854775807"),
+    (["--seed", str(2**63)], "seeds go from 0 to 9223372036854775807"),
+    (["--seed", "-1"], "seeds go from 0 to"),
+    (["--prompt", f"a {NOT_UTF8} is talking"], "The prompt is not valid UTF-8 (at character 6)"),
+    (["-p", "a dog", "-p", NOT_UTF8], "Prompt 2 ('caf\\udce9') is not valid UTF-8"),
+    (["--negative-prompt", NOT_UTF8], "The --negative-prompt is not valid UTF-8"),
+])
+def test_odd_edit_input_is_bad_input(tmp_path: Path, args: list[str], message: str) -> None:
+    """Refused as bad input (exit 3) before the project is even looked at."""
+    if "--prompt" not in args and "-p" not in args:
+        args = ["--prompt", "a cat", *args]
+    result = run("edit", tmp_path / "no-project", *args)
+    assert result.exit_code == 3, result.stderr
+    assert message in " ".join(result.stderr.split())
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--seed", str(2**64)], "seeds go from 0 to 9223372036854775807"),
+    (["--prompt", NOT_UTF8], "The --prompt is not valid UTF-8"),
+])
+def test_odd_tune_input_is_bad_input(tmp_path: Path, clip_qcif: Path, args: list[str],
+                                     message: str) -> None:
+    if "--prompt" not in args:
+        args = ["--prompt", "a man", *args]
+    result = run("tune", clip_qcif, "--project", tmp_path / "p", *args)
+    assert result.exit_code == 3, result.stderr
+    assert message in " ".join(result.stderr.split())
+    assert not (tmp_path / "p").exists()
+
+
+@pytest.mark.parametrize("from_stdin", [False, True])
+def test_a_prompts_file_not_in_utf8_names_its_line(tmp_path: Path, from_stdin: bool) -> None:
+    data = b"a cat is talking\n# a comment\n" + b"a caf\xe9 is open\n"
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_bytes(data)
+    where = "-" if from_stdin else str(prompts)
+    result = runner.invoke(app, ["edit", str(tmp_path / "no-project"), "--prompts-file", where],
+                           input=data if from_stdin else None)
+    assert result.exit_code == 3, result.stderr
+    name = "stdin" if from_stdin else str(prompts)
+    assert f"Line 3 of --prompts-file {name} is not valid UTF-8." in " ".join(
+        result.stderr.split())
+
+
+def test_a_command_line_in_another_encoding_is_bad_input(tmp_path: Path) -> None:
+    """The real thing: the bytes of a Latin-1 terminal on the command line of `vedit`."""
+    done = subprocess.run([sys.executable, "-m", "vedit", "edit", str(tmp_path / "no-project"),
+                           "--prompt", b"a caf\xe9"], capture_output=True, timeout=120)
+    assert done.returncode == 3, done.stderr
+    assert b"The prompt is not valid UTF-8 (at character 6)." in done.stderr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import shutil
 from pathlib import Path
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from clips import stream_durations
+from diffusers import DDIMInverseScheduler, DDIMScheduler
 from launcher import launch_vedit
 from PIL import Image
 from projects import TUNED_PROMPT
@@ -60,7 +62,7 @@ class IdealDenoiser:
 
 def _round_trip_error(model: object, scheduler: object, clean: torch.Tensor, steps: int) -> float:
     prompts = torch.zeros(1, 7, 32)
-    noise = ddim_invert(model, scheduler.config, clean, prompts, steps=steps)
+    noise = ddim_invert(model, scheduler, clean, prompts, steps=steps)
     back = ddim_sample(model, scheduler, noise, prompts, prompts, guidance=1.0, steps=steps)
     return ((back - clean).norm() / clean.norm()).item()
 
@@ -80,6 +82,99 @@ def test_round_trip_with_a_model_that_fits_the_clip(tiny_model: Path, prediction
     assert errors[0] > errors[1] > errors[2]
 
 
+def _spaced(scheduler: DDIMScheduler, spacing: str) -> DDIMScheduler:
+    return DDIMScheduler.from_config(dict(scheduler.config) | {"timestep_spacing": spacing})
+
+
+@pytest.mark.parametrize("spacing", ["leading", "trailing"])
+def test_inversion_is_diffusers_ddim_inverse_where_that_applies(tiny_model: Path,
+                                                                spacing: str) -> None:
+    """For the spacings diffusers' DDIMInverseScheduler takes, vedit's inversion is its loop
+    (and so Tune-A-Video's), to the bit: cached inversions stay valid."""
+    scheduler = _spaced(load_components(tiny_model, device="cpu").scheduler, spacing)
+    clean = torch.randn(1, 4, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+    model = IdealDenoiser(clean * 0.5, scheduler.alphas_cumprod, v=False)
+    prompts = torch.zeros(1, 7, 32)
+    ours = ddim_invert(model, scheduler, clean, prompts, steps=10)
+    accepted = inspect.signature(DDIMInverseScheduler.__init__).parameters
+    inverse = DDIMInverseScheduler.from_config(
+        {k: v for k, v in scheduler.config.items() if k in accepted})
+    inverse.set_timesteps(10)
+    theirs = clean
+    for timestep in inverse.timesteps:
+        theirs = inverse.step(model(theirs, timestep, prompts), timestep, theirs).prev_sample
+    assert torch.equal(ours, theirs)
+
+
+@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
+def test_the_round_trip_holds_for_every_timestep_spacing(tiny_model: Path, spacing: str) -> None:
+    """Inversion retraces the sampler's own timesteps, whatever their spacing: with the exact
+    denoiser, sampling back lands within 1 % of the clip at 50 steps (linspace was refused by
+    diffusers' DDIM inverse)."""
+    scheduler = _spaced(load_components(tiny_model, device="cpu").scheduler, spacing)
+    clean = torch.randn(1, 4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    model = IdealDenoiser(clean, scheduler.alphas_cumprod, v=False)
+    assert _round_trip_error(model, scheduler, clean, 50) < 0.01
+
+
+class RecordedSteps:
+    """A UNet that notes the timesteps it is called at."""
+
+    def __init__(self, unet: object) -> None:
+        self.unet, self.dtype, self.timesteps = unet, torch.float32, []
+
+    def __call__(self, sample: torch.Tensor, timestep: torch.Tensor,
+                 prompts: torch.Tensor) -> torch.Tensor:
+        self.timesteps.append(int(timestep))
+        return self.unet(sample, timestep, prompts)
+
+
+def test_a_base_model_with_linspace_timesteps_inverts_and_samples(tmp_path: Path,
+                                                                  tiny_model: Path) -> None:
+    """A base model whose scheduler spaces timesteps by linspace: the inversion climbs the
+    sampler's timesteps (999, 979, 958, ... reversed), and sampling comes back down them."""
+    model = tmp_path / "linspace-sd"
+    shutil.copytree(tiny_model, model)
+    config_file = model / "scheduler" / "scheduler_config.json"
+    config = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps(config | {"timestep_spacing": "linspace"}))
+    components = load_components(model, device="cpu")
+    assert components.scheduler.config.timestep_spacing == "linspace"
+    unet = RecordedSteps(inflate_unet(components.unet))
+    clean = torch.randn(1, 4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    prompts = encode_prompts(components, [TUNED_PROMPT])
+    noise = ddim_invert(unet, components.scheduler, clean, prompts, steps=6)
+    back = ddim_sample(unet, components.scheduler, noise, prompts, prompts, 1.0, steps=6)
+    sampling = [999, 799, 599, 400, 200, 0]  # np.linspace(0, 999, 6).round(), descending
+    assert unet.timesteps == sampling[::-1] + sampling
+    assert torch.isfinite(back).all() and not torch.equal(noise, clean)
+
+
+class PromptShifted:
+    """A denoiser whose prediction moves with the prompt states (their mean is added)."""
+
+    dtype = torch.float32
+
+    def __call__(self, sample: torch.Tensor, timestep: torch.Tensor,
+                 prompts: torch.Tensor) -> torch.Tensor:
+        return 0.1 * sample + prompts.mean(dim=(1, 2)).view(-1, 1, 1, 1, 1)
+
+
+def test_a_guidance_of_one_or_less_is_the_conditional_prediction_alone() -> None:
+    """As diffusers and Tune-A-Video: guidance only above 1; below it the negative prompt is not
+    mixed in."""
+    scheduler = DDIMScheduler(clip_sample=False)
+    noise = torch.randn(1, 4, 2, 4, 4, generator=torch.Generator().manual_seed(0))
+    cond, uncond = torch.ones(1, 7, 32), -torch.ones(1, 7, 32)
+
+    def sample(guidance: float) -> torch.Tensor:
+        return ddim_sample(PromptShifted(), scheduler, noise, cond, uncond, guidance, steps=5)
+
+    plain = sample(1.0)
+    assert torch.equal(sample(0.5), plain) and torch.equal(sample(0.0), plain)
+    assert not torch.equal(sample(1.5), plain)
+
+
 @pytest.mark.slow
 def test_tuning_brings_the_tiny_model_close_to_an_exact_round_trip(project: Path,
                                                                    tiny_model: Path) -> None:
@@ -92,7 +187,7 @@ def test_tuning_brings_the_tiny_model_close_to_an_exact_round_trip(project: Path
     prompts = encode_prompts(components, [TUNED_PROMPT])
 
     def round_trip(unet: object) -> float:
-        noise = ddim_invert(unet, components.scheduler.config, clean, prompts, steps=50)
+        noise = ddim_invert(unet, components.scheduler, clean, prompts, steps=50)
         back = ddim_sample(unet, components.scheduler, noise, prompts, prompts, 1.0, steps=50)
         return ((back - clean).norm() / clean.norm()).item()
 

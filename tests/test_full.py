@@ -17,8 +17,9 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from vedit import edit as edit_stage
+from vedit import tomlio
 from vedit.cli import app
-from vedit.errors import Interrupted
+from vedit.errors import BadInputError, Interrupted
 from vedit.extract import extract
 from vedit.models import load_components
 from vedit.project import Project
@@ -28,7 +29,7 @@ from vedit.synthetic import make_clip
 from vedit.tensorfiles import load_tensors
 from vedit.tune import tune
 from vedit.video import probe
-from vedit.windows import blend_weights, plan_windows
+from vedit.windows import WindowPlan, blend_weights, plan_windows
 
 runner = CliRunner()
 FPS = 25
@@ -89,11 +90,81 @@ def test_windows_cover_the_clip_and_hold_the_anchor() -> None:
     plan = plan_windows(21, tuned_frames=4)
     assert len(plan) == 10 and (plan.window, plan.overlap) == (4, 1)
     assert plan.windows[0].frames == [0, 1, 2, 3]
-    assert all(w.frames[0] == 0 and len(w.frames) == 4 for w in plan.windows)
-    pairs = zip(plan.windows[:-1], plan.windows[1:-1], strict=False)
-    assert all(b.start == a.stop - 1 for a, b in pairs)
-    assert plan.windows[-1].frames == [0, 18, 19, 20]  # the last ends with the clip
+    assert all(w.frames[0] == 0 and len(w.frames) <= 4 for w in plan.windows)
+    assert plan.overlaps() == [1] * 9
+    assert plan.windows[-1].frames == [0, 19, 20]  # the last ends with the clip
     assert plan_windows(4, tuned_frames=4, window=9).describe() == [[0, 4, 0]]
+
+
+def test_frames_to_spare_go_evenly_to_the_overlaps_never_into_three_windows() -> None:
+    """The issue's case: 14 frames in windows of 8 sharing 2 put frames 7 to 13 in three
+    windows ([0, 8), [6, 13), [7, 14)). Now three windows share 3 frames each, every frame
+    in at most two."""
+    plan = plan_windows(14, tuned_frames=8, overlap=2)
+    assert plan.describe() == [[0, 8, 0], [5, 11, 1], [8, 14, 1]]
+    assert plan.overlaps() == [3, 3]
+
+
+def _check_plan(plan: WindowPlan, window: int, overlap: int) -> None:
+    """Every frame in one window or two, neighbours only; overlaps at least `overlap`, even (at
+    most one apart) within a sequence; weights summing to 1 and fading linearly; the anchor."""
+    held = [0] * plan.num_frames
+    for w in plan.windows:
+        assert len(w.frames) <= window and w.frames[0] == 0
+        assert w.anchored == (w.start != 0)
+        for frame in w.own_frames:
+            held[frame] += 1
+    assert set(held) <= {1, 2}
+    pairs = plan.neighbours()
+    assert sum(plan.overlaps()) == held.count(2)  # only neighbours share frames
+    by_sequence: dict[int, list[int]] = {}
+    for (a, _), shared in zip(pairs, plan.overlaps(), strict=True):
+        assert shared >= overlap
+        by_sequence.setdefault(plan.windows[a].start % plan.stride, []).append(shared)
+    assert all(max(o) - min(o) <= 1 for o in by_sequence.values())
+    weights = [weight.tolist() for weight in blend_weights(plan)]
+    total = [0.0] * plan.num_frames
+    for w, weight in zip(plan.windows, weights, strict=True):
+        for frame, value in zip(w.own_frames, weight, strict=True):
+            total[frame] += value
+    assert all(abs(value - 1) < 1e-6 for value in total)
+    for (_, b), shared in zip(pairs, plan.overlaps(), strict=True):  # fading in linearly
+        assert all(abs(value - (i + 1) / (shared + 1)) < 1e-6
+                   for i, value in enumerate(weights[b][:shared]))
+
+
+def test_every_plan_of_2_to_79_frames_in_windows_of_2_to_25() -> None:
+    """The whole sweep, at the default overlap and at each edge of the overlaps allowed: a plan
+    keeps every property above, or its settings are refused as bad input (a window under 3,
+    an overlap under 1 or over half a window's own frames)."""
+    outcomes = {"planned": 0, "refused": 0}
+    for window in range(2, 26):
+        widest = (window - 1) // 2
+        for overlap in [*sorted({0, 1, window // 4, widest, widest + 1}, key=str), None]:
+            for num_frames in range(2, 80):
+                try:
+                    plan = plan_windows(num_frames, tuned_frames=window, overlap=overlap)
+                except BadInputError:
+                    outcomes["refused"] += 1
+                    assert num_frames > window and (
+                        window < 3 or (overlap is not None and not 1 <= overlap <= widest))
+                    continue
+                outcomes["planned"] += 1
+                _check_plan(plan, window, 1 if overlap is None else overlap)
+    assert outcomes["planned"] > outcomes["refused"] > 0
+
+
+@pytest.mark.parametrize("stride", [2, 3])
+def test_a_stride_interleaves_sequences_that_cover_every_frame(stride: int) -> None:
+    """--full-stride K: K sequences of every K-th frame, each covered as above; all windows
+    anchored on frame 0, which only the first sequence holds as its own."""
+    for window in (4, 8, 24):
+        for num_frames in range(2, 80, 3):
+            plan = plan_windows(num_frames, tuned_frames=window, stride=stride)
+            _check_plan(plan, window, 1)
+            assert all(w.step == stride for w in plan.windows)
+            assert {w.start % stride for w in plan.windows} == set(range(min(stride,
+                                                                           num_frames)))
 
 
 class StubUNet:
@@ -170,10 +241,11 @@ def test_one_window_of_the_whole_clip_is_exactly_the_plain_edit(tmp_path: Path,
 
 def test_a_clip_of_three_and_a_half_windows_with_its_sound(project: Path) -> None:
     result = runner.invoke(app, ["edit", str(project), "-p", "a cat", "--full", "--window", "6",
-                                 "--steps", "2", "--score", "--json"])
+                                 "--full-stride", "1", "--steps", "2", "--score", "--json"])
     assert result.exit_code == 0, result.stderr
     [entry] = json.loads(result.stdout)["edits"]
     assert entry["frames"] == 21 and entry["full"]["windows"] == 5
+    assert (entry["full"]["stride"], entry["full"]["overlaps"]) == (1, [1, 1, 1, 2])
     # Scored against every frame of the span, and `vedit score` reads the same frames again.
     scored = runner.invoke(app, ["score", str(project), "--json"])
     assert scored.exit_code == 0, scored.stderr
@@ -203,8 +275,26 @@ def test_the_unet_never_sees_more_than_a_window(project: Path,
     _watch_unet(monkeypatch, lambda latents: seen.append(latents.shape[0]))
     result = edit_stage.edit(project, ["a cat"], EditSettings(steps=2, full=True))
     assert result.edits[0].full["windows"] == 10 and result.edits[0].frames == 21
-    # 2 inversion steps of 10 windows of 4 frames, then 2 guided sampling steps (4 + 4 frames).
-    assert seen == [4] * 20 + [8] * 20
+    # 2 inversion steps of 10 windows of at most 4 frames, then 2 guided sampling steps (the
+    # unconditional and conditional halves at once).
+    sizes = [len(w.frames) for w in plan_windows(21, tuned_frames=4, stride=2).windows]
+    assert max(sizes) == 4
+    assert seen == sizes * 2 + [2 * size for size in sizes] * 2
+
+
+def test_full_denoises_frames_as_far_apart_as_the_tuned_ones(project: Path) -> None:
+    """Tuned on every other frame, --full edits every frame but each window holds every other
+    one (two interleaved sequences, as the model was tuned); --full-stride 1 puts consecutive
+    frames together."""
+    tuned = edit_stage.edit(project, ["a cat"], EditSettings(steps=1, full=True)).edits[0]
+    assert (tuned.frames, tuned.full["stride"]) == (21, 2)
+    assert probe(Path(tuned.files["video"])).frame_count == 21
+    record = tomlio.loads((Path(tuned.folder) / "edit.toml").read_text())
+    assert record["full"]["stride"] == 2 and "full_stride" not in record["settings"]
+    dense = edit_stage.edit(project, ["a cat"], EditSettings(steps=1, full=True,
+                                                            full_stride=1)).edits[0]
+    assert (dense.frames, dense.full["stride"]) == (21, 1)
+    assert tuned.inversion["key"] != dense.inversion["key"]  # other windows, other noise
 
 
 @pytest.mark.slow
@@ -230,7 +320,8 @@ def test_an_interrupted_inversion_continues_to_the_same_result(
 
     calls.clear()
     resumed = edit_stage.edit(project, ["a cat"], replace(settings, full=True)).edits[0]
-    assert calls[:7] == [4] * 6 + [8]  # the 6 windows left of the inversion, then sampling
+    sizes = [len(w.frames) for w in plan_windows(21, tuned_frames=4, stride=2).windows]
+    assert calls[:7] == [*sizes[4:], 8]  # the 6 windows left of the inversion, then sampling
     assert not list((project / "inversions").glob("*.partial.safetensors"))
 
     monkeypatch.undo()
@@ -272,8 +363,12 @@ def test_window_options_need_full_and_must_fit(project: Path) -> None:
     alone = runner.invoke(app, ["edit", str(project), "-p", "a cat", "--window", "8"])
     assert alone.exit_code == 2 and "--full" in alone.stderr
     tight = runner.invoke(app, ["edit", str(project), "-p", "a cat", "--full", "--window", "4",
-                                "--overlap", "3"])
-    assert tight.exit_code == 3 and "--overlap" in tight.stderr
+                                "--overlap", "2"])
+    assert tight.exit_code == 3 and "fall in three windows" in tight.stderr
+    seam = runner.invoke(app, ["edit", str(project), "-p", "a cat", "--full", "--overlap", "0"])
+    assert seam.exit_code == 3 and "would leave a seam" in seam.stderr
+    stride = runner.invoke(app, ["edit", str(project), "-p", "a cat", "--full-stride", "2"])
+    assert stride.exit_code == 2 and "--full" in stride.stderr
 
 
 def test_full_needs_the_source_clip(tmp_path: Path, project: Path) -> None:

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 
 import vedit
+from vedit.errors import ProjectLockedError
+from vedit.project import Project
 
 HEAVY = ("torch", "diffusers", "transformers", "peft", "accelerate")
 # Runs the `vedit` entry point as the console script does, then says what it imported.
@@ -35,6 +37,7 @@ finally:
     (["tune", "MISSING.mp4", "--prompt", "a cat"], 3),
     (["fetch-models", "nobody/nothing"], 6),
     (["remux", "MISSING"], 4),
+    (["status", "MISSING"], 4),
 ])
 def test_start_up_and_early_errors_import_no_model_library(tmp_path: Path, args: list[str],
                                                           code: int) -> None:
@@ -42,6 +45,22 @@ def test_start_up_and_early_errors_import_no_model_library(tmp_path: Path, args:
     done = subprocess.run([sys.executable, "-c", PROBE, *argv], capture_output=True, text=True,
                           timeout=120, env=os.environ | {"HF_HUB_OFFLINE": "1"})
     assert done.returncode == code, done.stderr
+    assert done.stderr.rstrip().splitlines()[-1] == "imported: []"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", ["tune", "edit"])
+def test_a_busy_project_is_refused_before_any_model_library_loads(tmp_path: Path,
+                                                                  command: str) -> None:
+    """The lock is checked first: a second vedit on a project being written says so at once
+    (it took ~1 min on a loaded machine, after torch, diffusers and the models had loaded)."""
+    project = Project.create(tmp_path / "clip.vedit")
+    with project.lock("tune"):
+        done = subprocess.run([sys.executable, "-c", PROBE, command, str(project.root),
+                               "--prompt", "a cat"], capture_output=True, text=True,
+                              timeout=120, env=os.environ | {"HF_HUB_OFFLINE": "1"})
+    assert done.returncode == ProjectLockedError.exit_code, done.stderr
+    assert "is in use by `vedit tune`" in done.stderr
     assert done.stderr.rstrip().splitlines()[-1] == "imported: []"
 
 

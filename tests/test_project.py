@@ -21,6 +21,7 @@ from vedit.project import (
     atomic_dir,
     atomic_file,
     cache_key,
+    locked_early,
 )
 
 
@@ -124,6 +125,20 @@ def test_a_second_writer_is_refused_and_told_who_holds_the_lock(tmp_path: Path) 
         assert caught.value.exit_code == 5
     with second.lock("edit"):  # free again once released
         pass
+
+
+def test_the_early_lock_of_the_cli_is_taken_again_by_its_stage_only(tmp_path: Path) -> None:
+    root = Project.create(tmp_path / "p").root
+    with locked_early(root, "edit"):
+        with Project.open(root).lock("edit") as project:  # the stage, in the CLI's lock
+            project.save()
+        assert (root / LOCK_NAME).exists()
+    # Once it is released, a second writer is refused again.
+    with Project.open(root).lock("tune"), pytest.raises(ProjectLockedError), \
+            Project.open(root).lock("edit"):
+        pass
+    with locked_early(tmp_path / "not-yet", "tune"):  # nothing to lock before extract
+        assert not (tmp_path / "not-yet").exists()
 
 
 def test_the_lock_is_released_when_the_block_fails(tmp_path: Path) -> None:

@@ -92,7 +92,7 @@ def test_one_inversion_step_and_one_sampling_step_match_ddim(tiny_model: Path,
     prompts = torch.zeros(1, 7, 32)
     model = FixedOutput(output)
 
-    inverted = ddim_invert(model, scheduler.config, sample, prompts, steps=1)
+    inverted = ddim_invert(model, scheduler, sample, prompts, steps=1)
     # One step of 1: from the clean end (level alphas[0]) to timestep 1.
     torch.testing.assert_close(inverted, _textbook_ddim(sample, output, alphas[0], alphas[1],
                                                         prediction))
@@ -118,7 +118,7 @@ def test_v_prediction_round_trip_is_as_close_as_epsilons(tmp_path: Path, clip_72
     unet = tuned_unet(find_checkpoint(project), components.unet, components.fingerprint)
     clean = frame_latents(project, components.vae, components.fingerprint).mean
     prompts = encode_prompts(components, [PROMPT])
-    noise = ddim_invert(unet, components.scheduler.config, clean, prompts, steps=50)
+    noise = ddim_invert(unet, components.scheduler, clean, prompts, steps=50)
     back = ddim_sample(unet, components.scheduler, noise, prompts, prompts, 1.0, steps=50)
     assert ((back - clean).norm() / clean.norm()).item() < 0.10
 

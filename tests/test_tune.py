@@ -231,3 +231,87 @@ def test_a_half_written_loss_log_line_does_not_stop_a_resume(project: Path,
         handle.write('{"step": 3, "lo')  # a process killed in the middle of a line
     tune_stage.tune(project, settings(tiny_model, steps=3), resume=True)
     assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1, 2, 3]
+
+
+def test_ctrl_c_inside_a_step_resumes_exactly_as_the_uninterrupted_run(
+        tmp_path: Path, clip_qcif: Path, tiny_model: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Interrupted after step 3's noise and timestep draws, inside its forward: the checkpoint
+    holds the generator as step 3 began, so the resumed run draws the same and ends equal."""
+    for name in ("straight", "resumed"):
+        extract(clip_qcif, tmp_path / name, ExtractSettings(frames=4, size="64"))
+    fast = dict(lr=1e-3, lora_lr=1e-3)
+    tune_stage.tune(tmp_path / "straight", settings(tiny_model, steps=4, **fast))
+    real_batch = tune_stage.noisy_batch
+    drawn: list[bool] = []
+
+    def drawn_then_interrupted(*args: object, **kwargs: object) -> object:
+        batch = real_batch(*args, **kwargs)  # the step's draws are made
+        drawn.append(torch.is_grad_enabled())  # training steps, not the no-grad evaluation
+        if drawn.count(True) == 3:
+            raise KeyboardInterrupt
+        return batch
+
+    monkeypatch.setattr(tune_stage, "noisy_batch", drawn_then_interrupted)
+    with pytest.raises(Interrupted, match="at step 2; saved checkpoints/step-2"):
+        tune_stage.tune(tmp_path / "resumed", settings(tiny_model, steps=4, **fast))
+    monkeypatch.setattr(tune_stage, "noisy_batch", real_batch)
+    tune_stage.tune(tmp_path / "resumed", settings(tiny_model, steps=4, **fast), resume=True)
+    straight = _weights(tmp_path / "straight" / "checkpoints" / "step-4")
+    resumed = _weights(tmp_path / "resumed" / "checkpoints" / "step-4")
+    assert straight.keys() == resumed.keys()
+    for key in straight:
+        assert torch.equal(resumed[key], straight[key]), key
+
+
+def test_a_signal_during_the_update_waits_for_the_step_to_be_counted(
+        project: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C arriving while the optimizer updates the weights is held until that step is
+    counted, so the checkpoint is of whole steps (never an update without its step)."""
+    import os
+    import signal
+
+    from torch.optim import AdamW
+
+    real_step = AdamW.step
+    updates = []
+
+    def step_then_ctrl_c(self: AdamW, *args: object, **kwargs: object) -> object:
+        result = real_step(self, *args, **kwargs)
+        updates.append(1)
+        if len(updates) == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # delivered at once, unless held
+        return result
+
+    monkeypatch.setattr(AdamW, "step", step_then_ctrl_c)
+    with pytest.raises(Interrupted, match="at step 2; saved checkpoints/step-2"):
+        tune_stage.tune(project, settings(tiny_model, steps=3))
+    training = load_tensors(project / "checkpoints" / "step-2" / "training.safetensors")[0]
+    adam_steps = {float(v) for k, v in training.items() if k.endswith(".step")}
+    assert adam_steps == {2.0}
+
+
+def test_the_fp16_loss_scale_is_kept_across_a_resume(project: Path, tiny_model: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under fp16 the gradient scaler's state (loss scale, growth tracker) goes into the
+    checkpoint and comes back on --resume, instead of restarting. On the CPU: accelerate's
+    loop with a CPU GradScaler in it, as `--mixed-precision fp16` gives on a GPU."""
+    from vedit.checkpoints import SCALER_KEY, TRAINING_FILE
+
+    real_accelerator = tune_stage.make_accelerator
+
+    def with_scaler(tune_settings: TuneSettings) -> object:
+        accelerator = real_accelerator(tune_settings)
+        accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=2)
+        return accelerator
+
+    def scaler_state(step: int) -> dict:
+        tensors, _ = load_tensors(project / "checkpoints" / f"step-{step}" / TRAINING_FILE)
+        return json.loads(bytes(tensors[SCALER_KEY].tolist()).decode())
+
+    monkeypatch.setattr(tune_stage, "make_accelerator", with_scaler)
+    tune_stage.tune(project, settings(tiny_model, steps=3))
+    assert (scaler_state(3)["scale"], scaler_state(3)["_growth_tracker"]) == (2048.0, 1)
+    tune_stage.tune(project, settings(tiny_model, steps=4), resume=True)
+    # Restored: one more finite step completes the growth interval (afresh it would be 1024).
+    assert (scaler_state(4)["scale"], scaler_state(4)["_growth_tracker"]) == (4096.0, 0)

@@ -15,7 +15,7 @@ from vedit.errors import EXIT_CODES, EnvironmentProblem, UsageError
 from vedit.model_files import DEFAULT_MODEL, CachedModel, ModelSource
 from vedit.output import Output, with_output
 from vedit.progress import Reporter
-from vedit.project import Project
+from vedit.project import Project, default_project_dir, locked_early
 from vedit.settings import (
     DEFAULT_SIZE,
     EditSettings,
@@ -23,6 +23,7 @@ from vedit.settings import (
     ScoreSettings,
     TuneSettings,
     config_values,
+    edit_prompts,
     resolve,
 )
 
@@ -320,12 +321,13 @@ def tune(
     config: ConfigOpt = None,
 ) -> None:
     """LoRA-tune the inflated UNet on a project's frames (or a clip's, extracting them first)."""
+    from vedit.checkpoints import recorded_settings
     from vedit.video import check_clip
 
+    # Every check that needs no model library comes first, the lock included: a mistyped
+    # path, a bad option or a busy project is refused in well under a second.
     if not target.is_dir():
-        check_clip(target)  # a mistyped path fails before torch is imported (seconds)
-    from vedit import tune as tune_stage
-
+        check_clip(target)
     values = config_values(config, ["extract", "tune"])
     frame_flags = dict(frames=frames, stride=stride, start=start, end=end, spread=spread,
                        size=size, crop=crop)
@@ -334,22 +336,30 @@ def tune(
         lora_targets=lora_targets, batch=batch, grad_accum=grad_accum, seed=seed,
         mixed_precision=mixed_precision, gradient_checkpointing=gradient_checkpointing,
         checkpoint_every=checkpoint_every)
-    result: dict[str, object] = {}
+    opened: Project | None = None
     if target.is_dir():
         if project or any(v is not None for v in frame_flags.values()):
             raise UsageError("Frame options and --project go with a clip, not a project.",
                              "Give the clip instead, or run `vedit extract` again.")
         opened = Project.open(target)
-        recorded = tune_stage.recorded_settings(opened, resume=resume)
-        settings = resolve(TuneSettings, recorded, values, overrides=flags)
-        tuned = tune_stage.tune(opened, settings, resume=resume, reporter=out.reporter)
+        settings = resolve(TuneSettings, recorded_settings(opened, resume=resume), values,
+                           overrides=flags)
     else:
         settings = resolve(TuneSettings, values, overrides=flags)
-        extracted, tuned = tune_stage.tune_clip(
-            target, settings, resolve(ExtractSettings, values, overrides=frame_flags),
-            project_dir=project, resume=resume, reporter=out.reporter)
-        result["extract"] = extracted.to_dict()
-        target = extracted.project
+        frame_settings = resolve(ExtractSettings, values, overrides=frame_flags)
+    result: dict[str, object] = {}
+    with locked_early(opened.root if opened else project or default_project_dir(target),
+                      "tune", enabled=not out.secondary):
+        from vedit import tune as tune_stage
+
+        if opened is not None:
+            tuned = tune_stage.tune(opened, settings, resume=resume, reporter=out.reporter)
+        else:
+            extracted, tuned = tune_stage.tune_clip(
+                target, settings, frame_settings, project_dir=project, resume=resume,
+                reporter=out.reporter)
+            result["extract"] = extracted.to_dict()
+            target = extracted.project
     result.update(tuned.to_dict())
     last = tuned.checkpoints[-1] if tuned.checkpoints else None
     if tuned.start_step >= tuned.steps:
@@ -410,28 +420,36 @@ def edit(
         "--window", help="With --full: frames the UNet sees at once.  \\[default: the tuned "
         "frame count]", show_default=False)] = None,
     overlap: Annotated[int | None, typer.Option(
-        "--overlap", help="With --full: frames neighbouring windows share.  \\[default: a "
-        "quarter of the window]", show_default=False)] = None,
+        "--overlap", help="With --full: frames neighbouring windows share at least (frames to "
+        "spare lengthen the overlaps evenly).  \\[default: a quarter of the window, 1 or more]",
+        show_default=False)] = None,
+    full_stride: Annotated[int | None, typer.Option(
+        "--full-stride", help="With --full: source frames between the frames a window holds; "
+        "every frame is still edited, in interleaved sequences.  \\[default: the tuned "
+        "frames' spacing, e.g. extract's --stride]", show_default=False)] = None,
     score: Annotated[bool | None, typer.Option(
         "--score/--no-score", help="Score each edit as `vedit score` does, into its edit.toml "
         "and the result.  \\[default: no]", show_default=False)] = None,
     config: ConfigOpt = None,
 ) -> None:
     """Render the tuned clip under new prompts into edits/NAME/ (mp4, side-by-side, ...)."""
-    from vedit import edit as edit_stage
     from vedit.prompts import read_prompts
-    from vedit.score import format_metrics
 
     values = config_values(config, ["edit"])
     settings = resolve(EditSettings, values, overrides=dict(
         checkpoint=checkpoint, steps=steps, guidance=guidance,
         negative_prompt=negative_prompt, seed=seed, formats=formats, batch=batch,
         inversion=inversion, inversion_prompt=inversion_prompt, full=full, window=window,
-        overlap=overlap, score=score))
+        overlap=overlap, full_stride=full_stride, score=score))
     scoring = resolve(ScoreSettings, config_values(config, ["score"]))
-    prompts = list(prompt or []) + (read_prompts(prompts_file) if prompts_file else [])
-    result = edit_stage.edit(project, prompts, settings, name=name, scoring=scoring,
-                             reporter=out.reporter)
+    prompts = edit_prompts(list(prompt or []) + (read_prompts(prompts_file)
+                                                 if prompts_file else []))
+    with locked_early(project, "edit", enabled=not out.secondary):
+        from vedit import edit as edit_stage
+        from vedit.score import format_metrics
+
+        result = edit_stage.edit(project, prompts, settings, name=name, scoring=scoring,
+                                 reporter=out.reporter)
     lines = []
     for e in result.edits:
         lines.append(f"{e.files['video']}  ({e.prompt}, {e.frames} frames)")
@@ -464,8 +482,7 @@ def score(
     config: ConfigOpt = None,
 ) -> None:
     """Score edits as video-editing benchmarks do: flicker, motion, CLIP consistency and text."""
-    from vedit import score as score_stage
-
+    # The option checks come before the metric libraries are imported, as in tune and edit.
     settings = resolve(ScoreSettings, config_values(config, ["score"]),
                        overrides=dict(clip_model=clip_model))
     if source is None:
@@ -475,11 +492,14 @@ def score(
         if prompt is not None:
             raise UsageError("--prompt goes with a video and --source; a project's edits "
                              "are scored against their own prompts.", "Drop --prompt.")
+    elif edits:
+        raise UsageError("EDIT names go with a project, not with --source.",
+                         "Score one video against --source at a time.")
+    from vedit import score as score_stage
+
+    if source is None:
         results = score_stage.score_project(target, edits, settings, reporter=out.reporter)
     else:
-        if edits:
-            raise UsageError("EDIT names go with a project, not with --source.",
-                             "Score one video against --source at a time.")
         results = [score_stage.score_video(target, source, prompt, settings,
                                            reporter=out.reporter)]
     if csv_file is not None:
@@ -507,3 +527,15 @@ def remux(
                             reporter=out.reporter)
     lines = [f"{r.path} ({r.video_duration:.2f} s, audio: {r.audio_mode})" for r in results]
     out.result({"outputs": [r.to_dict() for r in results]}, "\n".join(lines))
+
+
+@command()
+def status(
+    out: Output,
+    project: Annotated[Path, typer.Argument(help="The project folder.", show_default=False)],
+) -> None:
+    """Say what a project holds, what is stale or damaged, and what the next command reuses."""
+    from vedit.status import describe, project_status
+
+    found = project_status(project)
+    out.result(found.to_dict(), describe(found))

@@ -28,7 +28,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from vedit import __version__, tomlio
 from vedit.checkpoints import Checkpoint, find_checkpoint, tuned_unet
-from vedit.errors import BadInputError, OutOfMemoryError
+from vedit.errors import OutOfMemoryError
 from vedit.invert import Inversion, cached_inversion, inversion_key
 from vedit.latents import clip_span, frame_latents, span_images, span_latents
 from vedit.models import Components, load_components
@@ -37,7 +37,7 @@ from vedit.project import EDIT_RECORD, EDIT_VIDEO, Project, atomic_dir, frame_fi
 from vedit.prompts import encode_prompts
 from vedit.sampler import Denoiser, ddim_invert, ddim_sample
 from vedit.score import Frames, Scorer, VideoScore, video_frames
-from vedit.settings import EditSettings, ScoreSettings, as_record
+from vedit.settings import EditSettings, ScoreSettings, as_record, edit_prompts
 from vedit.video import Mp4Writer, write_gif
 from vedit.windows import (
     ResumeFile,
@@ -138,10 +138,10 @@ def edit(project_dir: Path, prompts: Sequence[str], settings: EditSettings | Non
 
     settings = settings or EditSettings()
     reporter = reporter or Reporter()
-    prompts = [p.strip() for p in prompts if p.strip()]
-    if not prompts:
-        raise BadInputError("edit needs at least one prompt.",
-                            'Add --prompt "..." or --prompts-file FILE.')
+    prompts = edit_prompts(prompts)
+    if settings.negative_prompt and settings.guidance <= 1:
+        reporter.info(f"--negative-prompt has no effect at --guidance {settings.guidance:g}: "
+                      "only a guidance above 1 uses it.")
     started = time.monotonic()
     state = PartialState(cpu=not torch.cuda.is_available())
     project = Project.open(Path(project_dir))
@@ -208,21 +208,36 @@ def tuned_clip(project: Project, components: Components, reporter: Reporter) -> 
 def span_clip(project: Project, components: Components, settings: EditSettings,
               reporter: Reporter) -> EditClip:
     """Every frame of the clip's span at the source's rate, in windows of the tuned frame count
-    (or `settings.window`)."""
+    (or `settings.window`) whose frames lie as far apart as the tuned ones (or
+    `settings.full_stride`)."""
     span = clip_span(project, reporter)
-    tuned_frames = int(project.require("frames", "extract")["count"])
-    plan = plan_windows(span.num_frames, tuned_frames=tuned_frames, window=settings.window,
-                        overlap=settings.overlap)
+    frames = project.require("frames", "extract")
+    stride = settings.full_stride or tuned_stride(frames["source_indices"])
+    plan = plan_windows(span.num_frames, tuned_frames=int(frames["count"]),
+                        window=settings.window, overlap=settings.overlap, stride=stride)
     latents = span_latents(project, span, components.vae, components.fingerprint, reporter)
-    facts = {"window": plan.window, "overlap": plan.overlap, "windows": len(plan),
-             "span_frames": span.num_frames, "start": round(span.times[0], 6),
-             "end": round(span.times[-1] + span.interval, 6), "fps": float(span.info.fps)}
-    how = (f"{len(plan)} windows of {plan.window} frames (overlap {plan.overlap})"
-           if len(plan) > 1 else "one window")
-    reporter.info(f"Editing all {span.num_frames} frames of the clip in {how}.")
+    overlaps = plan.overlaps()
+    facts = {"window": plan.window, "overlap": plan.overlap, "stride": plan.stride,
+             "windows": len(plan), "overlaps": overlaps, "span_frames": span.num_frames,
+             "start": round(span.times[0], 6), "end": round(span.times[-1] + span.interval, 6),
+             "fps": float(span.info.fps)}
+    how = "one window" if len(plan) == 1 else f"{len(plan)} windows of up to {plan.window} frames"
+    if overlaps:
+        low, high = min(overlaps), max(overlaps)
+        how += f" (overlaps {low}{f' to {high}' if high > low else ''})"
+    apart = f", each window's frames {stride} apart as in tuning," if stride > 1 else ""
+    reporter.info(f"Editing all {span.num_frames} frames of the clip{apart} in {how}.")
     return EditClip(latents=latents.mean, latents_key=latents.key, times=span.times,
                     interval=span.interval, plan=plan, sources=lambda: span_images(span),
                     full=facts)
+
+
+def tuned_stride(source_indices: Sequence[int]) -> int:
+    """How many source frames apart the tuned frames lie, on average (`--stride`, or what
+    `--spread` gave): the spacing the tuned model knows."""
+    if len(source_indices) < 2:
+        return 1
+    return max(1, round((source_indices[-1] - source_indices[0]) / (len(source_indices) - 1)))
 
 
 def _gather(outputs: list[EditOutput], state: PartialState) -> list[EditOutput]:
@@ -241,7 +256,7 @@ def _inversion(project: Project, checkpoint: Checkpoint, components: Components,
 
     def compute(resume: ResumeFile) -> torch.Tensor:
         embeds = encode_prompts(components, [prompt], reporter)
-        return ddim_invert(unet, components.scheduler.config, clip.latents.float(), embeds,
+        return ddim_invert(unet, components.scheduler, clip.latents.float(), embeds,
                            settings.steps, reporter, plan=clip.plan, resume=resume)
 
     return cached_inversion(project, key, compute, reporter)

@@ -44,6 +44,8 @@ EDIT_VIDEO = "video.mp4"
 EDIT_RECORD = "edit.toml"  # an edit's prompt, settings and scores
 FINAL_VIDEO = "final.mp4"
 _TMP_MARK = ".tmp-"
+#: The lock files (resolved) of the projects `locked_early` holds in this process.
+_HELD_EARLY: set[Path] = set()
 _STEP_DIR = re.compile(r"^step-\d+$")
 
 
@@ -282,16 +284,20 @@ class Project:
 
     @contextmanager
     def lock(self, command: str) -> Iterator[Project]:
-        """Hold the project's write lock for the block; a second vedit gets ProjectLockedError."""
-        handle = _acquire_lock(self.root / LOCK_NAME, command)
+        """Hold the project's write lock for the block; a second vedit gets ProjectLockedError
+        (a second lock in this process too, unless `locked_early` holds it for the block)."""
+        lock_path = (self.root / LOCK_NAME).resolve()
+        handle = None if lock_path in _HELD_EARLY else _acquire_lock(lock_path, command)
         try:
-            self._sweep_temporaries()
-            # Another process may have written while we waited: start from its record.
+            if handle is not None:
+                self._sweep_temporaries()
+            # Another process may have written before we locked: start from its record.
             if self.record_path.exists():
                 self.record = _read_record(self.record_path)
             yield self
         finally:
-            _release_lock(handle)
+            if handle is not None:
+                _release_lock(handle)
 
     def _sweep_temporaries(self) -> None:
         """Remove temporaries a killed vedit left behind (only the lock holder may)."""
@@ -300,6 +306,25 @@ class Project:
                 shutil.rmtree(path, ignore_errors=True)
             else:
                 path.unlink(missing_ok=True)
+
+
+@contextmanager
+def locked_early(root: Path, command: str, *, enabled: bool = True) -> Iterator[None]:
+    """Hold the lock of the project at `root`, if there is one, for the block, and let the
+    stage run in it take it again: the CLI's check, before anything heavy is imported or
+    loaded, that no other vedit is writing there (not `enabled` in the other processes of
+    `accelerate launch`: the first one locks for all)."""
+    if not enabled or not (Path(root) / RECORD_NAME).is_file():
+        yield
+        return
+    project = Project.open(root)
+    with project.lock(command):
+        lock_path = (project.root / LOCK_NAME).resolve()
+        _HELD_EARLY.add(lock_path)
+        try:
+            yield
+        finally:
+            _HELD_EARLY.discard(lock_path)
 
 
 def _read_record(path: Path) -> dict[str, Any]:

@@ -8,24 +8,31 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
-
 from vedit.errors import BadInputError
 from vedit.progress import Reporter
 
 if TYPE_CHECKING:
+    import torch
     from transformers import CLIPTokenizer
 
     from vedit.models import Components
 
 
 def read_prompts(path: Path) -> list[str]:
-    """Prompts from a file (or stdin for '-'), one a line; blank lines and # comments skipped."""
+    """Prompts from a file (or stdin for '-'), one a line, in UTF-8; blank lines and # comments
+    skipped."""
     try:
-        text = sys.stdin.read() if str(path) == "-" else path.read_text(encoding="utf-8")
+        data = sys.stdin.buffer.read() if str(path) == "-" else path.read_bytes()
     except OSError as exc:
         raise BadInputError(f"Cannot read --prompts-file {path}: {exc.strerror}.",
                             "Check the path.") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        where = "stdin" if str(path) == "-" else str(path)
+        raise BadInputError(f"Line {line} of --prompts-file {where} is not valid UTF-8.",
+                            "Save the file as UTF-8, e.g. with `iconv -t UTF-8`.") from None
     return [line.strip() for line in text.splitlines()
             if line.strip() and not line.lstrip().startswith("#")]
 
@@ -41,6 +48,8 @@ def encode_prompts(components: Components, prompts: Sequence[str],
         warn_if_truncated(tokenizer, prompt, limit, reporter)
     ids = tokenizer(list(prompts), padding="max_length", max_length=limit, truncation=True,
                     return_tensors="pt").input_ids
+    import torch
+
     device = next(encoder.parameters()).device
     with torch.no_grad():
         states: torch.Tensor = encoder(ids.to(device))[0]

@@ -8,13 +8,11 @@ or a test's exact denoiser of a known clip.
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import torch
-from diffusers import DDIMInverseScheduler, DDIMScheduler
+from diffusers import DDIMScheduler
 
 from vedit.progress import Reporter
 from vedit.windows import ResumeFile, StepFn, WindowPlan, denoise_in_windows, single_window
@@ -45,12 +43,43 @@ def ddim_scheduler(model_folder: Path) -> DDIMScheduler:
     )
 
 
-def inverse_scheduler(scheduler_config: Mapping[str, Any]) -> DDIMInverseScheduler:
-    """diffusers' DDIM inverse on the same noise schedule (keys it does not take are dropped,
-    rather than warned about: PNDM configs carry `skip_prk_steps`)."""
-    accepted = inspect.signature(DDIMInverseScheduler.__init__).parameters
-    return DDIMInverseScheduler.from_config(
-        {k: v for k, v in scheduler_config.items() if k in accepted})
+def inversion_timesteps(scheduler: DDIMScheduler, steps: int,
+                        device: torch.device | None = None) -> torch.Tensor:
+    """The timesteps DDIM sampling in `steps` steps visits, in reverse: inversion retraces the
+    sampler's own path, whatever its timestep spacing (leading, trailing or linspace)."""
+    scheduler.set_timesteps(steps, device=device)
+    timesteps: torch.Tensor = scheduler.timesteps
+    return timesteps.flip(0)
+
+
+def ddim_inverse_step(scheduler: DDIMScheduler, model_output: torch.Tensor,
+                      timestep: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
+    """The sampler's DDIM step at `timestep` run backwards: from the noise level that step lands
+    on (`timestep` minus the step ratio, as `DDIMScheduler.step` computes it) up to
+    `timestep`'s, with the model's prediction at `timestep`, as Tune-A-Video's inversion loop
+    and diffusers' `DDIMInverseScheduler` do (which take leading and trailing spacings only)."""
+    config = scheduler.config
+    target = int(timestep)
+    source = min(target - config.num_train_timesteps // scheduler.num_inference_steps,
+                 config.num_train_timesteps - 1)
+    alpha_prod_t = (scheduler.alphas_cumprod[source] if source >= 0
+                    else scheduler.final_alpha_cumprod)
+    alpha_prod_t_next = scheduler.alphas_cumprod[target]
+    beta_prod_t = 1 - alpha_prod_t
+    if config.prediction_type == "epsilon":
+        pred_original_sample = (sample - beta_prod_t ** (0.5) * model_output) / (
+            alpha_prod_t ** (0.5))
+        pred_epsilon = model_output
+    elif config.prediction_type == "sample":
+        pred_original_sample = model_output
+        pred_epsilon = (sample - alpha_prod_t ** (0.5) * pred_original_sample) / (
+            beta_prod_t ** (0.5))
+    else:  # v_prediction
+        pred_original_sample = (alpha_prod_t**0.5) * sample - (beta_prod_t**0.5) * model_output
+        pred_epsilon = (alpha_prod_t**0.5) * model_output + (beta_prod_t**0.5) * sample
+    direction = (1 - alpha_prod_t_next) ** (0.5) * pred_epsilon
+    previous: torch.Tensor = alpha_prod_t_next ** (0.5) * pred_original_sample + direction
+    return previous
 
 
 def predict(unet: Denoiser, latents: torch.Tensor, timestep: torch.Tensor,
@@ -67,24 +96,22 @@ def unet_device(unet: Denoiser, fallback: torch.device) -> torch.device:
 
 
 @torch.no_grad()
-def ddim_invert(unet: Denoiser, scheduler_config: Mapping[str, Any], latents: torch.Tensor,
+def ddim_invert(unet: Denoiser, scheduler: DDIMScheduler, latents: torch.Tensor,
                 prompt_embeds: torch.Tensor, steps: int, reporter: Reporter | None = None, *,
                 plan: WindowPlan | None = None, resume: ResumeFile | None = None
                 ) -> torch.Tensor:
-    """Latents `(b, c, f, h, w)` to the noise DDIM sampling in `steps` steps would start from,
-    in the windows of `plan` (default: all frames at once). The result stays on the latents'
-    device; each window runs on the model's."""
+    """Latents `(b, c, f, h, w)` to the noise that DDIM sampling with `scheduler` in `steps`
+    steps would start from, in the windows of `plan` (default: all frames at once). The result
+    stays on the latents' device; each window runs on the model's."""
     device = unet_device(unet, latents.device)
-    inverse = inverse_scheduler(scheduler_config)
-    inverse.set_timesteps(steps, device=device)
+    timesteps = inversion_timesteps(scheduler, steps, device)
     embeds = prompt_embeds.to(device)
 
     def step(sample: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
-        previous: torch.Tensor = inverse.step(predict(unet, sample, timestep, embeds), timestep,
-                                              sample).prev_sample
-        return previous
+        return ddim_inverse_step(scheduler, predict(unet, sample, timestep, embeds), timestep,
+                                 sample)
 
-    return denoise_in_windows(latents, inverse.timesteps, step,
+    return denoise_in_windows(latents, timesteps, step,
                               plan or single_window(latents.shape[2]), device=device,
                               label="inverting", reporter=reporter, resume=resume)
 
@@ -95,9 +122,9 @@ def ddim_sample(unet: Denoiser, scheduler: DDIMScheduler, noise: torch.Tensor,
                 reporter: Reporter | None = None, label: str = "sampling", *,
                 plan: WindowPlan | None = None) -> torch.Tensor:
     """DDIM from `noise` `(b, c, f, h, w)` with classifier-free guidance (one batched call for
-    the unconditional and conditional halves; guidance 1 needs only the conditional one), in
-    the windows of `plan` (default: all frames at once). The result stays on the noise's
-    device; each window runs on the model's."""
+    the unconditional and conditional halves; guidance 1 or less needs only the conditional
+    one), in the windows of `plan` (default: all frames at once). The result stays on the
+    noise's device; each window runs on the model's."""
     device = unet_device(unet, noise.device)
     scheduler.set_timesteps(steps, device=device)
     step = guided_step(unet, scheduler, cond.to(device), uncond.to(device), guidance)
@@ -108,10 +135,11 @@ def ddim_sample(unet: Denoiser, scheduler: DDIMScheduler, noise: torch.Tensor,
 
 def guided_step(unet: Denoiser, scheduler: DDIMScheduler, cond: torch.Tensor,
                 uncond: torch.Tensor, guidance: float) -> StepFn:
-    """One DDIM step of a window's latents under classifier-free guidance."""
+    """One DDIM step of a window's latents under classifier-free guidance; a guidance of 1 or
+    less is no guidance, as in diffusers and Tune-A-Video: the conditional prediction alone."""
 
     def step(sample: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
-        if guidance == 1.0:
+        if guidance <= 1.0:
             model_output = predict(unet, sample, timestep, cond)
         else:
             both = predict(unet, torch.cat([sample, sample]), timestep,

@@ -8,6 +8,7 @@ Unknown keys and wrong types are errors, not silently ignored.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import types
@@ -32,6 +33,8 @@ DEFAULT_SIZE = 512
 #: Largest frame side vedit accepts; beyond it Stable Diffusion is both useless and out of memory.
 MAX_SIDE = 4096
 MIN_SIDE = 16
+#: Seeds are kept in TOML records, whose integers are signed 64-bit.
+MAX_SEED = 2**63 - 1
 
 
 @dataclass(frozen=True)
@@ -93,6 +96,34 @@ def parse_targets(names: Iterable[str]) -> tuple[str, ...]:
     if not targets:
         raise BadInputError("--lora-targets names no projection.", "The default is q.")
     return tuple(sorted(targets))
+
+
+def check_seed(seed: int) -> None:
+    if not 0 <= seed <= MAX_SEED:
+        raise BadInputError(f"--seed {seed} is out of range: seeds go from 0 to {MAX_SEED} "
+                            "(2^63 - 1).", "Any number in that range repeats its run exactly.")
+
+
+def check_text(text: str, what: str) -> None:
+    """Refuse text that is not valid UTF-8: bytes that are not (from a command line in another
+    encoding) reach Python as lone surrogates, which no tokenizer or TOML file takes."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise BadInputError(f"{what} is not valid UTF-8 (at character {exc.start + 1}).",
+                            "Give it in UTF-8, e.g. convert with `iconv -t UTF-8`.") from None
+
+
+def edit_prompts(prompts: Sequence[str]) -> list[str]:
+    """The prompts an edit renders: stripped, blank ones dropped, each valid UTF-8; at least
+    one."""
+    kept = [p.strip() for p in prompts if p.strip()]
+    if not kept:
+        raise BadInputError("edit needs at least one prompt.",
+                            'Add --prompt "..." or --prompts-file FILE.')
+    for number, prompt in enumerate(kept, 1):
+        check_text(prompt, f"Prompt {number} ({prompt!r})" if len(kept) > 1 else "The prompt")
+    return kept
 
 
 @dataclass(frozen=True)
@@ -173,6 +204,8 @@ class TuneSettings:
                                 f"{', '.join(MIXED_PRECISION)}.",
                                 "auto picks bf16 or fp16 on a GPU.")
         self.targets  # noqa: B018 - parsed once, here: a bad --lora-targets stops before any work
+        check_seed(self.seed)
+        check_text(self.prompt, "The --prompt")
 
     @cached_property
     def targets(self) -> tuple[str, ...]:
@@ -202,22 +235,32 @@ class EditSettings:
     inversion_prompt: bool = False  # invert with the source prompt instead of the empty one
     full: bool = False  # every frame of the clip's span, in windows, not only the tuned frames
     window: int | None = None  # with full: frames per UNet call (None: the tuned frame count)
-    overlap: int | None = None  # with full: frames neighbouring windows share (None: a quarter)
+    overlap: int | None = None  # with full: frames neighbouring windows share at least (None:
+    # a quarter of the window, and 1 or more)
+    full_stride: int | None = None  # with full: source frames between the frames a window
+    # holds (None: the tuned frames' spacing)
     score: bool = False  # score each edit as it is written (vedit.score), into edit.toml
 
     def __post_init__(self) -> None:
         if not 1 <= self.steps <= MAX_EDIT_STEPS:
             raise BadInputError(f"--steps {self.steps} must be between 1 and {MAX_EDIT_STEPS}.",
                                 "Tune-A-Video uses 50.")
-        if self.guidance < 0:
-            raise BadInputError(f"--guidance {self.guidance} is negative.",
-                                "1 means no guidance; Tune-A-Video uses 12.5.")
+        if not math.isfinite(self.guidance) or self.guidance < 0:
+            raise BadInputError(f"--guidance {self.guidance} is not a number from 0 up.",
+                                "1 or less means no guidance; Tune-A-Video uses 12.5.")
+        check_seed(self.seed)
+        check_text(self.negative_prompt, "The --negative-prompt")
         if self.batch < 1:
             raise BadInputError(f"--batch {self.batch} must be 1 or more.",
                                 "It is how many prompts are sampled at once.")
-        if not self.full and (self.window is not None or self.overlap is not None):
-            raise UsageError("--window and --overlap go with --full.",
+        if not self.full and any(v is not None for v in (self.window, self.overlap,
+                                                          self.full_stride)):
+            raise UsageError("--window, --overlap and --full-stride go with --full.",
                              "Add --full to edit every frame of the clip in windows.")
+        if self.full_stride is not None and self.full_stride < 1:
+            raise BadInputError(f"--full-stride {self.full_stride} must be 1 or more.",
+                                "1 denoises consecutive frames together; the default is the "
+                                "tuned frames' spacing.")
         if self.window is not None and self.window < 1:
             raise BadInputError(f"--window {self.window} must be 1 or more.",
                                 "It is how many frames the UNet sees at once.")

@@ -13,6 +13,8 @@ import dataclasses
 import json
 import math
 import shutil
+import signal
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -113,6 +115,11 @@ class TrainingRun:
     settings: TuneSettings
     record: dict[str, Any]
     trained: list[torch.nn.Parameter]
+    #: The noise generator's state when the current step began: what a checkpoint stores, so
+    #: a run resumed from it draws what the uninterrupted run drew, even when the step was cut
+    #: short after its draws.
+    step_start_rng: torch.Tensor
+    step: int = 0  # optimizer steps done
 
 
 def mixed_precision_for(setting: str, device: torch.device) -> str:
@@ -287,21 +294,47 @@ def build_run(unet2d: UNet2DConditionModel, scheduler: DDPMScheduler, prediction
         settings.seed + accelerator.process_index)
     record = (record or {}) | {"gradient_checkpointing": gradient_checkpointing}
     return TrainingRun(prepared, scheduler, prediction_type, latents, prompt_embeds, optimizer,
-                       generator, accelerator, settings, record, trained)
+                       generator, accelerator, settings, record, trained, generator.get_state())
 
 
 def train_step(run: TrainingRun) -> torch.Tensor:
     """One batch: loss, backward, clipping and the optimizer step once gradients are accumulated.
-    Returns the (detached) loss."""
+    Returns the (detached) loss.
+
+    The update and the step count that records it happen together or not at all (Ctrl-C and
+    SIGTERM wait for them), so a checkpoint saved on an interrupt is always of a whole step."""
     accelerator = run.accelerator
     with accelerator.accumulate(run.unet):
         loss = training_loss(run, run.generator, run.settings.batch)
         accelerator.backward(loss)
-        if accelerator.sync_gradients:
-            accelerator.clip_grad_norm_(run.trained, MAX_GRAD_NORM)
-        run.optimizer.step()
-        run.optimizer.zero_grad(set_to_none=True)
+        with _interrupts_held():
+            if accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(run.trained, MAX_GRAD_NORM)
+            run.optimizer.step()
+            run.optimizer.zero_grad(set_to_none=True)
+            if accelerator.sync_gradients:
+                run.step += 1
+                run.step_start_rng = run.generator.get_state()
     return loss.detach()
+
+
+@contextmanager
+def _interrupts_held() -> Iterator[None]:
+    """Hold Ctrl-C and SIGTERM until the block has run, then raise KeyboardInterrupt."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+    previous = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
+    for number in previous:
+        signal.signal(number, lambda signum, frame: held.append(signum))
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler if handler is not None else signal.SIG_DFL)
+    if held:
+        raise KeyboardInterrupt
 
 
 def _param_groups(unet: InflatedUNet, settings: TuneSettings) -> list[dict[str, Any]]:
@@ -355,17 +388,17 @@ def fixed_draw_loss(run: TrainingRun, draws: int = EVAL_DRAWS) -> float:
 def _loop(project: Project, run: TrainingRun, start_step: int,
           reporter: Reporter) -> tuple[list[Path], float | None]:
     accelerator, settings = run.accelerator, run.settings
-    step, smoothed, written = start_step, None, []
+    run.step, smoothed, written = start_step, None, []
     log = _LossLog(project.loss_log, start_step, accelerator.is_main_process)
     tick = time.monotonic()
     try:
         with reporter.task("tuning", total=settings.steps) as task:
             task.update(completed=start_step)
-            while step < settings.steps:
+            while run.step < settings.steps:
                 loss = train_step(run)
                 if not accelerator.sync_gradients:
                     continue
-                step += 1
+                step = run.step
                 value = accelerator.gather(loss).mean().item()
                 if not math.isfinite(value):
                     raise BadInputError(f"The loss became {value} at step {step}.",
@@ -378,9 +411,9 @@ def _loop(project: Project, run: TrainingRun, start_step: int,
                                               and step % settings.checkpoint_every == 0):
                     written.append(save(project, run, step))
     except KeyboardInterrupt:
-        saved = save(project, run, step) if step > start_step else None
+        saved = save(project, run, run.step) if run.step > start_step else None
         where = f"; saved {saved.relative_to(project.root)}" if saved else ""
-        raise Interrupted(f"Tuning interrupted at step {step}{where}.",
+        raise Interrupted(f"Tuning interrupted at step {run.step}{where}.",
                           f"Continue with `vedit tune {project.root} --resume`.") from None
     finally:
         log.close()
@@ -445,7 +478,8 @@ def save(project: Project, run: TrainingRun, step: int) -> Path:
         record = run.record | {"step": step, "id": uuid.uuid4().hex}
         write_checkpoint(folder, record, lora_state_dict(unet),
                          temporal_state_dict(unet),
-                         training_state(run.optimizer, {"noise": run.generator}), metadata)
+                         training_state(run.optimizer, {"noise": run.step_start_rng},
+                                        run.accelerator.scaler), metadata)
     run.accelerator.wait_for_everyone()
     return folder
 
@@ -471,20 +505,11 @@ def _checkpoint_to_resume(project: Project) -> Checkpoint:
 def _resume_from(checkpoint: Checkpoint, run: TrainingRun, reporter: Reporter) -> int:
     """Load a checkpoint's weights and optimizer state; returns its step."""
     load_weights(checkpoint, _unwrapped(run))
-    load_training_state(checkpoint, run.optimizer, {"noise": run.generator})
+    load_training_state(checkpoint, run.optimizer, {"noise": run.generator},
+                        run.accelerator.scaler)
+    run.step_start_rng = run.generator.get_state()
     reporter.info(f"Resuming from {checkpoint.name}.")
     return checkpoint.step
-
-
-def recorded_settings(project: Project, *, resume: bool) -> dict[str, Any]:
-    """Defaults from the project's last tuning run: all its settings for --resume, else only its
-    base model (a project keeps its base model unless --model says otherwise)."""
-    latest = latest_checkpoint(project)
-    if latest is not None:
-        settings = dict(latest.record.get("settings", {}))
-    else:
-        settings = dict((project.section("tune") or {}).get("settings", {}))
-    return settings if resume else {k: v for k, v in settings.items() if k == "model"}
 
 
 def check_compatible(checkpoint: Checkpoint, record: dict[str, Any]) -> None:

@@ -4,8 +4,16 @@
 GPU memory bounded by one window. At every step of the inversion and of sampling, each window
 of at most `window` frames is denoised on its own; then every frame that windows share gets
 the weighted average of their results, the weights fading linearly across each overlap. The
-next step starts from one seamless clip, so no seam can form at any step. The clip's latents
-stay where the caller keeps them (the CPU for whole clips); only a window visits the GPU.
+next step starts from one seamless clip, so no seam can form at any step. The windows are the
+fewest that cover the clip with neighbours sharing at least `overlap` frames; the frames to
+spare lengthen the overlaps evenly, and no frame is in more than two windows, so every fade
+is a straight line from one window to the next. The clip's latents stay where the caller
+keeps them (the CPU for whole clips); only a window visits the GPU.
+
+The stride. The model was tuned on frames some source frames apart (extract's `--stride`),
+so with `stride` K the clip is K interleaved sequences (frames r, r + K, r + 2K, ...), each
+covered by its own windows: the UNet sees motion at the pace it was tuned on, and together
+the sequences hold every frame. They share only the anchor.
 
 The anchor. Tune-A-Video's sparse-causal attention lets every frame attend to the clip's
 first frame, and that shared frame is what keeps the look of all frames alike. A window that
@@ -42,37 +50,58 @@ StepFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 @dataclass(frozen=True)
 class Window:
-    """Clip frames `start` to `stop - 1`, denoised together; `anchored`: frame 0 goes first."""
+    """Clip frames `start`, `start + step`, ... up to `stop - 1`, denoised together;
+    `anchored`: frame 0 goes first."""
 
     start: int
     stop: int
     anchored: bool = False
+    step: int = 1
+
+    @property
+    def own_frames(self) -> range:
+        return range(self.start, self.stop, self.step)
 
     @property
     def frames(self) -> list[int]:
         """The clip frames the UNet sees, in order: the anchor (if any), then the window's own."""
-        return ([0] if self.anchored else []) + list(range(self.start, self.stop))
+        return ([0] if self.anchored else []) + list(self.own_frames)
 
     @property
     def own(self) -> int:
-        return self.stop - self.start
+        return len(self.own_frames)
 
 
 @dataclass(frozen=True)
 class WindowPlan:
-    """The windows that cover a clip of `num_frames` frames, in order."""
+    """The windows that cover a clip of `num_frames` frames: `stride` interleaved sequences of
+    every `stride`-th frame, each covered in order by windows of at most `window` frames that
+    share at least `overlap` with their neighbours."""
 
     num_frames: int
     window: int
     overlap: int
     windows: tuple[Window, ...]
+    stride: int = 1
 
     def __len__(self) -> int:
         return len(self.windows)
 
     def describe(self) -> list[list[int]]:
         """The plan as plain numbers, for cache keys: two settings giving it share results."""
-        return [[w.start, w.stop, int(w.anchored)] for w in self.windows]
+        return [[w.start, w.stop, int(w.anchored)] + ([w.step] if w.step > 1 else [])
+                for w in self.windows]
+
+    def neighbours(self) -> list[tuple[int, int]]:
+        """Pairs of windows (indices) that follow each other in one sequence (the windows are in
+        order, sequence by sequence, and a sequence's frames all have one remainder)."""
+        return [(i, i + 1) for i in range(len(self.windows) - 1)
+                if self.windows[i].start % self.stride == self.windows[i + 1].start % self.stride]
+
+    def overlaps(self) -> list[int]:
+        """The frames each pair of neighbouring windows shares."""
+        return [len(set(self.windows[a].own_frames) & set(self.windows[b].own_frames))
+                for a, b in self.neighbours()]
 
 
 def single_window(num_frames: int) -> WindowPlan:
@@ -80,50 +109,107 @@ def single_window(num_frames: int) -> WindowPlan:
     return WindowPlan(num_frames, num_frames, 0, (Window(0, num_frames),))
 
 
+def default_overlap(window: int) -> int:
+    """A quarter of the window, and at least one frame, so that no window boundary is a seam."""
+    return max(1, window // 4)
+
+
 def plan_windows(num_frames: int, *, tuned_frames: int, window: int | None = None,
-                 overlap: int | None = None) -> WindowPlan:
-    """Windows of `window` frames (default `tuned_frames`) covering the clip, neighbours sharing
-    `overlap` frames (default a quarter of the window); windows after the first hold the anchor
-    and `window - 1` frames of their own, the last one ending at the clip's end (it may overlap
-    its neighbour by more than asked)."""
+                 overlap: int | None = None, stride: int = 1) -> WindowPlan:
+    """Windows of at most `window` frames (default `tuned_frames`) covering the clip.
+
+    With `stride` K the clip is K interleaved sequences (frames r, r + K, r + 2K, ...), so
+    the UNet sees frames as far apart as in tuning; each sequence is covered on its own. In a
+    sequence the windows are the fewest that fit, spread evenly: neighbours share at least
+    `overlap` frames (default `default_overlap`), the frames left over go to the overlaps
+    (never differing by more than one) and then to the windows, every frame lies in one
+    window or two, and the fades between them are linear. Every window but the one that starts
+    at frame 0 holds the anchor as its first frame."""
     window = window or tuned_frames
-    overlap = window // 4 if overlap is None else overlap
-    if num_frames <= window:
-        return WindowPlan(num_frames, window, overlap, (Window(0, num_frames),))
-    _check_fits(window, overlap, num_frames)
-    own = window - 1  # a later window's frames besides the anchor
-    windows = [Window(0, window)]
-    while windows[-1].stop < num_frames:
-        start = min(windows[-1].stop - overlap, num_frames - own)
-        windows.append(Window(start, start + own, anchored=True))
-    return WindowPlan(num_frames, window, overlap, tuple(windows))
+    overlap = default_overlap(window) if overlap is None else overlap
+    windows: list[Window] = []
+    for phase in range(min(stride, num_frames)):
+        frames = range(phase, num_frames, stride)
+        head = 1 if phase == 0 else 0  # frame 0 is its sequence's first own frame, no anchor
+        length = window - 1  # own frames of a window besides the anchor (or frame 0)
+        if len(frames) - head > length:
+            _check_fits(window, overlap, num_frames)
+        for first, last in _even_windows(len(frames) - head, length, overlap):
+            begin = frames[first + head] if (first or not head) else 0
+            windows.append(Window(begin, frames[last + head - 1] + 1, anchored=begin != 0,
+                                  step=stride))
+    return WindowPlan(num_frames, window, overlap, tuple(windows), stride)
 
 
 def _check_fits(window: int, overlap: int, num_frames: int) -> None:
-    if window < 2:
-        raise BadInputError(f"--window {window} leaves no room for the anchor frame that every "
-                            f"window shares (the clip has {num_frames} frames).",
-                            "Use --window 2 or more; the tuned frame count is a good choice.")
-    if overlap > window - 2:
+    """Refuse windows that cannot cover the clip with every frame in at most two of them."""
+    if window < 3:
+        raise BadInputError(f"--window {window} is too small to edit the clip's {num_frames} "
+                            "frames in windows: each holds the anchor frame, frames shared with "
+                            "a neighbour and frames of its own.",
+                            "Use --window 3 or more; the tuned frame count is a good choice.")
+    if overlap < 1:
+        raise BadInputError(f"--overlap {overlap} would leave a seam between windows: "
+                            "neighbouring windows must share at least one frame.",
+                            f"Use --overlap {default_overlap(window)} (the default).")
+    if overlap > (window - 1) // 2:
         raise BadInputError(
-            f"--overlap {overlap} leaves the windows no frames of their own: a window of "
-            f"{window} holds the anchor and {window - 1} frames, so the overlap must be at "
-            f"most {window - 2}.", f"Use --overlap {window // 4}, or a larger --window.")
+            f"--overlap {overlap} is more than half of a window's {window - 1} frames besides "
+            "the anchor, so frames would fall in three windows.",
+            f"Use --overlap {(window - 1) // 2} or less, or a larger --window.")
+
+
+def _even_windows(count: int, length: int, overlap: int) -> list[tuple[int, int]]:
+    """Windows `(first, stop)` of at most `length` frames over `count` frames in a row: the
+    fewest that share at least `overlap` with their neighbours; the frames to spare lengthen
+    the overlaps evenly, as far as every frame stays in at most two windows, then the windows
+    (the shortest first)."""
+    if count <= length:
+        return [(0, count)]
+    number = 1 + -(-(count - length) // (length - overlap))
+    # Two overlaps of a middle window must fit in it; the only one of two windows may fill them.
+    widest = length if number == 2 else length // 2
+    shared = _spread(min(number * length - count, (number - 1) * widest), number - 1)
+    around = [a + b for a, b in zip([0, *shared], [*shared, 0], strict=True)]
+    solo = _fill(count - sum(shared), around, [length - a for a in around])
+    windows, first = [], 0
+    for index, size in enumerate(a + s for a, s in zip(around, solo, strict=True)):
+        windows.append((first, first + size))
+        first += size - (shared[index] if index < len(shared) else 0)
+    return windows
+
+
+def _spread(total: int, parts: int) -> list[int]:
+    """`total` in `parts` whole numbers that differ by at most one, the larger ones spread."""
+    return [total * (i + 1) // parts - total * i // parts for i in range(parts)]
+
+
+def _fill(total: int, sizes: list[int], room: list[int]) -> list[int]:
+    """`total` frames added to windows of `sizes`, at most `room[i]` to window i, the smallest
+    windows first, so the windows end up as even as their room allows."""
+    def added(level: int) -> list[int]:
+        return [min(max(level - size, 0), free) for size, free in zip(sizes, room, strict=True)]
+
+    level = max(sizes) + max(room)
+    while sum(added(level)) > total:
+        level -= 1
+    extra = added(level)
+    open_ = [i for i, size in enumerate(sizes) if extra[i] < room[i] and size + extra[i] == level]
+    for i in open_[:total - sum(extra)]:
+        extra[i] += 1
+    return extra
 
 
 def blend_weights(plan: WindowPlan) -> list[torch.Tensor]:
     """Each window's weight for its own frames: 1, except across the frames it shares with a
     neighbour, where it fades linearly so that two windows' weights sum to 1 frame by frame."""
-    weights = []
-    for index, window in enumerate(plan.windows):
-        before = plan.windows[index - 1].stop - window.start if index > 0 else 0
-        after = (window.stop - plan.windows[index + 1].start
-                 if index + 1 < len(plan.windows) else 0)
-        position = torch.arange(window.own, dtype=torch.float32)
-        rise = (position + 1) / (before + 1)
-        fall = (window.own - position) / (after + 1)
-        weights.append(torch.minimum(torch.minimum(rise, fall), torch.ones(())))
-    return weights
+    before = [0] * len(plan.windows)
+    after = [0] * len(plan.windows)
+    for (a, b), shared in zip(plan.neighbours(), plan.overlaps(), strict=True):
+        after[a], before[b] = shared, shared
+    return [torch.tensor([min(1.0, (at + 1) / (rise + 1), (window.own - at) / (fall + 1))
+                          for at in range(window.own)], dtype=torch.float32)
+            for window, rise, fall in zip(plan.windows, before, after, strict=True)]
 
 
 def blend(plan: WindowPlan, outputs: Sequence[torch.Tensor],
@@ -137,8 +223,9 @@ def blend(plan: WindowPlan, outputs: Sequence[torch.Tensor],
     norm = torch.zeros(plan.num_frames, dtype=first.dtype, device=first.device)
     for window, output, weight in zip(plan.windows, outputs, weights, strict=True):
         weight = weight.to(first.device, first.dtype)
-        total[:, :, window.start:window.stop] += weight.view(1, 1, -1, 1, 1) * output
-        norm[window.start:window.stop] += weight
+        frames = slice(window.start, window.stop, window.step)
+        total[:, :, frames] += weight.view(1, 1, -1, 1, 1) * output
+        norm[frames] += weight
     return total / norm.view(1, 1, -1, 1, 1)
 
 
