@@ -7,7 +7,7 @@ _vedit() {
     done
     case "$cmd" in
         "")
-            if [[ $cur == -* ]]; then words="--version --install-completion --show-completion --help -h"; else words="demo doctor edit extract fetch-models remux status tune"; fi
+            if [[ $cur == -* ]]; then words="--version --install-completion --show-completion --help -h"; else words="demo doctor edit extract fetch-models remux score status tune"; fi
             COMPREPLY=($(compgen -W "$words" -- "$cur")) ;;
         demo)
             case "$prev" in
@@ -37,7 +37,7 @@ _vedit() {
                 --gpu-memory) return ;;
                 --config) COMPREPLY=($(compgen -f -- "$cur")); return ;;
             esac
-            if [[ $cur == -* ]]; then COMPREPLY=($(compgen -W "--prompt -p --prompts-file --name --checkpoint --steps --guidance --negative-prompt --seed --formats --batch --inversion --no-inversion --inversion-prompt --empty-inversion-prompt --full --tuned-frames --window --overlap --full-stride --dry-run --gpu-memory --config --json --quiet -q --debug --help -h" -- "$cur")); else COMPREPLY=($(compgen -f -- "$cur")); fi ;;
+            if [[ $cur == -* ]]; then COMPREPLY=($(compgen -W "--prompt -p --prompts-file --name --checkpoint --steps --guidance --negative-prompt --seed --formats --batch --inversion --no-inversion --inversion-prompt --empty-inversion-prompt --full --tuned-frames --window --overlap --full-stride --score --no-score --dry-run --gpu-memory --config --json --quiet -q --debug --help -h" -- "$cur")); else COMPREPLY=($(compgen -f -- "$cur")); fi ;;
         extract)
             case "$prev" in
                 --output|-o) COMPREPLY=($(compgen -f -- "$cur")); return ;;
@@ -54,13 +54,22 @@ _vedit() {
                 --revision) return ;;
                 --variant) return ;;
             esac
-            if [[ $cur == -* ]]; then COMPREPLY=($(compgen -W "--revision --variant --list --configs-only --json --quiet -q --debug --help -h" -- "$cur")); else COMPREPLY=($(true)); fi ;;
+            if [[ $cur == -* ]]; then COMPREPLY=($(compgen -W "--revision --variant --scoring --list --configs-only --json --quiet -q --debug --help -h" -- "$cur")); else COMPREPLY=($(true)); fi ;;
         remux)
             case "$prev" in
                 --video) COMPREPLY=($(compgen -f -- "$cur")); return ;;
                 --output|-o) COMPREPLY=($(compgen -f -- "$cur")); return ;;
             esac
             if [[ $cur == -* ]]; then COMPREPLY=($(compgen -W "--video --output -o --json --quiet -q --debug --help -h" -- "$cur")); else COMPREPLY=($(compgen -f -- "$cur")); fi ;;
+        score)
+            case "$prev" in
+                --source) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+                --prompt|-p) return ;;
+                --clip-model) return ;;
+                --csv) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+                --config) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+            esac
+            if [[ $cur == -* ]]; then COMPREPLY=($(compgen -W "--source --prompt -p --clip-model --csv --config --json --quiet -q --debug --help -h" -- "$cur")); else COMPREPLY=($(compgen -f -- "$cur")); fi ;;
         status)
             case "$prev" in
             esac

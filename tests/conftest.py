@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from hub_server import CHUNK, FakeHub, closed_port_endpoint, point_hub_at
 
-from vedit.tiny_model import build_tiny_model
+from vedit.tiny_model import build_tiny_clip, build_tiny_model
 
 _SCRATCH = Path(tempfile.mkdtemp(prefix="vedit-tests-"))
 
@@ -59,6 +59,12 @@ def tiny_model_v(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random SD 2.x-style model (v_prediction, DDIM, linear projections)."""
     return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-sd2",
                             prediction_type="v_prediction", sd2=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random CLIP in the layout of openai/clip-vit-large-patch14 (32 px images)."""
+    return build_tiny_clip(tmp_path_factory.mktemp("models") / "tiny-clip")
 
 
 @pytest.fixture

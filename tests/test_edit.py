@@ -15,6 +15,7 @@ from clips import stream_durations
 from diffusers import DDIMInverseScheduler, DDIMScheduler
 from launcher import launch_vedit
 from PIL import Image
+from projects import TUNED_PROMPT
 from typer.testing import CliRunner
 
 from vedit import edit as edit_stage
@@ -29,24 +30,10 @@ from vedit.models import load_components
 from vedit.project import Project
 from vedit.prompts import encode_prompts
 from vedit.sampler import ddim_invert, ddim_sample
-from vedit.settings import EditSettings, ExtractSettings, TuneSettings
-from vedit.tune import tune
+from vedit.settings import EditSettings, ExtractSettings
 from vedit.video import probe
 
 runner = CliRunner()
-PROMPT = "a man is talking"
-
-
-@pytest.fixture(scope="module")
-def tuned_project(tmp_path_factory: pytest.TempPathFactory, clip_720p: Path,
-                  tiny_model: Path) -> Path:
-    """A project of 6 frames (every other frame at 25 fps: 12.5 fps) with sound, tuned briefly at
-    a high rate so that the tiny model starts to fit the clip."""
-    root = tmp_path_factory.mktemp("edit") / "p"
-    extract(clip_720p, root, ExtractSettings(frames=6, size="64"))
-    tune(root, TuneSettings(prompt=PROMPT, model=str(tiny_model), steps=80, lr=1e-2,
-                            lora_lr=1e-2, checkpoint_every=0))
-    return root
 
 
 @pytest.fixture()
@@ -156,7 +143,7 @@ def test_a_base_model_with_linspace_timesteps_inverts_and_samples(tmp_path: Path
     assert components.scheduler.config.timestep_spacing == "linspace"
     unet = RecordedSteps(inflate_unet(components.unet))
     clean = torch.randn(1, 4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
-    prompts = encode_prompts(components, [PROMPT])
+    prompts = encode_prompts(components, [TUNED_PROMPT])
     noise = ddim_invert(unet, components.scheduler, clean, prompts, steps=6)
     back = ddim_sample(unet, components.scheduler, noise, prompts, prompts, 1.0, steps=6)
     sampling = [999, 799, 599, 400, 200, 0]  # np.linspace(0, 999, 6).round(), descending
@@ -198,7 +185,7 @@ def test_tuning_brings_the_tiny_model_close_to_an_exact_round_trip(project: Path
     components = load_components(tiny_model, device="cpu")
     project_ = Project.open(project)
     clean = frame_latents(project_, components.vae, components.fingerprint).mean
-    prompts = encode_prompts(components, [PROMPT])
+    prompts = encode_prompts(components, [TUNED_PROMPT])
 
     def round_trip(unet: object) -> float:
         noise = ddim_invert(unet, components.scheduler, clean, prompts, steps=50)

@@ -241,11 +241,18 @@ def test_one_window_of_the_whole_clip_is_exactly_the_plain_edit(tmp_path: Path,
 
 def test_a_clip_of_three_and_a_half_windows_with_its_sound(project: Path) -> None:
     result = runner.invoke(app, ["edit", str(project), "-p", "a cat", "--full", "--window", "6",
-                                 "--full-stride", "1", "--steps", "2", "--json"])
+                                 "--full-stride", "1", "--steps", "2", "--score", "--json"])
     assert result.exit_code == 0, result.stderr
     [entry] = json.loads(result.stdout)["edits"]
     assert entry["frames"] == 21 and entry["full"]["windows"] == 5
     assert (entry["full"]["stride"], entry["full"]["overlaps"]) == (1, [1, 1, 1, 2])
+    # Scored against every frame of the span, and `vedit score` reads the same frames again.
+    scored = runner.invoke(app, ["score", str(project), "--json"])
+    assert scored.exit_code == 0, scored.stderr
+    [video] = json.loads(scored.stdout)["videos"]
+    assert video["frames"] == 21 and len(video["per_frame"]["warp_error"]) == 20
+    assert entry["scores"]["warp_error"] is not None
+    assert video["metrics"] == pytest.approx(entry["scores"])
     source = probe(Path(Project.open(project).record["source"]["path"]))
     video = probe(Path(entry["files"]["video"]))
     assert video.frame_count == source.frame_count == 21

@@ -6,7 +6,14 @@ import re
 from pathlib import Path
 
 from vedit.errors import EXIT_CODES
-from vedit.settings import EditSettings, ExtractSettings, TuneSettings, config_values, resolve
+from vedit.settings import (
+    EditSettings,
+    ExtractSettings,
+    ScoreSettings,
+    TuneSettings,
+    config_values,
+    resolve,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text(encoding="utf-8")
@@ -30,7 +37,7 @@ def test_the_config_example_is_valid_for_every_command(tmp_path: Path) -> None:
     example.write_text(README.split("```toml", 1)[1].split("```", 1)[0])
     for section, classes in {"extract": [ExtractSettings],
                              "tune": [ExtractSettings, TuneSettings],
-                             "edit": [EditSettings]}.items():
+                             "edit": [EditSettings], "score": [ScoreSettings]}.items():
         values = config_values(example, [section])
         for cls in classes:
             resolve(cls, values)

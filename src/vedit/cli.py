@@ -11,9 +11,11 @@ import typer
 from typer.core import TyperCommand, TyperGroup, TyperOption
 
 from vedit import __version__
+from vedit.clip_models import DEFAULT_CLIP_MODEL, SCORING_MODELS
 from vedit.errors import EXIT_CODES, EnvironmentProblem, UsageError
 from vedit.model_files import DEFAULT_MODEL, CachedModel, ModelSource
 from vedit.output import Output, with_output
+from vedit.progress import Reporter
 from vedit.project import (
     EXTRACT_SECTIONS,
     TUNE_SECTIONS,
@@ -25,6 +27,7 @@ from vedit.settings import (
     DEFAULT_SIZE,
     EditSettings,
     ExtractSettings,
+    ScoreSettings,
     TuneSettings,
     config_values,
     edit_prompts,
@@ -216,30 +219,59 @@ def fetch_models(
     variant: Annotated[str | None, typer.Option(
         "--variant", help="Weights variant, e.g. fp16, where the repo has it.",
         show_default=False)] = None,
+    scoring: Annotated[bool, typer.Option(
+        "--scoring", help=f"Fetch the models `vedit score` uses: {' and '.join(SCORING_MODELS)} "
+        "(with its processor).")] = False,
     list_: Annotated[bool, typer.Option(
         "--list", help="List the models present and their size; download nothing.")] = False,
     configs_only: Annotated[bool, typer.Option(
         "--configs-only", help="Only the configs and tokenizer (a few kB): enough for "
         "`tune --dry-run` and `edit --dry-run` before downloading the weights.")] = False,
 ) -> None:
-    """Download a Stable Diffusion 1.x/2.x model (only what vedit needs), or check a local one."""
-    from vedit import hub, models
+    """Download a Stable Diffusion 1.x/2.x model or a CLIP (only what vedit needs), or check a
+    local one."""
+    from vedit import hub
 
     if list_:
         found = hub.list_models()
-        rows = [f"{m.name}  {human_size(m.size_bytes)}  {m.path}" for m in found]
+        rows = [f"{m.name}  {human_size(m.size_bytes)}  {m.path}"
+                + ("  (scoring)" if m.role == "scoring" else "") for m in found]
         out.result({"models": [_model_facts(m) for m in found]},
                    "\n".join(rows) or "No models yet: run `vedit fetch-models`.")
         return
-    name = model or config_values(None, []).get("model") or DEFAULT_MODEL
-    hub.fetch_model(name, revision=revision, variant=variant, reporter=out.reporter,
-                    configs_only=configs_only)
+    if configs_only and scoring:
+        raise UsageError("--configs-only fetches a base model's configs for --dry-run; the "
+                         "scoring models are fetched whole.",
+                         "Run `vedit fetch-models --scoring` on its own.")
+    fetched = []
+    if model or not scoring:
+        base = model or config_values(None, []).get("model") or DEFAULT_MODEL
+        fetched.append(_fetch(base, revision, variant, out.reporter, configs_only))
+    if scoring:
+        fetched += [_fetch(name, None, None, out.reporter) for name in SCORING_MODELS]
+        out.result({"models": [facts for facts, _ in fetched]},
+                   "\n".join(text for _, text in fetched))
+    else:
+        out.result(*fetched[0])
+
+
+def _fetch(name: str, revision: str | None, variant: str | None, reporter: Reporter,
+           configs_only: bool = False) -> tuple[dict[str, object], str]:
+    """Fetch one model; its facts for --json and a line for people."""
+    from vedit import clip_models, hub, models
+
+    path = hub.fetch_model(name, revision=revision, variant=variant, reporter=reporter,
+                           configs_only=configs_only)
+    if clip_models.is_clip_folder(path):
+        clip = clip_models.resolve_clip(name)
+        return clip.to_dict(), (f"{clip.name} is ready in {clip.path} (CLIP, "
+                                f"{human_size(clip.size_bytes)}).")
     source = models.resolve_model(name, revision=revision, variant=variant,
                                   configs_only=configs_only)
     parts = ", ".join(f"{c} {info.dtype} {human_size(info.size_bytes)}"
                       for c, info in source.components.items() if info.dtype)
-    out.result(_model_facts(source) | {"fingerprint": source.fingerprint},
-               f"{source.name} is ready in {source.path} ({parts}).")
+    return (_model_facts(source) | {"fingerprint": source.fingerprint},
+            f"{source.name} is ready in {source.path} ({parts}).")
 
 
 def human_size(size: int) -> str:
@@ -526,6 +558,9 @@ def edit(
         "--full-stride", help="With --full: source frames between the frames a window holds; "
         "every frame is still edited, in interleaved sequences.  \\[default: the tuned "
         "frames' spacing, e.g. extract's --stride]", show_default=False, parser=ASCII_INT)] = None,
+    score: Annotated[bool | None, typer.Option(
+        "--score/--no-score", help="Score each edit as `vedit score` does, into its edit.toml "
+        "and the result.  \\[default: no]", show_default=False)] = None,
     dry_run: DryRunOpt = False,
     gpu_memory: GpuMemoryOpt = None,
     config: ConfigOpt = None,
@@ -540,20 +575,25 @@ def edit(
         checkpoint=checkpoint, steps=steps, guidance=guidance,
         negative_prompt=negative_prompt, seed=seed, formats=formats, batch=batch,
         inversion=inversion, inversion_prompt=inversion_prompt, full=full, window=window,
-        overlap=overlap, full_stride=full_stride))
+        overlap=overlap, full_stride=full_stride, score=score))
     given = list(prompt or []) + (read_prompts(prompts_file) if prompts_file else [])
     if dry_run:  # a prediction: needs no prompt's text, takes no lock, writes nothing
         _edit_dry_run(out, project, settings, len([p for p in given if p.strip()]), gpu_memory)
         return
+    scoring = resolve(ScoreSettings, config_values(config, ["score"]))
     prompts = edit_prompts(given)
     with locked_early(project, "edit", enabled=not out.secondary):
         from vedit import edit as edit_stage
+        from vedit.score import format_metrics
 
-        result = edit_stage.edit(project, prompts, settings, name=name, reporter=out.reporter)
+        result = edit_stage.edit(project, prompts, settings, name=name, scoring=scoring,
+                                 reporter=out.reporter)
     lines = []
     for e in result.edits:
         lines += [f"{e.files['video']}  ({e.prompt}, {e.frames} frames)",
                   f"  side by side with the source: {e.files['compare']}"]
+        if e.scores is not None:
+            lines.append(f"  scores: {format_metrics(e.scores)}")
     lines.append(f"Add the clip's sound: vedit remux {project}")
     data = result.to_dict()
     if result.peak_memory_gb is not None:
@@ -607,6 +647,56 @@ def _measured_text(memory: dict[str, float]) -> str:
     """The line a real GPU run adds: its peak next to the model's prediction for it."""
     return (f"Peak GPU memory {memory['measured_peak_gb']} GB; the model predicted "
             f"{memory['predicted_peak_gb']} GB ({memory['error_percent']:+}%).")
+
+
+@command()
+def score(
+    out: Output,
+    target: Annotated[Path, typer.Argument(
+        metavar="PROJECT_OR_VIDEO", help="A project (its edits are scored), or a video to score "
+        "against --source.", show_default=False)],
+    edits: Annotated[list[str] | None, typer.Argument(
+        metavar="EDIT", help="With a project: the edits to score.  \\[default: every edit]",
+        show_default=False)] = None,
+    source: Annotated[Path | None, typer.Option(
+        "--source", help="With a video: the clip it was made from (a video, or a project for its "
+        "frames).", show_default=False)] = None,
+    prompt: Annotated[str | None, typer.Option(
+        "--prompt", "-p", help="With a video: the prompt it was made with (for the text "
+        "metrics).", show_default=False)] = None,
+    clip_model: Annotated[str | None, typer.Option(
+        "--clip-model", help=f"CLIP hub id or local folder.  \\[default: {DEFAULT_CLIP_MODEL}]",
+        show_default=False)] = None,
+    csv_file: Annotated[Path | None, typer.Option(
+        "--csv", help="Also write one row per video to this CSV file.", show_default=False)
+    ] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Score edits as video-editing benchmarks do: flicker, motion, CLIP consistency and text."""
+    # The option checks come before the metric libraries are imported, as in tune and edit.
+    settings = resolve(ScoreSettings, config_values(config, ["score"]),
+                       overrides=dict(clip_model=clip_model))
+    if source is None:
+        if not target.is_dir():
+            raise UsageError(f"Scoring the video {target} needs --source CLIP, the clip it "
+                             "was made from.", "Or give a project to score its edits.")
+        if prompt is not None:
+            raise UsageError("--prompt goes with a video and --source; a project's edits "
+                             "are scored against their own prompts.", "Drop --prompt.")
+    elif edits:
+        raise UsageError("EDIT names go with a project, not with --source.",
+                         "Score one video against --source at a time.")
+    from vedit import score as score_stage
+
+    if source is None:
+        results = score_stage.score_project(target, edits, settings, reporter=out.reporter)
+    else:
+        results = [score_stage.score_video(target, source, prompt, settings,
+                                           reporter=out.reporter)]
+    if csv_file is not None:
+        score_stage.write_csv(csv_file, results)
+    out.result({"videos": [r.to_dict() for r in results]},
+               score_stage.results_table(results))
 
 
 @command()

@@ -35,10 +35,11 @@ from vedit.latents import clip_span, frame_latents, read_frame, span_images, spa
 from vedit.memory.gpu import measured_peak_gb
 from vedit.models import Components, load_components
 from vedit.progress import Reporter
-from vedit.project import EDIT_VIDEO, Project, atomic_dir, frame_file
+from vedit.project import EDIT_RECORD, EDIT_VIDEO, Project, atomic_dir, frame_file
 from vedit.prompts import encode_prompts
 from vedit.sampler import Denoiser, ddim_invert, ddim_sample
-from vedit.settings import EditSettings, as_record, edit_prompts
+from vedit.score import Frames, Scorer, VideoScore, video_frames
+from vedit.settings import EditSettings, ScoreSettings, as_record, edit_prompts
 from vedit.video import Mp4Writer, write_gif
 from vedit.windows import (
     ResumeFile,
@@ -67,11 +68,13 @@ class EditOutput:
     inversion: dict[str, Any] | None
     frames: int
     full: dict[str, Any] | None = None
+    scores: dict[str, float | None] | None = None  # with --score: the means of vedit.score
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "prompt": self.prompt, "folder": str(self.folder),
                 "files": self.files, "seed": self.seed, "checkpoint": self.checkpoint,
-                "inversion": self.inversion, "frames": self.frames, "full": self.full}
+                "inversion": self.inversion, "frames": self.frames, "full": self.full,
+                "scores": self.scores}
 
 
 @dataclass(frozen=True)
@@ -153,10 +156,11 @@ def _checkpoint_id(checkpoint: Checkpoint) -> str:
 
 
 def edit(project_dir: Path, prompts: Sequence[str], settings: EditSettings | None = None, *,
-         name: str | None = None, reporter: Reporter | None = None,
-         models: EditModels | None = None) -> EditResult:
+         name: str | None = None, scoring: ScoreSettings | None = None,
+         reporter: Reporter | None = None, models: EditModels | None = None) -> EditResult:
     """Render each prompt from the project's latest (or chosen) checkpoint: the tuned frames,
-    or with `settings.full` every frame of the clip's span, in windows. `models`, from
+    or with `settings.full` every frame of the clip's span, in windows. With `settings.score`
+    each edit is scored (with the models of `scoring`) as it is written. `models`, from
     `load_edit_models` for that checkpoint, are used as they are instead of loading them."""
     from accelerate import PartialState
 
@@ -180,9 +184,11 @@ def edit(project_dir: Path, prompts: Sequence[str], settings: EditSettings | Non
     try:
         if state.is_main_process:
             with project.lock("edit"):
-                outputs = _render(project, checkpoint, jobs, settings, state, reporter, models)
+                outputs = _render(project, checkpoint, jobs, settings, state, scoring, reporter,
+                                  models)
         else:
-            outputs = _render(project, checkpoint, jobs, settings, state, reporter, models)
+            outputs = _render(project, checkpoint, jobs, settings, state, scoring, reporter,
+                              models)
     except (RuntimeError, MemoryError) as exc:  # torch.OutOfMemoryError is a RuntimeError
         if not is_out_of_memory(exc):
             raise
@@ -202,7 +208,7 @@ def edit(project_dir: Path, prompts: Sequence[str], settings: EditSettings | Non
 
 
 def _render(project: Project, checkpoint: Checkpoint, jobs: list[tuple[str, str]],
-            settings: EditSettings, state: PartialState,
+            settings: EditSettings, state: PartialState, scoring: ScoreSettings | None,
             reporter: Reporter, models: EditModels | None) -> list[EditOutput]:
     models = models or load_edit_models(checkpoint, state.device, reporter)
     components, unet = models.components, models.unet
@@ -211,6 +217,7 @@ def _render(project: Project, checkpoint: Checkpoint, jobs: list[tuple[str, str]
                 else tuned_clip(project, components, reporter))
         inversion = _inversion(project, checkpoint, components, unet, clip, settings,
                                reporter) if settings.inversion else None
+    scorer = Scorer(scoring, device=state.device, reporter=reporter) if settings.score else None
     outputs = []
     with state.split_between_processes(jobs) as mine:
         # The negative prompt is encoded once (and warned about once if cut short).
@@ -222,7 +229,7 @@ def _render(project: Project, checkpoint: Checkpoint, jobs: list[tuple[str, str]
             for (prompt, edit_name), video in zip(batch, latents, strict=True):
                 frames = decode_frames(components.vae, video, reporter=reporter)
                 outputs.append(write_edit(project, edit_name, prompt, frames, checkpoint,
-                                          inversion, settings, clip))
+                                          inversion, settings, clip, scorer))
     return _gather(outputs, state)
 
 
@@ -359,11 +366,12 @@ def _sample(components: Components, unet: Denoiser, clip: EditClip, inversion: I
 
 def write_edit(project: Project, name: str, prompt: str, frames: Iterable[np.ndarray],
                checkpoint: Checkpoint, inversion: Inversion | None, settings: EditSettings,
-               clip: EditClip) -> EditOutput:
+               clip: EditClip, scorer: Scorer | None = None) -> EditOutput:
     """Write `edits/NAME/` whole (a folder that exists is complete), streaming `frames` into
-    every output at once, so a long clip never waits whole in memory."""
+    every output at once, so a long clip never waits whole in memory. A `scorer` scores the
+    written video (as `vedit score` would read it) before edit.toml records it."""
     folder = project.edit_dir(name)
-    files = {"video": EDIT_VIDEO, "compare": "compare.mp4", "settings": "edit.toml"}
+    files = {"video": EDIT_VIDEO, "compare": "compare.mp4", "settings": EDIT_RECORD}
     wanted = settings.format_list
     gif_frames: list[np.ndarray] = []
     count = 0
@@ -392,9 +400,21 @@ def write_edit(project: Project, name: str, prompt: str, frames: Iterable[np.nda
                   "frames": count, "vedit": __version__}
         if clip.full is not None:
             record["full"] = clip.full
-        (staging / "edit.toml").write_text(tomlio.dumps(record), encoding="utf-8")
+        scores = _score(scorer, staging / EDIT_VIDEO, folder, prompt, clip) if scorer else None
+        if scores is not None:
+            record["score"] = scores.record()
+        (staging / EDIT_RECORD).write_text(tomlio.dumps(record), encoding="utf-8")
     return EditOutput(name, prompt, folder, {k: str(folder / v) for k, v in files.items()},
-                      settings.seed, checkpoint.name, inversion_facts, count, clip.full)
+                      settings.seed, checkpoint.name, inversion_facts, count, clip.full,
+                      scores.metrics if scores else None)
+
+
+def _score(scorer: Scorer, video: Path, folder: Path, prompt: str,
+           clip: EditClip) -> VideoScore:
+    """Score a written edit against the frames it was made from."""
+    source = Frames("the source frames", clip.times, clip.sources)
+    return scorer.score(video_frames(video, str(folder / video.name)), source, prompt,
+                        name=folder.name)
 
 
 def side_by_side(source: np.ndarray, edited: np.ndarray, bar: np.ndarray) -> np.ndarray:

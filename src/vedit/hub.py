@@ -1,9 +1,11 @@
-"""The Hugging Face hub: fetch a base model into the standard cache, list what is cached.
+"""The Hugging Face hub: fetch a base model or a scoring CLIP into the standard cache, list
+what is cached.
 
 This is the only module that talks to the network, with short timeouts and resumable
-transfers: only the pipeline's own files are downloaded (safetensors weights, configs,
-tokenizer; never pickles or the safety checker), small files first so an unusable model is
-refused before its weights. Failures become ModelNotFoundError naming the next step.
+transfers: only the files vedit loads are downloaded (a pipeline's safetensors weights,
+configs and tokenizer, never pickles or the safety checker; a CLIP's config, safetensors and
+processor), small files first so an unusable model is refused before its weights. Failures
+become ModelNotFoundError naming the next step.
 
 The files land in huggingface_hub's own cache layout (`blobs/ID`, `snapshots/COMMIT/NAME`,
 `refs/REVISION`), so every tool that reads that cache finds them. What huggingface_hub's
@@ -25,9 +27,18 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
+from vedit.clip_models import (
+    PROCESSOR_REPOS,
+    check_clip_config,
+    inspect_clip,
+    is_clip_folder,
+    resolve_clip,
+    select_clip_files,
+    select_processor_files,
+)
 from vedit.errors import BadInputError, DiskError, ModelNotFoundError
 from vedit.model_files import (
     COMPONENTS,
@@ -143,12 +154,14 @@ def _hub_errors(repo_id: str) -> Iterator[None]:
 def fetch_model(model: str | Path = DEFAULT_MODEL, *, revision: str | None = None,
                 variant: str | None = None, reporter: Reporter | None = None,
                 configs_only: bool = False) -> Path:
-    """Make `model` available locally and return its diffusers folder: download a hub repo's
-    pipeline files (safetensors only; the `variant` files where the repo has them) into the HF
-    cache, resuming partial files; validate a local folder; convert a single-file checkpoint.
+    """Make `model` available locally and return its folder: download a hub repo's pipeline
+    files (safetensors only; the `variant` files where the repo has them) or, for a CLIP repo,
+    its config, safetensors and processor (and those of the processor it was trained with) into
+    the HF cache, resuming partial files; validate a local folder; convert a single-file
+    checkpoint.
 
-    `configs_only`: a hub repo's configs and tokenizer only (a few kB), enough to predict the
-    memory of a run before downloading the weights."""
+    `configs_only`: a hub pipeline repo's configs and tokenizer only (a few kB), enough to
+    predict the memory of a run before downloading the weights."""
     reporter = reporter or Reporter()
     path = Path(model).expanduser()
     if path.is_file():
@@ -159,16 +172,52 @@ def fetch_model(model: str | Path = DEFAULT_MODEL, *, revision: str | None = Non
         return resolve_model(path, variant=variant, configs_only=configs_only).path
     repo_id = as_repo_id(str(model))
     if hub_offline():
-        try:
-            return resolve_model(repo_id, revision=revision, variant=variant,
-                                 configs_only=configs_only).path
-        except ModelNotFoundError:
-            raise _offline_error(repo_id) from None
-    select = partial(_select_config_files if configs_only else select_pipeline_files, repo_id,
+        return _cached_offline(repo_id, revision, variant, configs_only)
+    select = partial(_select_config_files if configs_only else select_repo_files, repo_id,
                      variant=variant)
-    snapshot = _download_repo_files(repo_id, revision, select, reporter, check=check_is_sd_unet)
-    inspect_model_folder(snapshot, variant=variant, configs_only=configs_only)
+    snapshot = _download_repo_files(repo_id, revision, select, reporter, check=_check_snapshot)
+    if not is_clip_folder(snapshot):
+        inspect_model_folder(snapshot, variant=variant, configs_only=configs_only)
+        return snapshot
+    processor = None
+    if repo_id in PROCESSOR_REPOS:
+        processor_repo = PROCESSOR_REPOS[repo_id]
+        processor = _download_repo_files(processor_repo, None,
+                                         partial(select_processor_files, processor_repo),
+                                         reporter)
+    inspect_clip(repo_id, snapshot, processor)
     return snapshot
+
+
+def _cached_offline(repo_id: str, revision: str | None, variant: str | None,
+                    configs_only: bool = False) -> Path:
+    """A cached pipeline or CLIP, found without the network."""
+    try:
+        return resolve_model(repo_id, revision=revision, variant=variant,
+                             configs_only=configs_only).path
+    except ModelNotFoundError:
+        pass
+    try:
+        return resolve_clip(repo_id).path
+    except ModelNotFoundError:
+        raise _offline_error(repo_id) from None
+
+
+def select_repo_files(repo_id: str, repo_files: Iterable[str], *,
+                      variant: str | None = None) -> list[str]:
+    """What to fetch from a repo: a diffusers pipeline's files, or a CLIP model's."""
+    files = set(repo_files)
+    if "model_index.json" not in files and "config.json" in files:
+        return select_clip_files(repo_id, files)
+    return select_pipeline_files(repo_id, files, variant=variant)
+
+
+def _check_snapshot(snapshot: Path) -> None:
+    """Refuse, from its configs alone, a pipeline that isn't SD 1.x/2.x or a model not CLIP."""
+    if is_clip_folder(snapshot):
+        check_clip_config(snapshot)
+    else:
+        check_is_sd_unet(snapshot)
 
 
 def _fetch_config_files(repo_id: str, hint: str, *, reporter: Reporter) -> Path:
@@ -186,7 +235,8 @@ def select_pipeline_files(repo_id: str, repo_files: Iterable[str], *,
     files = set(repo_files)
     if "model_index.json" not in files:
         raise BadInputError(f"{repo_id} is not a diffusers pipeline repo (no model_index.json).",
-                            "Pick a Stable Diffusion 1.x/2.x repo in diffusers format.")
+                            "Pick a Stable Diffusion 1.x/2.x repo in diffusers format (or a "
+                            "CLIP model for scoring).")
     chosen = ["model_index.json"]
     for name in COMPONENTS:
         inside = sorted(f.split("/", 1)[1] for f in files
@@ -459,8 +509,8 @@ def _write_ref(storage: Path, revision: str, commit: str) -> None:
 
 
 def list_models() -> list[CachedModel]:
-    """The SD models on disk: complete pipeline snapshots in the HF cache, with their size, and
-    converted single-file checkpoints."""
+    """The models on disk: complete pipeline snapshots and CLIP scoring models in the HF cache,
+    with their size, and converted single-file checkpoints."""
     return sorted(_cached_hub_models() + converted_models(), key=lambda m: (m.name, m.path))
 
 
@@ -477,11 +527,21 @@ def _cached_hub_models() -> list[CachedModel]:
         if repo.repo_type != "model":
             continue
         for revision in repo.revisions:
-            if _is_pipeline_snapshot(revision.snapshot_path):
+            role = _snapshot_role(revision.snapshot_path)
+            if role is not None:
                 found.append(CachedModel(repo.repo_id, "hub", revision.snapshot_path,
                                          revision.size_on_disk, revision.commit_hash,
-                                         tuple(sorted(revision.refs))))
+                                         tuple(sorted(revision.refs)), role))
     return found
+
+
+def _snapshot_role(folder: Path) -> Literal["base", "scoring"] | None:
+    """"base" for a complete pipeline, "scoring" for a CLIP with weights, else None."""
+    if _is_pipeline_snapshot(folder):
+        return "base"
+    if is_clip_folder(folder) and any(WEIGHT_NAME.match(p.name) for p in folder.iterdir()):
+        return "scoring"
+    return None
 
 
 def _is_pipeline_snapshot(folder: Path) -> bool:

@@ -88,6 +88,7 @@ class CachedModel:
     size_bytes: int
     commit_hash: str | None = None
     refs: tuple[str, ...] = ()
+    role: Literal["base", "scoring"] = "base"  # a Stable Diffusion base, or a CLIP for scoring
 
 
 # --- the Hugging Face cache ------------------------------------------------------------------

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from typing import Annotated, Any, TypeVar, cast
 
 import typer
-from rich.console import Console
+from rich.console import Console, RenderableType
 from rich.markup import escape
 
 from vedit.errors import BROKEN_PIPE, VeditError, as_vedit_error
@@ -53,14 +53,14 @@ class Output:
         self.reporter = Reporter(self.stderr, quiet=self.quiet)
         self.stdout = Console(highlight=False, soft_wrap=True)
 
-    def result(self, data: dict[str, Any], human: str) -> None:
-        """The command's result: `data` as one JSON document, or `human` text."""
+    def result(self, data: dict[str, Any], human: str | RenderableType) -> None:
+        """The command's result: `data` as one JSON document, or `human` text (or a rich table)."""
         if self.secondary:
             return
         if self.json_mode:
             print(json.dumps(data, indent=2, default=str), flush=True)
         elif not self.quiet:
-            self.stdout.print(escape(human))
+            self.stdout.print(escape(human) if isinstance(human, str) else human)
 
     def fail(self, error: VeditError) -> None:
         self.stderr.print(f"[bold red]error:[/bold red] {escape(error.message)}", soft_wrap=True)

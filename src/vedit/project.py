@@ -51,6 +51,7 @@ FRAMES_VERSION = 1
 RECORD_NAME = "vedit.toml"
 LOCK_NAME = ".vedit.lock"
 EDIT_VIDEO = "video.mp4"
+EDIT_RECORD = "edit.toml"  # an edit's prompt, settings and scores
 FINAL_VIDEO = "final.mp4"
 _TMP_MARK = ".tmp-"
 #: The record's sections each stage writes anew: opened by that stage, a damaged one of them is

@@ -1,8 +1,8 @@
 """Settings of each stage as dataclasses; defaults < `--config` TOML < command-line flags.
 
 A config file holds option names as keys (`frames = 12`, `lora-targets = [...]`), at the top
-level or under a table named after the command (`[extract]`, `[tune]`, `[edit]`). Unknown
-keys and wrong types are errors, not silently ignored.
+level or under a table named after the command (`[extract]`, `[tune]`, `[edit]`, `[score]`).
+Unknown keys and wrong types are errors, not silently ignored.
 """
 
 from __future__ import annotations
@@ -254,6 +254,7 @@ class EditSettings:
     # a quarter of the window, and 1 or more)
     full_stride: int | None = None  # with full: source frames between the frames a window
     # holds (None: the tuned frames' spacing)
+    score: bool = False  # score each edit as it is written (vedit.score), into edit.toml
 
     def __post_init__(self) -> None:
         if not 1 <= self.steps <= MAX_EDIT_STEPS:
@@ -291,8 +292,18 @@ class EditSettings:
         return [f.strip().lower() for f in self.formats.split(",") if f.strip()]
 
 
+@dataclass(frozen=True)
+class ScoreSettings:
+    """Which CLIP `score` (and `edit --score`) uses. None: OpenAI's CLIP ViT-L/14, whose
+    metrics are null (with a notice) when it was never fetched; a model named here must be on
+    disk."""
+
+    clip_model: str | None = None
+
+
 #: The tables a config file may have, each with one command's settings; one file serves all.
-TABLES: dict[str, type] = {"extract": ExtractSettings, "tune": TuneSettings, "edit": EditSettings}
+TABLES: dict[str, type] = {"extract": ExtractSettings, "tune": TuneSettings, "edit": EditSettings,
+                           "score": ScoreSettings}
 
 
 def read_config(path: Path, *, named_by: str = "--config") -> dict[str, dict[str, Any]]:

@@ -1,4 +1,5 @@
-"""A tiny, randomly initialised Stable Diffusion in the real diffusers folder layout.
+"""A tiny, randomly initialised Stable Diffusion in the real diffusers folder layout, and a tiny
+CLIP in the transformers layout for the scoring metrics.
 
 Tests and `vedit demo` need a model that builds in about a second, with no network: the same
 component classes and file names as a real SD 1.x/2.x checkpoint (model_index.json, unet/, vae/,
@@ -28,6 +29,9 @@ if TYPE_CHECKING:
 
 #: Side of a frame, in pixels, that the tiny model was "trained" at (latent 8 x 8).
 TINY_RESOLUTION = 64
+
+#: Side of the tiny CLIP's input images (OpenAI's CLIP ViT-L/14 reads 224).
+TINY_CLIP_RESOLUTION = 32
 
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
@@ -135,6 +139,39 @@ def write_config_folder(path: Path, *, unet: dict[str, Any], vae: dict[str, Any]
         _write_json(staging / "scheduler" / "scheduler_config.json",
                     {"_class_name": "DDIMScheduler", **scheduler})
         _write_json(staging / "model_index.json", _model_index("DDIMScheduler"))
+    return path
+
+
+def build_tiny_clip(path: Path, *, seed: int = 0) -> Path:
+    """Write a tiny seeded CLIP (image and text towers, processor, tokenizer) to `path` in the
+    layout of a transformers hub repo such as openai/clip-vit-large-patch14; return it."""
+    import torch
+    from transformers import CLIPConfig, CLIPModel
+
+    path = Path(path)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise BadInputError(f"{path} already exists and is not empty.",
+                            "Choose a new folder for the tiny CLIP.")
+    with atomic_dir(path) as staging:
+        vocab = _write_tokenizer(staging, sd2=False)
+        text = dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64,
+                    num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77,
+                    bos_token_id=vocab[BOS_TOKEN], eos_token_id=vocab[EOS_TOKEN],
+                    pad_token_id=vocab[EOS_TOKEN])
+        vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, image_size=TINY_CLIP_RESOLUTION, patch_size=8)
+        with torch.random.fork_rng(devices=[]), quiet_library_progress():
+            torch.manual_seed(seed)
+            model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision,
+                                         projection_dim=16))
+            model.save_pretrained(staging, safe_serialization=True)
+        # As OpenAI's repo has it (the older, flat form of the image processor's config).
+        _write_json(staging / "preprocessor_config.json", {
+            "crop_size": TINY_CLIP_RESOLUTION, "do_center_crop": True, "do_normalize": True,
+            "do_resize": True, "feature_extractor_type": "CLIPFeatureExtractor",
+            "image_mean": [0.48145466, 0.4578275, 0.40821073],
+            "image_std": [0.26862954, 0.26130258, 0.27577711],
+            "resample": 3, "size": TINY_CLIP_RESOLUTION})
     return path
 
 
@@ -288,7 +325,7 @@ def _pad_token(sd2: bool) -> str:
 def _write_tokenizer(folder: Path, *, sd2: bool) -> dict[str, int]:
     """Write vocab.json, merges.txt and the two token configs of a CLIP BPE tokenizer."""
     vocab = tiny_clip_vocab()
-    folder.mkdir(parents=True)
+    folder.mkdir(parents=True, exist_ok=True)
     _write_json(folder / "vocab.json", vocab)
     merges = "\n".join(f"{left} {right}" for left, right in _MERGES)
     (folder / "merges.txt").write_text(f"#version: 0.2\n{merges}\n", encoding="utf-8")
