@@ -30,11 +30,14 @@
 #
 # Meanwhile flops.py counts every tune and 2D row's FLOPs on the meta device in a second
 # process, on another CPU core and never on the GPU (CUDA_VISIBLE_DEVICES is empty for it);
-# whatever it counted by the end is merged into the tables (run.py --render).
+# whatever it counted by the end is merged into the tables (run.py --render). A third process
+# predicts each tune, 2D and edit row's peak memory with vedit's traced predictor (run.py
+# --predict, on the CPU, for this machine's GPU); the tables show predicted next to measured.
 #
 # TINY=1 runs the same script with the tiny shapes on any machine, a GPU or not: the check of
 # everything but the figures (e.g. `TINY=1 OUT=/tmp/bench bash benchmarks/gpu.sh`).
-# It writes results.md, results.json, log.txt, flops.json, flops.log and gpu.txt.
+# It writes results.md, results.json, log.txt, flops.json, flops.log, predicted.json,
+# predict.log and gpu.txt.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-benchmark-results}"
@@ -69,19 +72,26 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,power.limi
 CUDA_VISIBLE_DEVICES="" OMP_NUM_THREADS=1 python3 benchmarks/flops.py ${SHAPES[@]+"${SHAPES[@]}"} \
     --frames "$FRAMES" --json --out "$OUT/flops.json" > "$OUT/flops.log" 2>&1 &
 flops_pid=$!
+OMP_NUM_THREADS=1 python3 benchmarks/run.py ${SHAPES[@]+"${SHAPES[@]}"} --frames "$FRAMES" \
+    --predict --out "$OUT" "$@" > "$OUT/predict.log" 2>&1 &
+predict_pid=$!
 
 python3 benchmarks/run.py ${SHAPES[@]+"${SHAPES[@]}"} --frames "$FRAMES" --budget-s "$BUDGET_S" \
-    --keep-going --flops off --flops-from "$OUT/flops.json" --out "$OUT" "$@" 2>&1 \
+    --keep-going --flops off --flops-from "$OUT/flops.json" \
+    --predicted-from "$OUT/predicted.json" --out "$OUT" "$@" 2>&1 \
     | tee "$OUT/log.txt"
 status=${PIPESTATUS[0]}
 
 deadline=$(( $(date +%s) + FLOPS_GRACE_S ))
-while kill -0 "$flops_pid" 2>/dev/null && [ "$(date +%s)" -lt "$deadline" ]; do sleep 1; done
+while { kill -0 "$flops_pid" || kill -0 "$predict_pid"; } 2>/dev/null \
+        && [ "$(date +%s)" -lt "$deadline" ]; do sleep 1; done
 kill "$flops_pid" 2>/dev/null && echo "flops.py stopped: the counts it had are merged" \
     >> "$OUT/flops.log"
-wait "$flops_pid" 2>/dev/null
+kill "$predict_pid" 2>/dev/null && echo "--predict stopped: the peaks it had are merged" \
+    >> "$OUT/predict.log"
+wait "$flops_pid" "$predict_pid" 2>/dev/null
 if [ -f "$OUT/results.json" ]; then
     python3 benchmarks/run.py --render --out "$OUT" --flops-from "$OUT/flops.json" \
-        > /dev/null 2>> "$OUT/log.txt" || status=1
+        --predicted-from "$OUT/predicted.json" > /dev/null 2>> "$OUT/log.txt" || status=1
 fi
 exit "$status"

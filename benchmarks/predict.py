@@ -1,28 +1,24 @@
 """The benchmark's rows as the memory model predicts them, traced on a simulated GPU.
 
-For `run.py --predict` (to be wired once run.py's rewrite lands) and for recording predicted
-next to measured on a GPU, so the model is checked wherever a device is lent. The tune rows
-trace the recipes' own tuning state (recipes.py, its Accelerator swapped for the simulated
-GPU's) and one step of it, with the optimizer's state made first (as at every step after the
-first); the `vedit` edit row traces what `vedit edit` runs (vedit.memory.predict.trace_edit)
-on a config-only folder of these shapes. The `original` edit row (fp16, no LoRA, the clip
-decoded in one call) is not predicted.
-
-    python benchmarks/predict.py --frames 8,24,32,64 --recipes original   # SD 1.5, an H100
+`run.py --predict` prints them without running anything, and a GPU run records them next to
+what it measured (`run.py --predicted-from`), so the model is checked wherever a device is
+lent. The tune rows trace the recipes' own tuning state (recipes.py, its Accelerator swapped
+for the simulated GPU's) and one step of it, with the optimizer's state made first (as at
+every step after the first); the `vedit` edit row traces what `vedit edit` runs
+(vedit.memory.predict.trace_edit) on a config-only folder of these shapes. The `original`
+edit row (fp16, no LoRA, the clip decoded in one call) is not predicted.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import tempfile
 from functools import cache
 from pathlib import Path
 from unittest import mock
 
 import recipes
-from recipes import ORIGINAL, RECIPES, Bench, build_tuning
-from shapes import Shapes, shapes_for, write_configs
+from recipes import ORIGINAL, Bench, build_tuning
+from shapes import Shapes, write_configs
 
 from vedit.memory.accelerator import prime_optimizer
 from vedit.memory.gpu import GIB, Gpu, current_gpu
@@ -30,6 +26,9 @@ from vedit.memory.predict import EditPlan, trace_edit
 from vedit.memory.trace import Trace, simulated_gpu
 from vedit.models import resolve_model
 from vedit.settings import EditSettings, TuneSettings, parse_targets
+
+#: run.py's kinds of row that are predicted, and their names in `--predict --json`.
+ROW_NAMES = {"tune": "tune", "unet2d": "tune_2d", "edit": "edit"}
 
 #: The GPU predicted for off a GPU: the one issue 10's original-recipe figures were measured on.
 H100 = Gpu("H100 80GB (assumed)", 80 * GIB, (9, 0), capability_known=False)
@@ -78,37 +77,4 @@ def predicted_peak_gb(kind: str, recipe: str, frames: int, shapes: Shapes, heigh
     else:
         trace = trace_tuning(recipe, frames, shapes, height, width, gpu,
                              inflated=kind == "tune")
-    return round(trace.replay().peak_allocated / GIB, 2)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Print (or --json) the predicted peaks of the tune rows, and vedit's edit row."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--frames", default="8,24,32,64")
-    parser.add_argument("--recipes", default=",".join(RECIPES))
-    parser.add_argument("--rows", default="tune,tune_2d,edit")
-    parser.add_argument("--size", type=int, default=512)
-    parser.add_argument("--tiny", action="store_true", help="the tiny shapes (seconds)")
-    parser.add_argument("--json", action="store_true")
-    args = parser.parse_args(argv)
-    shapes = shapes_for(args.tiny)
-    gpu = target_gpu()
-    kinds = {"tune": "tune", "tune_2d": "unet2d", "edit": "edit"}
-    rows = []
-    for frames in (int(f) for f in args.frames.split(",")):
-        for recipe in args.recipes.split(","):
-            for row in args.rows.split(","):
-                peak = predicted_peak_gb(kinds[row], recipe, frames, shapes, args.size,
-                                         args.size, gpu)
-                rows.append({"recipe": recipe, "row": row, "frames": frames,
-                             "predicted_peak_gb": peak})
-                if not args.json:
-                    print(f"{row:8} {recipe:9} {frames:4} frames  "
-                          f"{'not predicted' if peak is None else f'{peak:.2f} GB'}", flush=True)
-    if args.json:
-        print(json.dumps(rows, indent=2))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    return round(trace.replay().peak_allocated / GIB, 4)  # tiny shapes peak near 0.1 GB

@@ -15,6 +15,7 @@ Rows (--rows):
 
     python benchmarks/run.py                          # the full table, on a GPU
     python benchmarks/run.py --tiny --json            # the CPU form, seconds
+    python benchmarks/run.py --predict                # predicted peaks only, on any machine
 
 Rows run frame count by frame count in the order of --frames, so list the counts that matter
 most first; with --budget-s a row that would not fit is skipped. Results go to
@@ -43,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 import flops
+import predict
 import stages
 import torch
 from recipes import (
@@ -145,8 +147,8 @@ class Result:
     """One recipe's measurement of one kind at one frame count. `note` says why a row has no
     number (OOM, skipped, error); `checked_steps` and `failed_steps` count its timed steps
     and those with a non-finite loss or a skipped update; `levers` say how the recipe ran;
-    `predicted_peak_gb` is the traced memory predictor's figure (issue "Memory before
-    the run"): None, and no predicted row in the table, until that predictor lands."""
+    `predicted_peak_gb` is the traced memory predictor's figure for the same row (merged
+    from `--predicted-from`); where it is None the table has no predicted row."""
 
     kind: str
     recipe: str
@@ -234,6 +236,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="print results.json on stdout instead of the table")
     parser.add_argument("--render", action="store_true",
                         help="measure nothing: rewrite OUT's results (with --flops-from)")
+    parser.add_argument("--predict", action="store_true",
+                        help="measure nothing: the planned tune, unet2d and edit rows' peak "
+                             "memory as vedit.memory traces them on a simulated GPU (this "
+                             "machine's, else an H100), into OUT/predicted.json")
+    parser.add_argument("--predicted-from", type=Path, default=None,
+                        help="a --predict run's predicted.json, shown next to the measured peaks")
     parser.add_argument("--out", default=os.environ.get("OUT") or "benchmark-results")
     args = parser.parse_args(argv)
     args.shapes = shapes_for(args.tiny)
@@ -492,7 +500,8 @@ class Runner:
     def write(self) -> None:
         """results.json and results.md as they stand: a run cut short keeps its rows."""
         self.meta["wall_s"] = round(self.elapsed(), 1)
-        write_results(self.out, self.meta, self.results, self.args.flops_from)
+        write_results(self.out, self.meta, self.results, self.args.flops_from,
+                      self.args.predicted_from)
 
 
 def fresh_device(device: torch.device) -> None:
@@ -844,12 +853,16 @@ def lever_notes(results: list[Result]) -> list[str]:
 
 
 def write_results(out: Path, meta: dict[str, Any], results: list[Result],
-                  flops_from: Path | None) -> dict[str, Any]:
+                  flops_from: Path | None, predicted_from: Path | None = None
+                  ) -> dict[str, Any]:
     """Write OUT/results.json and OUT/results.md; returns the JSON data."""
     results = [Result.from_dict(r.to_dict()) for r in results]  # counts and rates: copies
     if flops_from is not None and flops_from.is_file():
         with contextlib.suppress(json.JSONDecodeError):  # still being written: a later write
             merge_flops(results, json.loads(flops_from.read_text()), meta["size"])
+    if predicted_from is not None and predicted_from.is_file():
+        with contextlib.suppress(json.JSONDecodeError):
+            merge_predicted(results, json.loads(predicted_from.read_text()))
     rows = table_rows(results, meta["bf16_peak_tflops"])
     data = {"meta": meta, "table": rows, "results": [r.to_dict() for r in results]}
     out.mkdir(parents=True, exist_ok=True)
@@ -859,23 +872,63 @@ def write_results(out: Path, meta: dict[str, Any], results: list[Result],
 
 
 def render(args: argparse.Namespace) -> dict[str, Any]:
-    """Rewrite OUT's results from its results.json (e.g. with FLOPs counted meanwhile)."""
+    """Rewrite OUT's results from its results.json (e.g. with FLOPs counted, or peaks
+    predicted, meanwhile)."""
     out = Path(args.out)
     data = json.loads((out / "results.json").read_text())
     results = [Result.from_dict(r) for r in data["results"]]
-    return write_results(out, data["meta"], results, args.flops_from)
+    return write_results(out, data["meta"], results, args.flops_from, args.predicted_from)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the planned rows and write the table; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    if args.predict:
+        predicted = predict_all(args)
+        print(json.dumps(predicted, indent=2) if args.json else "\n".join(
+            f"{p['row']:8} {p['recipe']:9} {p['frames']:4} frames  "
+            + ("not predicted" if p["predicted_peak_gb"] is None
+               else f"{p['predicted_peak_gb']:.2f} GB") for p in predicted))
+        return 0
     data = render(args) if args.render else measure_all(args, argv)
     if args.json:
         print(json.dumps(data, indent=2))
     else:
         print((Path(args.out) / "results.md").read_text())
     return 0
+
+
+def predict_all(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The predicted peak of every planned row the predictor covers, without running any;
+    OUT/predicted.json is rewritten after each, so a run cut short keeps what it had."""
+    gpu = predict.target_gpu()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    predicted: list[dict[str, Any]] = []
+    for task in plan(args):
+        if task.kind not in predict.ROW_NAMES:
+            continue
+        for recipe in args.recipes:
+            peak = predict.predicted_peak_gb(task.kind, recipe, task.frames, args.shapes,
+                                             args.height, args.width, gpu)
+            predicted.append({"recipe": recipe, "row": predict.ROW_NAMES[task.kind],
+                              "frames": task.frames, "predicted_peak_gb": peak,
+                              "gpu": gpu.name})
+            print(f"predicted {task.kind} {recipe} {task.frames} frames: {peak}",
+                  file=sys.stderr, flush=True)
+            (out / "predicted.json").write_text(json.dumps(predicted, indent=2) + "\n")
+    return predicted
+
+
+def merge_predicted(results: list[Result], predicted: list[dict[str, Any]]) -> None:
+    """Put each predicted peak on the measured result of the same row, recipe and frames."""
+    kinds = {name: kind for kind, name in predict.ROW_NAMES.items()}
+    figures = {(kinds.get(p["row"]), p["recipe"], p["frames"]): p["predicted_peak_gb"]
+               for p in predicted}
+    for result in results:
+        result.predicted_peak_gb = figures.get((result.kind, result.recipe, result.frames),
+                                               result.predicted_peak_gb)
 
 
 def measure_all(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
@@ -891,7 +944,8 @@ def measure_all(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
             for task in plan(args):
                 runner.run(task)
             runner.meta["wall_s"] = round(runner.elapsed(), 1)
-            return write_results(runner.out, runner.meta, runner.results, args.flops_from)
+            return write_results(runner.out, runner.meta, runner.results, args.flops_from,
+                                 args.predicted_from)
     finally:
         torch.set_num_threads(threads)
 

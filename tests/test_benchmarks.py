@@ -303,6 +303,30 @@ def test_a_predicted_row_appears_only_where_a_predictor_gave_a_figure() -> None:
     assert [run.predicted_cell(rows[1][r]) for r in ("original", "vedit")] == ["-", "2.5"]
 
 
+def test_predict_gives_every_planned_row_without_running_one(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    measured = _spy(monkeypatch, run.Runner, "measure")
+    assert run.main(["--tiny", "--predict", "--json", "--frames", "2,4", "--edit-frames", "2",
+                     "--rows", "tune,tune-run,edit", "--recipes", "vedit",
+                     "--out", str(tmp_path)]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert not measured and not (tmp_path / "results.json").exists()
+    assert json.loads((tmp_path / "predicted.json").read_text()) == printed
+    peaks = {(p["row"], p["recipe"], p["frames"]): p["predicted_peak_gb"] for p in printed}
+    # No tune-run row: a whole command (loading, the VAE, checkpoints) is not predicted.
+    assert set(peaks) == {("tune", "vedit", 2), ("tune", "vedit", 4), ("edit", "vedit", 2)}
+    assert peaks[("edit", "vedit", 2)] > 0
+    assert 0 < peaks[("tune", "vedit", 2)] < peaks[("tune", "vedit", 4)]  # more activations
+    # A GPU run shows them next to what it measured, row by row (unet2d is "tune_2d").
+    results = [run.Result("tune", "vedit", 4, {"peak_gb": run.Stat([1.0])}),
+               run.Result("unet2d", "vedit", 2, {"peak_gb": run.Stat([0.5])}),
+               run.Result("edit", "original", 2, {"peak_gb": run.Stat([2.0])})]
+    run.merge_predicted(results, [*printed, {"recipe": "vedit", "row": "tune_2d", "frames": 2,
+                                             "predicted_peak_gb": 0.4}])
+    assert [r.predicted_peak_gb for r in results] == [peaks[("tune", "vedit", 4)], 0.4, None]
+
+
 def _fp32_tuning(recipe: str, **levers: object) -> object:
     return recipes.build_tuning(recipe, FRAMES, BENCH, mixed_precision="no", **levers)
 

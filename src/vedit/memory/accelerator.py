@@ -43,6 +43,11 @@ class _Optimizer:
         if self.accelerator.sync_gradients:
             self.optimizer.zero_grad(set_to_none=set_to_none)
 
+    @property
+    def step_was_skipped(self) -> bool:
+        """As accelerate's: a traced step never overflows, so its update is never skipped."""
+        return False
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self.optimizer, name)
 
