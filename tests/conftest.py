@@ -17,10 +17,25 @@ from vedit.tiny_model import build_tiny_clip, build_tiny_model
 _SCRATCH = Path(tempfile.mkdtemp(prefix="vedit-tests-"))
 
 
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """`-n auto` (pyproject's default): one worker a core, at most four. Most tests run tiny
+    models in one thread, so two workers on CI's two cores halve the suite's time; past four,
+    each worker's own copy of the session fixtures costs more than it gains."""
+    return max(1, min(4, os.cpu_count() or 1))
+
+
 def pytest_configure(config: pytest.Config) -> None:
     """Before any test module imports huggingface_hub (it reads its settings once, at import),
     point it at a closed local port and throwaway caches: no test, nor a `vedit` it starts,
-    reaches huggingface.co or touches the user's caches."""
+    reaches huggingface.co or touches the user's caches. Under xdist, each worker (and each
+    process a test starts) gets its share of the cores for torch's threads."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        threads = str(max(1, (os.cpu_count() or 1) // workers))
+        os.environ.update({"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads})
+        import torch  # already imported by the `projects` plugin: too late for the variables
+
+        torch.set_num_threads(int(threads))
     os.environ.update({
         "HF_ENDPOINT": closed_port_endpoint(),
         "HF_HOME": str(_SCRATCH / "hf-home"),

@@ -5,7 +5,8 @@ chosen moment, as a Ctrl-C or a `kill` would stop it there.
 
 PLAN is a list of {"args": [...], "phase": "module:function", "call": N, "signal": "SIGINT"}:
 the N-th call of that function sends this process the signal, and the signal's handler stops
-the command right there, before the function does anything. RESULTS gets each command's exit
+the command right there, before the function does anything; a step without "phase" runs its
+command to the end (e.g. the `--resume` after the interrupts). RESULTS gets each command's exit
 code, in order. One process serves every command, so the interpreter starts only once.
 """
 
@@ -35,13 +36,14 @@ def signalling(function: Callable[..., Any], call: int, signal_number: int) -> C
     return wrapper
 
 
-def run(args: list[str], phase: str, call: int, signal_name: str) -> int:
+def run(args: list[str], phase: str | None, call: int, signal_name: str) -> int:
     from vedit.__main__ import main
 
-    module_name, name = phase.split(":")
+    module_name, name = (phase or "vedit.__main__:main").split(":")
     module = importlib.import_module(module_name)
     original = getattr(module, name)
-    setattr(module, name, signalling(original, call, getattr(signal, signal_name)))
+    if phase is not None:
+        setattr(module, name, signalling(original, call, getattr(signal, signal_name)))
     # A fresh process's handlers: main() leaves both signals ignored as it ends.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -57,6 +59,6 @@ def run(args: list[str], phase: str, call: int, signal_name: str) -> int:
 
 if __name__ == "__main__":
     plan_file, results_file = map(Path, sys.argv[1:3])
-    codes = [run(step["args"], step["phase"], step["call"], step["signal"])
+    codes = [run(step["args"], step.get("phase"), step.get("call", 0), step.get("signal", ""))
              for step in json.loads(plan_file.read_text())]
     results_file.write_text(json.dumps(codes))
