@@ -485,6 +485,53 @@ def test_a_killed_tune_leaves_loadable_checkpoints_and_a_free_lock(project: Path
     assert not list(project.rglob(".*.tmp-*"))  # the next run swept what the kill left
 
 
+def killed(tmp_path: Path, project: Path, args: list[str], phase: str, call: int) -> list[str]:
+    """Run `vedit ARGS` and SIGKILL it right before the `call`-th call of `phase` (a moment it
+    is writing): it dies holding the project's lock. The temporaries it left, by name."""
+    step = {"args": args, "phase": phase, "call": call, "signal": "SIGKILL"}
+    done = interrupted(tmp_path, [step])
+    assert done.returncode == -signal.SIGKILL, done.stderr[-3000:]
+    assert f"`vedit {args[0]}` (pid " in (project / LOCK_NAME).read_text()  # no one unlocked
+    return sorted(p.relative_to(project).as_posix() for p in project.rglob(".*.tmp-*"))
+
+
+@pytest.mark.slow
+def test_killed_extract_edit_and_remux_leave_a_usable_project(tmp_path: Path,
+                                                              project: Path) -> None:
+    """SIGKILL (no handler runs) while each writes: what it was writing is never taken for
+    finished, the lock it held is free, and the same command run again succeeds."""
+    other = tmp_path / "other"  # extract: killed after its first new frame
+    shutil.copytree(project, other)
+    clip = Project.open(other).record["source"]["path"]
+    again = ["extract", clip, "-o", str(other), "-n", "3", "--size", "64", "--start", "0.2"]
+    old = extracted(other)
+    assert killed(tmp_path, other, again, "vedit.extract:fit_frame", 2)
+    assert extracted(other) == old
+    assert json.loads(runner.invoke(app, ["status", str(other), "--json"]).stdout)["damaged"] == []
+    assert runner.invoke(app, [*again, "-q"]).exit_code == 0
+    assert Project.open(other).record["frames"]["count"] == 3
+    assert not list(other.rglob(".*.tmp-*")) and not (other / "frames.new").exists()
+
+    edit = ["edit", str(project), "-p", "a cat", "--steps", "1", "--name", "cat"]
+    left = killed(tmp_path, project, edit, "vedit.edit:side_by_side", 2)  # mid video.mp4
+    assert [name for name in left if name.startswith("edits/.cat.tmp-")], left
+    assert Project.open(project).edit_names() == []
+    assert json.loads(runner.invoke(app, ["status", str(project), "--json"]).stdout)[
+        "edits"] == []
+    assert runner.invoke(app, ["remux", str(project)]).exit_code == 4  # "no edits yet"
+    assert runner.invoke(app, [*edit, "-q"]).exit_code == 0
+    assert Project.open(project).edit_names() == ["cat"] and not list(project.rglob(".*.tmp-*"))
+
+    assert runner.invoke(app, ["remux", str(project), "-q"]).exit_code == 0
+    final = project / "edits" / "cat" / "final.mp4"
+    first = final.read_bytes()
+    left = killed(tmp_path, project, ["remux", str(project)], "vedit.audio:_audio_duration", 1)
+    assert left == [name for name in left if name.startswith("edits/cat/.final.mp4.tmp-")]
+    assert left and final.read_bytes() == first  # the new one, written whole, never moved in
+    assert runner.invoke(app, ["remux", str(project), "-q"]).exit_code == 0
+    assert probe(final).frame_count == 4 and not list(project.rglob(".*.tmp-*"))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("signal_number", [signal.SIGINT, signal.SIGTERM])
 def test_interrupted_download_resumes(tmp_path: Path, tiny_model: Path, fake_hub: object,
