@@ -321,7 +321,7 @@ def test_interrupted_extract_writes_nothing(tmp_path: Path, signal_number: int) 
     clip = make_clip(tmp_path / "long.mp4", width=640, height=360, fps=25, seconds=8.0)
     target = tmp_path / "p"
     process = start("extract", clip, "-o", target, "-n", "100", "--stride", "2")
-    wait_for(lambda: any(target.glob(".frames.tmp-*")), process)
+    wait_for(lambda: any(target.glob(".frames.new.tmp-*")), process)
     process.send_signal(signal_number)
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 130, stderr
