@@ -226,17 +226,17 @@ def odd_command(project: Path, out: Path, rng: random.Random) -> list[str]:
 
 
 def unclean(result: Result) -> str | None:
-    """What breaks the CLI's contract for errors in a result, if anything: exit 0, a usage
-    error (exit 2, Click's message) or a typed error (exit 3-9: one `error:` line, then a
-    `hint:`), never exit 1 nor a traceback."""
+    """What breaks the CLI's contract in a result, if anything: exit 0, or an error (exit 2-9)
+    said in one `error:` line and its `hint:` (or, for a usage error Click finds, its message
+    and `Try ... -h`); never exit 1 nor a traceback."""
     stderr = result.stderr
     lines = [line for line in stderr.splitlines() if line.strip()]
     if "Traceback" in stderr or result.exit_code not in (0, 2, 3, 4, 5, 6, 7, 8, 9):
         return f"exit {result.exit_code}: {stderr[-1500:]}"
-    if result.exit_code == 2 and "Invalid value" not in stderr and "Error" not in stderr:
-        return f"a usage error without its message: {stderr[-500:]}"
-    if result.exit_code > 2 and (sum(line.startswith("error: ") for line in lines) != 1
-                                 or not lines[-1].startswith("hint: ")):
+    said = (sum(line.startswith("error: ") for line in lines) == 1
+            and lines[-1].startswith("hint: "))
+    click = result.exit_code == 2 and "Try '" in stderr and "Error" in stderr
+    if result.exit_code and not (said or click):
         return f"exit {result.exit_code} without one error and its hint: {stderr[-500:]}"
     return None
 
