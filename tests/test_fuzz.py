@@ -90,7 +90,7 @@ def webm_clip(path: Path) -> Path:
 
 
 #: Each container, and how many damaged copies of a clip in it extract is given.
-CLIP_KINDS = {"mp4": MUTATIONS, "mkv": 30, "mov": 30, "ts": 30, "webm": 30}
+CLIP_KINDS = {"mp4": MUTATIONS, "mkv": 20, "mov": 20, "ts": 20, "webm": 20}
 
 
 @pytest.mark.slow
@@ -125,7 +125,7 @@ def test_damaged_clips_give_a_clean_error_or_frames(tmp_path: Path, kind: str) -
 
 # -- damaged projects under odd options, through the CLI ---------------------------------------
 
-CASES = 16
+CASES = 12
 ODD_VALUES: list[object] = ["x", "", -1, 0, 10**12, float("nan"), float("inf"), -float("inf"),
                             1e308, [], [1, "a"], {"a": 1}, True, "../../etc"]
 STEPS = ["1", "2", "0", "-1", "", "nan", "1e3", "٣", "abc"]
