@@ -18,6 +18,7 @@ from pathlib import Path
 
 import av
 import pytest
+from clips import audio_packets
 from PIL import Image
 from typer.testing import CliRunner, Result
 
@@ -76,6 +77,15 @@ def wait_for(condition: Callable[[], bool], process: subprocess.Popen[str],
         assert process.poll() is None, process.communicate()[1][-3000:]
         assert time.monotonic() < deadline, "the awaited moment never came"
         time.sleep(0.05)
+
+
+def interrupted(tmp_path: Path,
+                plan: list[dict[str, object]]) -> subprocess.CompletedProcess[str]:
+    """The steps of `plan` run by tests/interrupter.py in one process (see its docstring)."""
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    return subprocess.run([sys.executable, str(Path(__file__).with_name("interrupter.py")),
+                           tmp_path / "plan.json", tmp_path / "codes.json"],
+                          capture_output=True, text=True, timeout=600)
 
 
 @pytest.fixture(scope="module")
@@ -311,7 +321,7 @@ def test_interrupted_extract_writes_nothing(tmp_path: Path, signal_number: int) 
     clip = make_clip(tmp_path / "long.mp4", width=640, height=360, fps=25, seconds=8.0)
     target = tmp_path / "p"
     process = start("extract", clip, "-o", target, "-n", "100", "--stride", "2")
-    wait_for(lambda: any(target.glob(".frames.tmp-*")), process)
+    wait_for(lambda: any(target.glob(".frames.new.tmp-*")), process)
     process.send_signal(signal_number)
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 130, stderr
@@ -345,11 +355,8 @@ def test_a_new_run_interrupted_at_any_phase_loses_no_checkpoint(tmp_path: Path,
                   "--checkpoint-every", "1", "-q"], "phase": phase, "call": call, "signal": name}
         for phase, call, name, _ in TUNE_PHASES]
     plan.append({"args": ["tune", str(project), "--resume", "--steps", "4", "-q"]})
-    (tmp_path / "plan.json").write_text(json.dumps(plan))
     earlier = {"run-1/step-2": snapshot(project / "checkpoints" / "run-1" / "step-2")}
-    done = subprocess.run([sys.executable, str(Path(__file__).with_name("interrupter.py")),
-                           tmp_path / "plan.json", tmp_path / "codes.json"],
-                          capture_output=True, text=True, timeout=600)
+    done = interrupted(tmp_path, plan)
     assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-3000:]
     assert json.loads((tmp_path / "codes.json").read_text()) == [130] * len(TUNE_PHASES) + [0]
     assert "saved checkpoints/run-3/step-2" in done.stderr and "--resume" in done.stderr
@@ -366,6 +373,68 @@ def test_a_new_run_interrupted_at_any_phase_loses_no_checkpoint(tmp_path: Path,
         args = ["edit", str(project), "-p", "a cat", "--steps", "1", "-q"]
         result = runner.invoke(app, args + (["--checkpoint", checkpoint] if checkpoint else []))
         assert result.exit_code == 0, result.stderr
+
+
+def extracted(project: Path) -> dict[str, object]:
+    """What a project's record says of its frames and sound, but where they lie, and the bytes
+    of the frames and sound packets it names: equal for two projects only when both hold the
+    same extract, whole (under their usual names or a new extract's)."""
+    record = Project.open(project).record
+    frames = {k: v for k, v in record["frames"].items() if k not in ("seconds", "dir")}
+    source = {k: v for k, v in record["source"].items() if k != "audio_file"}
+    sound = project / record["source"]["audio_file"]
+    return {"record": (frames, source, record["extract"]),
+            "frames": list(snapshot(project / record["frames"]["dir"]).items()),
+            "sound": (sound.suffixes[-1], audio_packets(sound))}
+
+
+#: A re-extract (other frames of the same clip) stopped at each of its phases: (the function
+#: whose call the signal comes before, which call, the signal, which extract the project holds).
+EXTRACT_PHASES = [
+    ("vedit.extract:file_sha256", 1, "SIGINT", "old"),  # hashing the clip
+    ("vedit.audio:copy_audio", 1, "SIGTERM", "old"),  # copying the sound
+    ("vedit.extract:fit_frame", 2, "SIGINT", "old"),  # writing the frames
+    ("vedit.project:write_text_atomic", 1, "SIGTERM", "old"),  # all written, not yet recorded
+    ("vedit.extract:_link_or_copy", 2, "SIGINT", "new"),  # recorded, moving to frames/
+    ("vedit.project:write_text_atomic", 2, "SIGTERM", "new"),  # moved, not yet recorded
+    ("vedit.extract:_drop_unnamed", 2, "SIGINT", "new"),  # recorded, the old not yet removed
+]
+
+
+@pytest.mark.slow
+def test_a_re_extract_interrupted_at_any_phase_leaves_the_old_or_the_new_whole(
+        tmp_path: Path, project: Path) -> None:
+    """Real signals at every phase of an extract over an existing project: its record and
+    files are the old extract's or the new one's, whole, and status, tune and edit work."""
+    clip = Project.open(project).record["source"]["path"]
+    again = ["-n", "3", "--size", "64", "--start", "0.2", "-q"]
+    old = extracted(project)
+    copies = [tmp_path / f"p{i}" for i in range(len(EXTRACT_PHASES))]
+    for copy in [*copies, tmp_path / "new"]:
+        shutil.copytree(project, copy)
+    assert runner.invoke(app, ["extract", clip, "-o", str(tmp_path / "new"), *again]).exit_code == 0
+    new = extracted(tmp_path / "new")
+    done = interrupted(tmp_path, [{"args": ["extract", clip, "-o", str(copy), *again],
+                                   "phase": phase, "call": call, "signal": name}
+                                  for copy, (phase, call, name, _)
+                                  in zip(copies, EXTRACT_PHASES, strict=True)])
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert json.loads((tmp_path / "codes.json").read_text()) == [130] * len(EXTRACT_PHASES)
+    for copy, (phase, call, _, holds) in zip(copies, EXTRACT_PHASES, strict=True):
+        assert extracted(copy) == (old if holds == "old" else new), f"{phase} #{call}"
+        status = runner.invoke(app, ["status", str(copy), "--json"])
+        assert status.exit_code == 0 and json.loads(status.stdout)["damaged"] == [], phase
+    # Stopped while the new frames move in, the record names them where they were written:
+    # tune and edit read them there, and the next extract puts them in their usual place.
+    moving = copies[4]
+    assert Project.open(moving).record["frames"]["dir"] == "frames.new"
+    tuned = runner.invoke(app, ["tune", str(moving), "--prompt", PROMPT, "--steps", "1",
+                                "--no-eval", "-q"])
+    assert tuned.exit_code == 0, tuned.stderr
+    still_usable(moving)
+    assert runner.invoke(app, ["extract", clip, "-o", str(moving), *again]).exit_code == 0
+    assert extracted(moving) == new and Project.open(moving).record["frames"]["dir"] == "frames"
+    assert sorted(p.name for p in moving.rglob("*") if "new" in p.name) == []
 
 
 @pytest.mark.slow
@@ -398,6 +467,53 @@ def test_a_killed_tune_leaves_loadable_checkpoints_and_a_free_lock(project: Path
     resumed = vedit("tune", project, "--resume", "--steps", found[-1].step + 1)
     assert resumed.returncode == 0, resumed.stderr
     assert not list(project.rglob(".*.tmp-*"))  # the next run swept what the kill left
+
+
+def killed(tmp_path: Path, project: Path, args: list[str], phase: str, call: int) -> list[str]:
+    """Run `vedit ARGS` and SIGKILL it right before the `call`-th call of `phase` (a moment it
+    is writing): it dies holding the project's lock. The temporaries it left, by name."""
+    step = {"args": args, "phase": phase, "call": call, "signal": "SIGKILL"}
+    done = interrupted(tmp_path, [step])
+    assert done.returncode == -signal.SIGKILL, done.stderr[-3000:]
+    assert f"`vedit {args[0]}` (pid " in (project / LOCK_NAME).read_text()  # no one unlocked
+    return sorted(p.relative_to(project).as_posix() for p in project.rglob(".*.tmp-*"))
+
+
+@pytest.mark.slow
+def test_killed_extract_edit_and_remux_leave_a_usable_project(tmp_path: Path,
+                                                              project: Path) -> None:
+    """SIGKILL (no handler runs) while each writes: what it was writing is never taken for
+    finished, the lock it held is free, and the same command run again succeeds."""
+    other = tmp_path / "other"  # extract: killed after its first new frame
+    shutil.copytree(project, other)
+    clip = Project.open(other).record["source"]["path"]
+    again = ["extract", clip, "-o", str(other), "-n", "3", "--size", "64", "--start", "0.2"]
+    old = extracted(other)
+    assert killed(tmp_path, other, again, "vedit.extract:fit_frame", 2)
+    assert extracted(other) == old
+    assert json.loads(runner.invoke(app, ["status", str(other), "--json"]).stdout)["damaged"] == []
+    assert runner.invoke(app, [*again, "-q"]).exit_code == 0
+    assert Project.open(other).record["frames"]["count"] == 3
+    assert not list(other.rglob(".*.tmp-*")) and not (other / "frames.new").exists()
+
+    edit = ["edit", str(project), "-p", "a cat", "--steps", "1", "--name", "cat"]
+    left = killed(tmp_path, project, edit, "vedit.edit:side_by_side", 2)  # mid video.mp4
+    assert [name for name in left if name.startswith("edits/.cat.tmp-")], left
+    assert Project.open(project).edit_names() == []
+    assert json.loads(runner.invoke(app, ["status", str(project), "--json"]).stdout)[
+        "edits"] == []
+    assert runner.invoke(app, ["remux", str(project)]).exit_code == 4  # "no edits yet"
+    assert runner.invoke(app, [*edit, "-q"]).exit_code == 0
+    assert Project.open(project).edit_names() == ["cat"] and not list(project.rglob(".*.tmp-*"))
+
+    assert runner.invoke(app, ["remux", str(project), "-q"]).exit_code == 0
+    final = project / "edits" / "cat" / "final.mp4"
+    first = final.read_bytes()
+    left = killed(tmp_path, project, ["remux", str(project)], "vedit.audio:_audio_duration", 1)
+    assert left == [name for name in left if name.startswith("edits/cat/.final.mp4.tmp-")]
+    assert left and final.read_bytes() == first  # the new one, written whole, never moved in
+    assert runner.invoke(app, ["remux", str(project), "-q"]).exit_code == 0
+    assert probe(final).frame_count == 4 and not list(project.rglob(".*.tmp-*"))
 
 
 @pytest.mark.slow

@@ -22,7 +22,9 @@ from vedit.progress import Reporter
 from vedit.project import (
     EXTRACT_SECTIONS,
     FORMAT,
+    FRAMES_DIR,
     FRAMES_VERSION,
+    NEW_MARK,
     RECORD_NAME,
     Project,
     atomic_dir,
@@ -34,8 +36,6 @@ from vedit.project import (
 )
 from vedit.settings import MAX_SIDE, ExtractSettings, FrameSize, as_record
 from vedit.video import TIME_EPSILON, VideoInfo, first_frame_at, fit_frame, probe, read_frames
-
-#: The sections of the record extract writes (a damaged one is simply written anew).
 
 
 @dataclass(frozen=True)
@@ -207,55 +207,103 @@ def extract(clip: Path, project_dir: Path | None = None, settings: ExtractSettin
 def _extract_into(project: Project, info: VideoInfo, plan: FramePlan, settings: ExtractSettings,
                   reporter: Reporter) -> ExtractResult:
     started = time.monotonic()
+    _settle(project)  # what an extract stopped midway left: put in place, or dropped
     with reporter.task("hashing the clip", total=None):
         sha256 = file_sha256(info.path)
     key = cache_key(FRAMES_VERSION, sha256, as_record(settings))
     frames = project.section("frames")
-    audio_path = project.audio_path(audio.audio_suffix(info.audio.codec)) if info.audio else None
+    suffix = audio.audio_suffix(info.audio.codec) if info.audio else None
+    audio_path = project.audio_path(suffix) if suffix else None
     if frames and frames.get("key") == key and _outputs_present(project, frames, audio_path):
         reporter.info(f"Frames in {project.root} are up to date; nothing to do.")
         return _result(project, frames, info, sha256, reused=True)
 
-    audio_temp = _copy_audio(info, audio_path, reporter) if audio_path else None
-    if audio_temp is None:
-        audio_path = None
+    # The new frames and sound are written beside the old ones, and the record names them
+    # once they are whole: at every moment it describes files that are all there, the old
+    # ones or the new ones, never a mix (a kill included).
+    new_audio = project.audio_path(suffix, new=True) if suffix else None
+    audio_temp = _copy_audio(info, new_audio, reporter) if new_audio else None
+    staging = temp_beside(project.new_frames_dir)
+    staging.mkdir()
     try:
-        with atomic_dir(project.frames_dir) as staging:
-            with reporter.task("decoding frames", total=len(plan.indices)) as task:
-                # plan.indices never decrease, so read_frames yields them in plan order.
-                for position, (_, image) in enumerate(read_frames(info, plan.indices)):
-                    fitted = fit_frame(image.convert("RGB"), plan.width, plan.height)
-                    fitted.save(staging / frame_file(position), compress_level=1)
-                    task.advance()
-            # The old frames are replaced as this block ends: forget them first, so a crash in
-            # between leaves a project without frames rather than new frames under an old record.
-            for name in ("frames", "source"):
-                project.record.pop(name, None)
-            project.save()
-        if audio_temp is not None and audio_path is not None:
-            os.replace(audio_temp, audio_path)
+        with reporter.task("decoding frames", total=len(plan.indices)) as task:
+            # plan.indices never decrease, so read_frames yields them in plan order.
+            for position, (_, image) in enumerate(read_frames(info, plan.indices)):
+                fitted = fit_frame(image.convert("RGB"), plan.width, plan.height)
+                fitted.save(staging / frame_file(position), compress_level=1)
+                task.advance()
+        os.replace(staging, project.new_frames_dir)
+        if audio_temp is not None and new_audio is not None:
+            os.replace(audio_temp, new_audio)
     finally:
+        shutil.rmtree(staging, ignore_errors=True)
         if audio_temp is not None:
             audio_temp.unlink(missing_ok=True)
-    for stale in project.audio_files():
-        if stale != audio_path:
-            stale.unlink()
-    if audio_path is None:
+    if audio_temp is None:
+        new_audio = None
         reporter.info(f"{info.path.name} has no audio; edits will be silent.")
 
     project.record.update(
         format=FORMAT,
         source=source_record(info, sha256) | {
-            "audio_file": audio_path.relative_to(project.root).as_posix() if audio_path else None},
+            "audio_file": new_audio.relative_to(project.root).as_posix() if new_audio else None},
         extract=as_record(settings),
         frames={"key": key, "count": len(plan.indices), "width": plan.width,
                 "height": plan.height, "interval": plan.interval,
                 "fps": round(1 / plan.interval, 6), "times": plan.times,
-                "source_indices": plan.indices, "dir": "frames",
+                "source_indices": plan.indices, "dir": project.new_frames_dir.name,
                 "seconds": round(time.monotonic() - started, 3)},
     )
-    project.save()
+    project.save()  # the new frames are the project's from here on
+    _settle(project)
     return _result(project, project.record["frames"], info, sha256, reused=False)
+
+
+def _settle(project: Project) -> None:
+    """Give the frames and sound the record names under a new extract's names (frames.new/,
+    source/audio.new.*) their usual ones, then remove what the record does not name. Each file
+    is linked to its usual name before the record names that, so it always names whole files."""
+    frames = project.section("frames")
+    source = project.section("source")
+    sound = project.source_audio()
+    moved = False
+    if frames is not None and frames.get("dir") == project.new_frames_dir.name:
+        with atomic_dir(project.frames_dir) as staging:
+            for image in sorted(project.frames_folder().glob("*.png")):
+                _link_or_copy(image, staging / image.name)
+        frames["dir"] = FRAMES_DIR
+        moved = True
+    if source is not None and sound is not None and NEW_MARK in sound.name:
+        usual = project.audio_path(sound.name.split(NEW_MARK, 1)[1])
+        temp = temp_beside(usual)
+        _link_or_copy(sound, temp)
+        os.replace(temp, usual)
+        source["audio_file"] = usual.relative_to(project.root).as_posix()
+        moved = True
+    if moved:
+        project.save()
+    _drop_unnamed(project)
+
+
+def _drop_unnamed(project: Project) -> None:
+    """Remove frames and sound the record does not name: an earlier extract's, or those of an
+    extract stopped before the record named them."""
+    named = project.frames_folder() if project.section("frames") is not None else None
+    for folder in (project.frames_dir, project.new_frames_dir):
+        if folder != named and folder.is_dir():
+            shutil.rmtree(folder)
+    sound = project.source_audio()
+    for stale in project.audio_files():
+        if stale != sound:
+            stale.unlink()
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    """`target` as a second name of `source` where the file system allows, else a copy."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
 
 
 def _copy_audio(info: VideoInfo, audio_path: Path, reporter: Reporter) -> Path | None:

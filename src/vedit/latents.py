@@ -166,8 +166,8 @@ def frame_latents(project: Project, vae: AutoencoderKL, model_fingerprint: str,
     def encode() -> dict[str, torch.Tensor]:
         paths = project.frame_paths()
         if len(paths) != frames["count"]:
-            raise ProjectError(f"{project.frames_dir} holds {len(paths)} frames; the record says "
-                               f"{frames['count']}.", _REEXTRACT)
+            raise ProjectError(f"{project.frames_folder()} holds {len(paths)} frames; the record "
+                               f"says {frames['count']}.", _REEXTRACT)
         images = load_frames(paths, width, height)
         mean, std = encode_frames(vae, images, reporter=reporter)
         return {name: rearrange(t, "f c h w -> 1 c f h w").contiguous()

@@ -5,6 +5,8 @@ Stages share nothing but this folder, and every name in it is spelled here:
     vedit.toml             the record: settings and results of each stage
     frames/00000.png ...   the tuned frames (extract)
     source/audio.m4a       the clip's sound, packets untouched (.mka where mp4 cannot hold them)
+    frames.new/, source/audio.new.m4a   a new extract's frames and sound, only for as long as
+                           it takes to put them in place (see extract.py)
     latents/KEY.safetensors, inversions/KEY.safetensors   cached tensors (tune, edit)
     checkpoints/RUN/step-N/  tuning checkpoints, one folder per tuning run (run-1, run-2, ...;
                            their files: checkpoints.py), RUN/tune.jsonl the loss of each step
@@ -57,12 +59,16 @@ _TMP_MARK = ".tmp-"
 #: The record's sections each stage writes anew: opened by that stage, a damaged one of them is
 #: dropped rather than refused, so rerunning the stage repairs it.
 EXTRACT_SECTIONS = ("extract", "source", "frames")
+FRAMES_DIR = "frames"
+#: Marks the frames and sound a new extract has written beside the old ones: the record names
+#: them as soon as it describes them, before they are moved to their usual names.
+NEW_MARK = ".new"
 TUNE_SECTIONS = ("tune",)
 #: The lock files (resolved) of the projects `locked_early` holds in this process.
 _HELD_EARLY: set[Path] = set()
 #: The names vedit keeps at a project's top; none may be a symbolic link.
-_TOP_NAMES = (RECORD_NAME, LOCK_NAME, "frames", "source", "latents", "checkpoints", "logs",
-              "inversions", "edits")
+_TOP_NAMES = (RECORD_NAME, LOCK_NAME, FRAMES_DIR, FRAMES_DIR + NEW_MARK, "source", "latents",
+              "checkpoints", "logs", "inversions", "edits")
 _STEP_DIR = re.compile(r"^step-\d+$")
 _RUN_DIR = re.compile(r"^run-(\d+)$")
 #: The run of a project tuned before runs were kept: its checkpoints lie in checkpoints/ itself.
@@ -232,7 +238,17 @@ class Project:
 
     @property
     def frames_dir(self) -> Path:
-        return self.path("frames")
+        """Where the frames usually are (the record's `frames.dir` says where they are now)."""
+        return self.path(FRAMES_DIR)
+
+    @property
+    def new_frames_dir(self) -> Path:
+        return self.path(FRAMES_DIR + NEW_MARK)
+
+    def frames_folder(self) -> Path:
+        """The folder the record's frames are in; raises ProjectError when extract has not run."""
+        frames = self.require("frames", "extract")
+        return self.inside(str(frames.get("dir", FRAMES_DIR)))
 
     @property
     def source_dir(self) -> Path:
@@ -254,13 +270,13 @@ class Project:
 
     def frame_paths(self) -> list[Path]:
         """The tuned frames in order; raises ProjectError when extract has not run."""
-        frames = self.require("frames", "extract")
-        folder = self.inside(str(frames.get("dir", "frames")))
+        folder = self.frames_folder()
         return [self.path(*p.relative_to(self.root).parts) for p in sorted(folder.glob("*.png"))]
 
-    def audio_path(self, suffix: str) -> Path:
-        """Where the source's sound is kept, in a file of type `suffix` (`.m4a`, `.mka`)."""
-        return self.path("source", f"audio{suffix}")
+    def audio_path(self, suffix: str, *, new: bool = False) -> Path:
+        """Where the source's sound is kept, in a file of type `suffix` (`.m4a`, `.mka`); `new`:
+        where a new extract puts it beside the old."""
+        return self.path("source", f"audio{NEW_MARK if new else ''}{suffix}")
 
     def audio_files(self) -> list[Path]:
         """Every kept sound file (one at most, unless an extract was cut short)."""
@@ -442,7 +458,7 @@ RECORD_SECTIONS: dict[str, schema.Check] = {
                               required=("frame_count",)),
         "audio": schema.table({"offset": schema.number(), "duration": schema.number(0),
                                "sample_rate": schema.integer(0), "channels": schema.integer(0)}),
-        "audio_file": schema.text(r"source/audio\.[a-z0-9]+"),
+        "audio_file": schema.text(r"source/audio(\.new)?\.[a-z0-9]+"),
     }, required=("path", "sha256", "duration", "video")),
     "frames": schema.table({
         "key": schema.text(), "count": schema.integer(1), "width": _SIDE, "height": _SIDE,

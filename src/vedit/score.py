@@ -80,7 +80,7 @@ def project_frames(project: Project) -> Frames:
     """A project's extracted (tuned) frames."""
     paths = project.frame_paths()
     times = [float(t) for t in project.require("frames", "extract")["times"]]
-    return Frames(str(project.frames_dir), times,
+    return Frames(str(project.frames_folder()), times,
                   lambda: (np.asarray(Image.open(p).convert("RGB")) for p in paths))
 
 
