@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from vedit import tune as tune_stage
 from vedit.checkpoints import LORA_FILE, TEMPORAL_FILE, list_checkpoints
-from vedit.cli import app
+from vedit.cli import app, tune_summary
 from vedit.errors import BadInputError, Interrupted, OutOfMemoryError, ProjectLockedError
 from vedit.extract import extract
 from vedit.memory import predict as predict_module
@@ -183,6 +183,21 @@ def test_tune_needs_a_prompt_and_frames(tmp_path: Path, project: Path, tiny_mode
     with pytest.raises(BadInputError, match="needs the prompt"):  # before extracting anything
         tune_stage.tune_clip(clip, settings(tiny_model, prompt=""))
     assert not (tmp_path / "clip.vedit").exists()
+
+    result = runner.invoke(app, ["tune", str(clip), "--prompt", PROMPT, "--model",
+                                 "no-org/no-model"])
+    assert result.exit_code == 6 and not (tmp_path / "clip.vedit").exists()  # nothing left
+
+
+def test_no_eval_skips_the_loss_on_fixed_draws(project: Path, tiny_model: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    def drawn(*args: object, **kwargs: object) -> float:
+        raise AssertionError("the fixed-draw loss was computed with --no-eval")
+
+    monkeypatch.setattr(tune_stage, "fixed_draw_loss", drawn)
+    tuned = tune_stage.tune(project, settings(tiny_model, steps=1, eval=False))
+    assert tuned.eval_loss_before is None and tuned.eval_loss_after is None
+    assert "Loss on fixed draws" not in tune_summary(project, tuned)
 
 
 def test_a_long_prompt_is_warned_about(project: Path, tiny_model: Path) -> None:
