@@ -83,7 +83,8 @@ class Timeline(Reporter):
         self.tasks: list[TaskTimes] = []
 
     @contextmanager
-    def task(self, description: str, total: float | None = None) -> Iterator[Task]:
+    def task(self, description: str, total: float | None = None, *,
+             in_bytes: bool = False) -> Iterator[Task]:
         times = TaskTimes(description, time.perf_counter())
         self.tasks.append(times)
         try:

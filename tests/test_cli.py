@@ -46,6 +46,31 @@ def _command_names() -> list[str]:
 
 
 @pytest.mark.parametrize("command", [[], *([name] for name in _command_names())])
+def test_help_at_80_columns_cuts_no_name_default_or_summary(command: list[str]) -> None:
+    result = run(*command, "--help", env={"COLUMNS": "80"})
+    assert result.exit_code == 0
+    assert max(len(line) for line in result.stdout.splitlines()) <= 80
+    group = typer.main.get_command(app)
+    assert isinstance(group, TyperGroup)
+    shown = result.stdout
+    squeezed = "".join(shown.split())  # a help text wrapped over lines is still whole
+    if command:
+        target = group.commands[command[0]]
+        assert "".join((target.help or "").split()) in squeezed
+    else:
+        target = group
+        for name, sub in group.commands.items():
+            summary = (sub.help or "").split(". ")[0]
+            assert re.search(rf"^  {name} +{re.escape(summary)}", shown, re.M), summary
+    for param in target.params:
+        if param.param_type_name == "option":
+            for name in [*param.opts, *param.secondary_opts]:
+                assert re.search(rf"(?<![\w-]){re.escape(name)}(?![\w-])", shown), name
+        if getattr(param, "help", None) and not getattr(param, "hidden", False):
+            assert "".join(param.help.split()) in squeezed, param.help
+
+
+@pytest.mark.parametrize("command", [[], *([name] for name in _command_names())])
 def test_help_shows_flags_as_flags(command: list[str]) -> None:
     """`--json`, not `--json <bool>`: a flag takes no value to name."""
     result = run(*command, "--help")

@@ -59,7 +59,8 @@ class RecordingReporter(Reporter):
         self.tasks: list[RecordedTask] = []
 
     @contextmanager
-    def task(self, description: str, total: float | None = None) -> Iterator[RecordedTask]:
+    def task(self, description: str, total: float | None = None, *,
+             in_bytes: bool = False) -> Iterator[RecordedTask]:
         self.tasks.append(RecordedTask(description, total))
         yield self.tasks[-1]
 

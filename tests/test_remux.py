@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import av
 import pytest
 from clips import audio_packets, stream_durations
 
@@ -15,6 +16,24 @@ from vedit.synthetic import make_clip
 from vedit.video import probe
 
 AAC_FRAME = 1024 / 44100  # seconds of sound in one AAC packet of the test clips
+SAMPLE = 1 / 44100
+
+
+def audio_end(path: Path) -> float:
+    """Seconds at which a file's last audio packet ends, as its sample table times it."""
+    with av.open(str(path)) as container:
+        stream = container.streams.audio[0]
+        last = [p for p in container.demux(stream) if p.pts is not None][-1]
+        return float((last.pts + last.duration) * stream.time_base)
+
+
+def assert_sound_lasts_as_the_video(path: Path, seconds: float) -> None:
+    """The video lasts `seconds`, and the sound ends with it, to the sample: the container's
+    duration and the last packet's end (cut short where a copied packet ran past)."""
+    durations = stream_durations(path)
+    assert durations["video"] == pytest.approx(seconds, abs=1e-3)
+    assert durations["audio"] == pytest.approx(durations["video"], abs=SAMPLE)
+    assert audio_end(path) == pytest.approx(durations["video"], abs=SAMPLE)
 
 
 def _edit(project: Path, name: str, seconds: float) -> Path:
@@ -42,9 +61,8 @@ def test_every_edit_gets_the_sound_of_its_span(project: Path, clip_720p: Path) -
     first = round(0.4 / AAC_FRAME)  # the packet that starts nearest 0.4 s
     for result in results:
         assert result.audio_mode == "copy"
-        durations = stream_durations(result.path)
-        assert durations["video"] == pytest.approx(0.64, abs=1e-3)
-        assert durations["audio"] == pytest.approx(0.64, abs=AAC_FRAME)
+        assert_sound_lasts_as_the_video(result.path, 0.64)
+        assert result.audio_duration == pytest.approx(0.64, abs=SAMPLE)
         final_packets = audio_packets(result.path)
         assert final_packets == source_packets[first:first + len(final_packets)]  # untouched
         assert probe(result.path).frame_count == 16
@@ -74,9 +92,8 @@ def test_any_video_can_be_given(project: Path, tmp_path: Path) -> None:
                        audio=False)
     [result] = remux(project, video=render)
     assert result.path == tmp_path / "render.final.mp4"
-    durations = stream_durations(result.path)
-    assert durations["video"] == pytest.approx(1.2, abs=1e-3)
-    assert durations["audio"] == pytest.approx(1.2, abs=AAC_FRAME)
+    assert result.audio_mode == "copy"
+    assert_sound_lasts_as_the_video(result.path, 1.2)
     [elsewhere] = remux(project, video=render, output=tmp_path / "out" / "x.mp4")
     assert elsewhere.path.is_file()
     with pytest.raises(BadInputError, match="overwrite the input"):
@@ -84,12 +101,12 @@ def test_any_video_can_be_given(project: Path, tmp_path: Path) -> None:
 
 
 def test_sound_shorter_than_the_video_is_padded_to_length(project: Path, tmp_path: Path) -> None:
-    # The clip's sound ends at 2.0 s; a 2.5 s render from 0.4 s needs 0.9 s of silence added.
-    render = make_clip(tmp_path / "long.mp4", width=64, height=48, fps=25, seconds=2.5,
+    # The clip's sound ends at 2.0 s; a 2.4 s render from 0.4 s needs 0.8 s of silence added.
+    render = make_clip(tmp_path / "long.mp4", width=64, height=48, fps=25, seconds=2.4,
                        audio=False)
     [result] = remux(project, video=render)
     assert result.audio_mode == "aac"
-    assert stream_durations(result.path)["audio"] == pytest.approx(2.5, abs=AAC_FRAME)
+    assert_sound_lasts_as_the_video(result.path, 2.4)
 
 
 def test_a_silent_source_gives_video_only(tmp_path: Path, clip_silent: Path) -> None:
@@ -106,7 +123,7 @@ def test_sound_mp4_cannot_hold_is_re_encoded_to_the_exact_length(tmp_path: Path,
     _edit(tmp_path / "p", "cat", 0.6)
     [result] = remux(tmp_path / "p")
     assert result.audio_mode == "aac"
-    assert stream_durations(result.path)["audio"] == pytest.approx(0.6, abs=1e-3)
+    assert_sound_lasts_as_the_video(result.path, 0.6)
 
 
 def test_a_video_mp4_cannot_hold_as_is_is_re_encoded(project: Path, clip_pcm_mkv: Path,

@@ -2,22 +2,32 @@
 
 from __future__ import annotations
 
+import io
 import json
+import re
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 from launcher import launch_vedit
+from rich.console import Console
 from typer.testing import CliRunner
 
 from vedit import tune as tune_stage
 from vedit.checkpoints import LORA_FILE, TEMPORAL_FILE, list_checkpoints
-from vedit.cli import app
+from vedit.cli import app, tune_summary
 from vedit.errors import BadInputError, Interrupted, OutOfMemoryError, ProjectLockedError
 from vedit.extract import extract
+from vedit.memory import predict as predict_module
+from vedit.memory.gpu import Gpu, gpu_with_memory
+from vedit.memory.predict import MemoryPrediction
+from vedit.models import resolve_model
+from vedit.progress import Reporter
 from vedit.project import Project
 from vedit.settings import ExtractSettings, TuneSettings
 from vedit.tensorfiles import load_tensors
+from vedit.tiny_model import TINY_RESOLUTION
 
 runner = CliRunner()
 PROMPT = "a man is talking"
@@ -173,6 +183,21 @@ def test_tune_needs_a_prompt_and_frames(tmp_path: Path, project: Path, tiny_mode
     with pytest.raises(BadInputError, match="needs the prompt"):  # before extracting anything
         tune_stage.tune_clip(clip, settings(tiny_model, prompt=""))
     assert not (tmp_path / "clip.vedit").exists()
+
+    result = runner.invoke(app, ["tune", str(clip), "--prompt", PROMPT, "--model",
+                                 "no-org/no-model"])
+    assert result.exit_code == 6 and not (tmp_path / "clip.vedit").exists()  # nothing left
+
+
+def test_no_eval_skips_the_loss_on_fixed_draws(project: Path, tiny_model: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    def drawn(*args: object, **kwargs: object) -> float:
+        raise AssertionError("the fixed-draw loss was computed with --no-eval")
+
+    monkeypatch.setattr(tune_stage, "fixed_draw_loss", drawn)
+    tuned = tune_stage.tune(project, settings(tiny_model, steps=1, eval=False))
+    assert tuned.eval_loss_before is None and tuned.eval_loss_after is None
+    assert "Loss on fixed draws" not in tune_summary(project, tuned)
 
 
 def test_a_long_prompt_is_warned_about(project: Path, tiny_model: Path) -> None:
@@ -382,3 +407,65 @@ def test_the_fp16_loss_scale_is_kept_across_a_resume(project: Path, tiny_model: 
     tune_stage.tune(project, settings(tiny_model, steps=4), resume=True)
     # Restored: one more finite step completes the growth interval (afresh it would be 1024).
     assert (scaler_state(4)["scale"], scaler_state(4)["_growth_tracker"]) == (4096.0, 0)
+
+
+# --- frames far above the base model's size ------------------------------------------------
+
+
+def _size_check(clip: Path, tiny_model: Path, side: int, gpu: Gpu | None = None) -> str:
+    """What tune's size check says before tuning one frame of `clip`, cropped to `side` px,
+    on the tiny model (trained at 64 px)."""
+    shown = io.StringIO()
+    tune_stage.check_frame_size(side, resolve_model(str(tiny_model)), clip,
+                                settings(tiny_model),
+                                ExtractSettings(frames=1, size=str(side), crop=True),
+                                Reporter(Console(file=shown, width=300)), gpu)
+    return shown.getvalue()
+
+
+def _predicted(peak_gb: float, fits: bool | None) -> Callable[..., MemoryPrediction]:
+    """A stand-in for the predictor (traced for real in the warning test and test_memory)."""
+    def predict_tune(plan: object, gpu: Gpu, *, advise: bool = True) -> MemoryPrediction:
+        return MemoryPrediction(int(peak_gb * 2**30), int(peak_gb * 2**30), "the training step",
+                                gpu, fits)
+    return predict_tune
+
+
+def test_frames_far_above_the_models_size_are_warned_of_with_their_memory(
+        clip_qcif: Path, tiny_model: Path) -> None:
+    said = _size_check(clip_qcif, tiny_model, 136)  # over twice 64 px: the predictor traces it
+    assert said.startswith("warning: Frames of 136 px on the short side are 2.1x the 64 px")
+    peak = re.search(r"on a GPU its training steps would peak at a predicted (\d+\.\d) GB\.", said)
+    assert peak and float(peak[1]) > 0, said
+    assert "Give --size 64, the model's own size." in said
+
+
+def test_frames_of_a_sensible_size_predict_nothing(clip_qcif: Path, tiny_model: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_trace(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a frame size up to twice the model's own was traced")
+
+    monkeypatch.setattr(predict_module, "predict_tune", no_trace)
+    assert _size_check(clip_qcif, tiny_model, TINY_RESOLUTION) == ""
+    assert _size_check(clip_qcif, tiny_model, 2 * TINY_RESOLUTION) == ""
+
+
+def test_frames_that_cannot_fit_the_gpu_are_refused_before_any_work(
+        tmp_path: Path, clip_qcif: Path, tiny_model: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(predict_module, "predict_tune", _predicted(30.0, fits=True))
+    assert "which fits a 40 GB GPU" in _size_check(clip_qcif, tiny_model, 136,
+                                                   gpu_with_memory(40))
+    monkeypatch.setattr(predict_module, "predict_tune", _predicted(30.0, fits=False))
+    with pytest.raises(OutOfMemoryError, match=re.escape("predicted 30.0 GB of GPU memory at "
+                                                         "its peak, more than a 24 GB GPU")):
+        _size_check(clip_qcif, tiny_model, 136, gpu_with_memory(24))
+    # Through the CLI, on this machine's (here a pretended) GPU: exit 7, no project left behind.
+    monkeypatch.setattr(tune_stage, "target_gpu", lambda: gpu_with_memory(24))
+    clip = tmp_path / "talk.mp4"
+    clip.write_bytes(clip_qcif.read_bytes())
+    result = runner.invoke(app, ["tune", str(clip), "--prompt", PROMPT, "--model",
+                                 str(tiny_model), "--frames", "2", "--size", "136"])
+    assert result.exit_code == 7, result.stderr
+    assert "Frames of 136 px" in result.stderr and "Give --size 64" in result.stderr
+    assert not (tmp_path / "talk.vedit").exists()

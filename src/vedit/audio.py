@@ -124,19 +124,27 @@ def _copied(inp: av.container.InputContainer, stream: av.stream.Stream,
             stop: float | None = None) -> Iterator[Timed]:
     """Packets of `stream` re-addressed to `out_stream`, keyed by their time in seconds.
 
-    With `start` (a pts), times are shifted so that pts `start` becomes 0, and packets that
-    start at or after `stop` seconds are dropped.
+    With `start` (a pts), times are shifted so that pts `start` becomes 0. With `stop`
+    (seconds from there), packets that start at or after it are dropped and the one that
+    runs past it is cut short to end there: its payload is kept whole, and mp4 records the
+    shorter duration (in the sample table and the edit list), as an encoder does for the
+    padding of its last frame, so the stream lasts exactly until `stop`.
     """
     base = start
+    unit = time_base(stream)
+    stop_ts = None if stop is None else round(stop / unit)
     for packet in inp.demux(stream):
         if packet.size == 0 or packet.pts is None or (start is not None and packet.pts < start):
             continue  # the end-of-stream marker, an untimed packet, or before the start
         base = packet.pts if base is None else base
         if packet.dts is None:  # audio: decode time is presentation time
             packet.dts = packet.pts
-        seconds = float((packet.dts - base) * time_base(stream))
-        if stop is not None and seconds >= stop:
+        offset = packet.dts - base
+        if stop_ts is not None and offset >= stop_ts:
             break
+        if stop_ts is not None and packet.duration and offset + packet.duration > stop_ts:
+            packet.duration = stop_ts - offset
+        seconds = float(offset * unit)
         if start is not None:
             packet.pts -= base
             packet.dts -= base

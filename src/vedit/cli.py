@@ -85,6 +85,9 @@ app = typer.Typer(
                                       for code, text in EXIT_CODES.items()) + ".",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    # Click's plain help, not Typer's rich panels: those cut option names and defaults at 80
+    # columns (in a pipe too), where Click wraps the help under the name and cuts nothing.
+    rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
@@ -125,22 +128,22 @@ ConfigOpt = Annotated[Path | None, typer.Option(
 
 # Frame options, shared by `extract` and the one-shot `tune CLIP`.
 FramesOpt = Annotated[int | None, typer.Option(
-    "--frames", "-n", help=f"Frames to take.  \\[default: {ExtractSettings.frames}]",
+    "--frames", "-n", help=f"Frames to take.  [default: {ExtractSettings.frames}]",
     show_default=False, parser=ASCII_INT)]
 StrideOpt = Annotated[int | None, typer.Option(
-    "--stride", help=f"Take every K-th source frame.  \\[default: {ExtractSettings.stride}]",
+    "--stride", help=f"Take every K-th source frame.  [default: {ExtractSettings.stride}]",
     show_default=False, parser=ASCII_INT)]
 StartOpt = Annotated[float | None, typer.Option(
-    "--start", help=f"Start time, seconds.  \\[default: {ExtractSettings.start:g}]",
+    "--start", help=f"Start time, seconds.  [default: {ExtractSettings.start:g}]",
     show_default=False, parser=ASCII_FLOAT)]
 EndOpt = Annotated[float | None, typer.Option(
-    "--end", help="End time, seconds.  \\[default: the clip's end]", show_default=False,
+    "--end", help="End time, seconds.  [default: the clip's end]", show_default=False,
     parser=ASCII_FLOAT)]
 SpreadOpt = Annotated[bool | None, typer.Option(
     "--spread/--no-spread", help="Spread the frames evenly from --start to --end instead of "
     "every --stride frames.", show_default=False)]
 SizeOpt = Annotated[str | None, typer.Option(
-    "--size", help="Short side in pixels (aspect kept), or WxH exact.  \\[default: the base "
+    "--size", help="Short side in pixels (aspect kept), or WxH exact.  [default: the base "
     f"model's native size with tune, else {DEFAULT_SIZE}]", show_default=False)]
 CropOpt = Annotated[bool | None, typer.Option(
     "--crop/--no-crop", help="Take the centre square.", show_default=False)]
@@ -150,7 +153,7 @@ DryRunOpt = Annotated[bool, typer.Option(
     "--dry-run", help="Predict the peak GPU memory, whether it fits and which settings would; "
     "run nothing, write nothing.")]
 GpuMemoryOpt = Annotated[float | None, typer.Option(
-    "--gpu-memory", help="With --dry-run: predict for a GPU of this many GB.  \\[default: this "
+    "--gpu-memory", help="With --dry-run: predict for a GPU of this many GB.  [default: this "
     "machine's GPU]", show_default=False)]
 
 
@@ -175,9 +178,10 @@ def demo(
         "--output", "-o", help="A new folder for the demo's files.")] = Path("vedit-demo"),
     model: Annotated[str | None, typer.Option(
         "--model", "-m", help="Run the chain on a real base model instead of the tiny one.  "
-        "\\[default: a tiny random model built here]", show_default=False)] = None,
+        "[default: a tiny random model built here]", show_default=False)] = None,
 ) -> None:
-    """Run extract, tune, edit and remux on a clip made here, offline: does it work here?"""
+    """Run the whole chain offline, on a clip made here. Extract, tune, edit and remux with a
+    tiny built-in model (or --model): does vedit work on this machine?"""
     from vedit.demo import run_demo
 
     result = run_demo(output, model=model, reporter=out.reporter)
@@ -190,7 +194,7 @@ def demo(
 
 @command()
 def doctor(out: Output) -> None:
-    """Say what this machine can do for vedit: versions, device, kernels, encoders, models."""
+    """Say what this machine can do for vedit. Versions, device, kernels, encoders, models."""
     from vedit.doctor import device_name, run_checks
 
     checks = run_checks()
@@ -211,10 +215,10 @@ def doctor(out: Output) -> None:
 def fetch_models(
     out: Output,
     model: Annotated[str | None, typer.Argument(
-        help="Hub id, local diffusers folder or single-file .safetensors.  \\[default: "
+        help="Hub id, local diffusers folder or single-file .safetensors.  [default: "
         f"the user config's model, else {DEFAULT_MODEL}]", show_default=False)] = None,
     revision: Annotated[str | None, typer.Option(
-        "--revision", help="Branch, tag or commit of a hub repo.  \\[default: main]",
+        "--revision", help="Branch, tag or commit of a hub repo.  [default: main]",
         show_default=False)] = None,
     variant: Annotated[str | None, typer.Option(
         "--variant", help="Weights variant, e.g. fp16, where the repo has it.",
@@ -228,8 +232,8 @@ def fetch_models(
         "--configs-only", help="Only the configs and tokenizer (a few kB): enough for "
         "`tune --dry-run` and `edit --dry-run` before downloading the weights.")] = False,
 ) -> None:
-    """Download a Stable Diffusion 1.x/2.x model or a CLIP (only what vedit needs), or check a
-    local one."""
+    """Download a model, or check a local one. A Stable Diffusion 1.x/2.x model or a CLIP,
+    only the files vedit needs."""
     from vedit import hub
 
     if list_:
@@ -295,7 +299,7 @@ def extract(
     clip: Annotated[Path, typer.Argument(help="The video clip to take frames from.",
                                          show_default=False)],
     output: Annotated[Path | None, typer.Option(
-        "--output", "-o", help="Project folder.  \\[default: CLIP's name + .vedit, beside it]",
+        "--output", "-o", help="Project folder.  [default: CLIP's name + .vedit, beside it]",
         show_default=False)] = None,
     frames: FramesOpt = None,
     stride: StrideOpt = None,
@@ -306,7 +310,7 @@ def extract(
     crop: CropOpt = None,
     config: ConfigOpt = None,
 ) -> None:
-    """Take frames of a clip into a project folder, with its audio and facts."""
+    """Take frames of a clip into a project folder. Its audio and facts are kept there too."""
     values = config_values(config, ["extract"])
     settings = resolve(ExtractSettings, values, overrides=dict(
         frames=frames, stride=stride, start=start, end=end, spread=spread, size=size,
@@ -342,50 +346,50 @@ def tune(
         "--prompt", "-p", help="What the clip shows, e.g. 'a man is skiing'.",
         show_default=False)] = None,
     project: Annotated[Path | None, typer.Option(
-        "--project", help="With a clip: the project folder.  \\[default: CLIP.vedit]",
+        "--project", help="With a clip: the project folder.  [default: CLIP.vedit]",
         show_default=False)] = None,
     model: Annotated[str | None, typer.Option(
         "--model", "-m", help=f"Base model: hub id, diffusers folder or .safetensors file.  "
-        f"\\[default: {TuneSettings.model}]", show_default=False)] = None,
+        f"[default: {TuneSettings.model}]", show_default=False)] = None,
     steps: Annotated[int | None, typer.Option(
-        "--steps", help=f"Total optimizer steps.  \\[default: {TuneSettings.steps}]",
+        "--steps", help=f"Total optimizer steps.  [default: {TuneSettings.steps}]",
         show_default=False, parser=ASCII_INT)] = None,
     lr: Annotated[float | None, typer.Option(
-        "--lr", help=f"Learning rate of the temporal attention.  \\[default: {TuneSettings.lr:g}]",
+        "--lr", help=f"Learning rate of the temporal attention.  [default: {TuneSettings.lr:g}]",
         show_default=False, parser=ASCII_FLOAT)] = None,
     lora_lr: Annotated[float | None, typer.Option(
         "--lora-lr", help="Learning rate of the LoRA adapters.  "
-        f"\\[default: {TuneSettings.lora_lr:g}]", show_default=False, parser=ASCII_FLOAT)] = None,
+        f"[default: {TuneSettings.lora_lr:g}]", show_default=False, parser=ASCII_FLOAT)] = None,
     rank: Annotated[int | None, typer.Option(
-        "--rank", help=f"LoRA rank.  \\[default: {TuneSettings.rank}]", show_default=False,
+        "--rank", help=f"LoRA rank.  [default: {TuneSettings.rank}]", show_default=False,
         parser=ASCII_INT)] = None,
     lora_targets: Annotated[str | None, typer.Option(
         "--lora-targets", help="Projections to adapt: q, k, v, out, or attn1.to_q, attn2.to_v, "
-        f"... (comma-separated).  \\[default: {TuneSettings.lora_targets}]",
+        f"... (comma-separated).  [default: {TuneSettings.lora_targets}]",
         show_default=False)] = None,
     batch: Annotated[int | None, typer.Option(
-        "--batch", help=f"Noise samples of the clip per step.  \\[default: {TuneSettings.batch}]",
+        "--batch", help=f"Noise samples of the clip per step.  [default: {TuneSettings.batch}]",
         show_default=False, parser=ASCII_INT)] = None,
     grad_accum: Annotated[int | None, typer.Option(
-        "--grad-accum", help=f"Batches per optimizer step.  \\[default: {TuneSettings.grad_accum}]",
+        "--grad-accum", help=f"Batches per optimizer step.  [default: {TuneSettings.grad_accum}]",
         show_default=False, parser=ASCII_INT)] = None,
     seed: Annotated[int | None, typer.Option(
-        "--seed", help=f"Random seed.  \\[default: {TuneSettings.seed}]",
+        "--seed", help=f"Random seed.  [default: {TuneSettings.seed}]",
         show_default=False, parser=ASCII_INT)] = None,
     mixed_precision: Annotated[str | None, typer.Option(
-        "--mixed-precision", help="auto, no, fp16 or bf16.  \\[default: auto: bf16 or fp16 "
+        "--mixed-precision", help="auto, no, fp16 or bf16.  [default: auto: bf16 or fp16 "
         "on a GPU, no on the CPU]", show_default=False)] = None,
     gradient_checkpointing: Annotated[bool | None, typer.Option(
         "--gradient-checkpointing/--no-gradient-checkpointing",
-        help="Recompute activations to save memory.  \\[default: on with a GPU]",
+        help="Recompute activations to save memory.  [default: on with a GPU]",
         show_default=False)] = None,
     checkpoint_every: Annotated[int | None, typer.Option(
         "--checkpoint-every", help="Save a checkpoint every N steps (0: only at the end).  "
-        f"\\[default: {TuneSettings.checkpoint_every}]", show_default=False,
+        f"[default: {TuneSettings.checkpoint_every}]", show_default=False,
         parser=ASCII_INT)] = None,
     evaluate: Annotated[bool | None, typer.Option(
         "--eval/--no-eval", help="Report the loss on fixed draws before and after tuning "
-        "(16 extra forward passes).  \\[default: eval]", show_default=False)] = None,
+        "(16 extra forward passes).  [default: eval]", show_default=False)] = None,
     resume: Annotated[bool, typer.Option(
         "--resume", help="Continue the latest run from its last checkpoint, with its "
         "settings, to --steps (else a new run starts beside the earlier ones).")] = False,
@@ -400,7 +404,7 @@ def tune(
     gpu_memory: GpuMemoryOpt = None,
     config: ConfigOpt = None,
 ) -> None:
-    """LoRA-tune the inflated UNet on a project's frames (or a clip's, extracting them first)."""
+    """LoRA-tune the inflated UNet on a project's frames. Given a clip, extract them first."""
     from vedit.checkpoints import recorded_settings
     from vedit.video import check_clip
 
@@ -513,59 +517,60 @@ def edit(
         "--prompts-file", help="One prompt a line ('-': stdin); blank lines and # comments "
         "are skipped.", show_default=False, allow_dash=True)] = None,
     name: Annotated[str | None, typer.Option(
-        "--name", help="Edit folder name (numbered for several prompts).  \\[default: a "
+        "--name", help="Edit folder name (numbered for several prompts).  [default: a "
         "slug of the prompt]", show_default=False)] = None,
     checkpoint: Annotated[str | None, typer.Option(
         "--checkpoint", help="RUN/step-N, a run (its last step), step-N or a folder.  "
-        "\\[default: the latest run's last]", show_default=False)] = None,
+        "[default: the latest run's last]", show_default=False)] = None,
     steps: Annotated[int | None, typer.Option(
         "--steps", help="DDIM steps, for inversion and sampling.  "
-        f"\\[default: {EditSettings.steps}]", show_default=False, parser=ASCII_INT)] = None,
+        f"[default: {EditSettings.steps}]", show_default=False, parser=ASCII_INT)] = None,
     guidance: Annotated[float | None, typer.Option(
         "--guidance", help="Classifier-free guidance scale.  "
-        f"\\[default: {EditSettings.guidance:g}]", show_default=False, parser=ASCII_FLOAT)] = None,
+        f"[default: {EditSettings.guidance:g}]", show_default=False, parser=ASCII_FLOAT)] = None,
     negative_prompt: Annotated[str | None, typer.Option(
-        "--negative-prompt", help="What to steer away from.  \\[default: none]",
+        "--negative-prompt", help="What to steer away from.  [default: none]",
         show_default=False)] = None,
     seed: Annotated[int | None, typer.Option(
         "--seed", help="Seed of the start noise with --no-inversion.  "
-        f"\\[default: {EditSettings.seed}]", show_default=False, parser=ASCII_INT)] = None,
+        f"[default: {EditSettings.seed}]", show_default=False, parser=ASCII_INT)] = None,
     formats: Annotated[str | None, typer.Option(
         "--formats", help="mp4 (always), gif, frames (PNG), comma-separated.  "
-        f"\\[default: {EditSettings.formats}]", show_default=False)] = None,
+        f"[default: {EditSettings.formats}]", show_default=False)] = None,
     batch: Annotated[int | None, typer.Option(
-        "--batch", help=f"Prompts sampled at once.  \\[default: {EditSettings.batch}]",
+        "--batch", help=f"Prompts sampled at once.  [default: {EditSettings.batch}]",
         show_default=False, parser=ASCII_INT)] = None,
     inversion: Annotated[bool | None, typer.Option(
         "--inversion/--no-inversion", help="Start from the clip's DDIM-inverted noise (or "
-        "from seeded random noise).  \\[default: inversion]", show_default=False)] = None,
+        "from seeded random noise).  [default: inversion]", show_default=False)] = None,
     inversion_prompt: Annotated[bool | None, typer.Option(
         "--inversion-prompt/--empty-inversion-prompt", help="Invert with the tuning prompt "
-        "instead of the empty one.  \\[default: empty, as the original]",
+        "instead of the empty one.  [default: empty, as the original]",
         show_default=False)] = None,
     full: Annotated[bool | None, typer.Option(
         "--full/--tuned-frames", help="Edit every frame of the clip's span (extract's "
         "--start/--end) at the source frame rate, in overlapping windows, not only the tuned "
-        "frames.  \\[default: the tuned frames]", show_default=False)] = None,
+        "frames.  [default: the tuned frames]", show_default=False)] = None,
     window: Annotated[int | None, typer.Option(
-        "--window", help="With --full: frames the UNet sees at once.  \\[default: the tuned "
+        "--window", help="With --full: frames the UNet sees at once.  [default: the tuned "
         "frame count]", show_default=False, parser=ASCII_INT)] = None,
     overlap: Annotated[int | None, typer.Option(
         "--overlap", help="With --full: frames neighbouring windows share at least (frames to "
-        "spare lengthen the overlaps evenly).  \\[default: a quarter of the window, 1 or more]",
+        "spare lengthen the overlaps evenly).  [default: a quarter of the window, 1 or more]",
         show_default=False, parser=ASCII_INT)] = None,
     full_stride: Annotated[int | None, typer.Option(
         "--full-stride", help="With --full: source frames between the frames a window holds; "
-        "every frame is still edited, in interleaved sequences.  \\[default: the tuned "
+        "every frame is still edited, in interleaved sequences.  [default: the tuned "
         "frames' spacing, e.g. extract's --stride]", show_default=False, parser=ASCII_INT)] = None,
     score: Annotated[bool | None, typer.Option(
         "--score/--no-score", help="Score each edit as `vedit score` does, into its edit.toml "
-        "and the result.  \\[default: no]", show_default=False)] = None,
+        "and the result.  [default: no]", show_default=False)] = None,
     dry_run: DryRunOpt = False,
     gpu_memory: GpuMemoryOpt = None,
     config: ConfigOpt = None,
 ) -> None:
-    """Render the tuned clip under new prompts into edits/NAME/ (mp4, side-by-side, ...)."""
+    """Render the tuned clip under new prompts. Each goes into edits/NAME/: video.mp4, the
+    side-by-side compare.mp4, edit.toml and the --formats asked."""
     from vedit.prompts import read_prompts
 
     _check_gpu_memory(dry_run, gpu_memory)
@@ -656,7 +661,7 @@ def score(
         metavar="PROJECT_OR_VIDEO", help="A project (its edits are scored), or a video to score "
         "against --source.", show_default=False)],
     edits: Annotated[list[str] | None, typer.Argument(
-        metavar="EDIT", help="With a project: the edits to score.  \\[default: every edit]",
+        metavar="EDIT", help="With a project: the edits to score.  [default: every edit]",
         show_default=False)] = None,
     source: Annotated[Path | None, typer.Option(
         "--source", help="With a video: the clip it was made from (a video, or a project for its "
@@ -665,14 +670,15 @@ def score(
         "--prompt", "-p", help="With a video: the prompt it was made with (for the text "
         "metrics).", show_default=False)] = None,
     clip_model: Annotated[str | None, typer.Option(
-        "--clip-model", help=f"CLIP hub id or local folder.  \\[default: {DEFAULT_CLIP_MODEL}]",
+        "--clip-model", help=f"CLIP hub id or local folder.  [default: {DEFAULT_CLIP_MODEL}]",
         show_default=False)] = None,
     csv_file: Annotated[Path | None, typer.Option(
         "--csv", help="Also write one row per video to this CSV file.", show_default=False)
     ] = None,
     config: ConfigOpt = None,
 ) -> None:
-    """Score edits as video-editing benchmarks do: flicker, motion, CLIP consistency and text."""
+    """Score edits as video-editing benchmarks do. Flicker, motion, CLIP consistency, CLIP
+    text alignment and PickScore."""
     # The option checks come before the metric libraries are imported, as in tune and edit.
     settings = resolve(ScoreSettings, config_values(config, ["score"]),
                        overrides=dict(clip_model=clip_model))
@@ -704,14 +710,14 @@ def remux(
     out: Output,
     project: Annotated[Path, typer.Argument(help="The project folder.", show_default=False)],
     edits: Annotated[list[str] | None, typer.Argument(
-        help="Edits to mux.  \\[default: every edit]", show_default=False)] = None,
+        help="Edits to mux.  [default: every edit]", show_default=False)] = None,
     video: Annotated[Path | None, typer.Option(
         "--video", help="Mux this video instead of an edit.", show_default=False)] = None,
     output: Annotated[Path | None, typer.Option(
-        "--output", "-o", help="With --video: where to write.  \\[default: VIDEO.final.mp4]",
+        "--output", "-o", help="With --video: where to write.  [default: VIDEO.final.mp4]",
         show_default=False)] = None,
 ) -> None:
-    """Put the source clip's original sound back under edits (or any --video)."""
+    """Put the source clip's sound back under edits. Or under any other --video."""
     from vedit.remux import remux as remux_project
 
     results = remux_project(project, edits, video=video, output=output,
@@ -725,7 +731,8 @@ def status(
     out: Output,
     project: Annotated[Path, typer.Argument(help="The project folder.", show_default=False)],
 ) -> None:
-    """Say what a project holds, what is stale or damaged, and what the next command reuses."""
+    """Say what a project holds and what is stale. Also what is damaged, and what the next
+    command would reuse."""
     from vedit.status import describe, project_status
 
     found = project_status(project)

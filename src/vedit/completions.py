@@ -89,8 +89,8 @@ def _choices(param: Any) -> list[str]:
 
 
 def _short(text: str) -> str:
-    """First sentence of a help text, without rich escapes or defaults."""
-    text = re.sub(r"\s*\\?\[default:[^\]]*\]", "", text).replace("\\", "")
+    """First sentence of a help text, without its default."""
+    text = re.sub(r"\s*\[default:[^\]]*\]", "", text)
     text = " ".join(text.split())
     return text.split(". ")[0].rstrip(".")
 

@@ -3,7 +3,7 @@
 It makes a short clip with sound (moving shapes, a tone), builds the tiny random Stable
 Diffusion the tests use (or takes a real base with `model`), and runs extract, tune, edit and
 remux through their public functions. With the tiny model the edits are noise-like, but every
-stage, file and format is the real one, in well under a minute on two CPU cores.
+stage, file and format is the real one (README says how long it took on two CPU cores).
 """
 
 from __future__ import annotations

@@ -305,7 +305,8 @@ def _download_repo_files(repo_id: str, revision: str | None,
         missing = [f for f in files if not _blob(storage, f.content_id).is_file()]
         _check_free_space(storage, sum(f.size - _partial_size(_blob(storage, f.content_id))
                                        for f in missing))
-        with reporter.task(f"Downloading {repo_id}", total=sum(f.size for f in files)) as task:
+        with reporter.task(f"Downloading {repo_id}", total=sum(f.size for f in files),
+                           in_bytes=True) as task:
             task.advance(sum(f.size for f in files if f not in missing))
             for weights in (False, True):
                 if weights and check is not None:

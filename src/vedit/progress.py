@@ -14,18 +14,26 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import (
     BarColumn,
+    DownloadColumn,
     MofNCompleteColumn,
     Progress,
+    ProgressColumn,
     SpinnerColumn,
     TaskID,
     TextColumn,
-    TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from rich.table import Column
 
 #: How far back a bar's speed (and so its ETA) looks. Rich's 30 s default shows no ETA at all
 #: once one step takes longer, as a tuning step on the CPU or a big frame does.
 SPEED_PERIOD = 15 * 60.0
+
+#: The bar's own narrowest width, before the texts beside it are cut short.
+BAR_MIN = 10
+#: Widths of what is never cut: the spinner, "eta", the time left (up to 9:59:59),
+#: the bytes counter ("123.4/567.8 MB") and the six spaces between the seven columns.
+_SPINNER, _ETA, _TIME_LEFT, _BYTES, _GAPS = 1, 3, 7, 14, 6
 
 
 class Task:
@@ -75,20 +83,15 @@ class Reporter:
             self.console.print(f"[yellow]warning:[/yellow] {escape(message)}", soft_wrap=True)
 
     @contextmanager
-    def task(self, description: str, total: float | None = None) -> Iterator[Task]:
-        """A transient progress bar for one step of a stage."""
-        if not self.shows_progress:
+    def task(self, description: str, total: float | None = None, *,
+             in_bytes: bool = False) -> Iterator[Task]:
+        """A transient progress bar for one step of a stage; `in_bytes` counts its `total` as
+        bytes (1.2/3.4 GB)."""
+        if self.console is None or not self.shows_progress:
             yield Task(None, None)
             return
         progress = Progress(
-            SpinnerColumn(),
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            TextColumn("eta"),
-            TimeRemainingColumn(),
-            TextColumn("{task.fields[status]}"),
+            *bar_columns(self.console.width, description, total, in_bytes=in_bytes),
             console=self.console,
             transient=True,
             speed_estimate_period=SPEED_PERIOD,
@@ -96,6 +99,32 @@ class Reporter:
         with progress:
             task_id = progress.add_task(description, total=total, status="")
             yield Task(progress, task_id)
+
+
+def bar_columns(width: int, description: str, total: float | None, *,
+                in_bytes: bool = False) -> list[ProgressColumn]:
+    """A bar's columns fitted to `width` (80 included): the counter and the time left are
+    never cut; the description (at most a quarter of the width) and the status after the bar
+    (loss, speed, memory, window) end in "…" where they would leave the bar under BAR_MIN."""
+    counted = _BYTES if in_bytes else 2 * len(f"{total:.0f}") + 1 if total else 3
+    described = min(len(description), max(BAR_MIN, width // 4))
+    stated = width - (_SPINNER + described + BAR_MIN + counted + _ETA + _TIME_LEFT + _GAPS)
+
+    def whole() -> Column:
+        return Column(no_wrap=True)
+
+    def cut(most: int) -> Column:
+        return Column(no_wrap=True, overflow="ellipsis", max_width=max(most, BAR_MIN))
+
+    # The bar is the one column rich may narrow; every other one is sized above.
+    return [SpinnerColumn(table_column=whole()),
+            TextColumn("{task.description}", table_column=cut(described)),
+            BarColumn(),
+            DownloadColumn(table_column=whole()) if in_bytes
+            else MofNCompleteColumn(table_column=whole()),
+            TextColumn("eta", table_column=whole()),
+            TimeRemainingColumn(table_column=whole()),
+            TextColumn("{task.fields[status]}", table_column=cut(stated))]
 
 
 @contextmanager

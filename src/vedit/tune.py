@@ -55,7 +55,7 @@ from vedit.lora import (
     temporal_state_dict,
     trainable_parameters,
 )
-from vedit.memory.gpu import measured_peak_gb
+from vedit.memory.gpu import Gpu, measured_peak_gb, target_gpu
 from vedit.model_files import ModelSource
 from vedit.models import load_components, native_bf16, native_resolution, resolve_model
 from vedit.progress import Reporter
@@ -72,6 +72,9 @@ MAX_GRAD_NORM = 1.0  # as the original's configs
 ADAM_WEIGHT_DECAY = 1e-2
 EVAL_DRAWS = 8  # fixed noise/timestep draws on which the loss is reported before and after
 _SMOOTHING = 0.9
+#: Frames whose short side is over this many times the base model's native one are far from
+#: what it was trained on: tune warns, with the run's predicted memory, before the heavy work.
+OVERSIZED = 2
 #: The section of the record tune writes (a damaged one is simply written anew).
 
 
@@ -181,17 +184,65 @@ def tune_clip(clip: Path, settings: TuneSettings, frames: ExtractSettings | None
     base = resolve_model(settings.model, reporter=reporter)
     if frames.size is None:
         frames = dataclasses.replace(frames, size=str(native_resolution(base)))
+    else:
+        size = frames.frame_size
+        check_frame_size(size.short_side or min(size.width or 0, size.height or 0), base,
+                         clip, settings, frames, reporter)
     extracted = extract(clip, project_dir, frames, reporter)
     return extracted, _tune(extracted.project, settings, resume, reporter, base=base)
 
 
+def check_frame_size(short_side: int, base: ModelSource, target: Path, settings: TuneSettings,
+                     frames: ExtractSettings | None, reporter: Reporter,
+                     gpu: Gpu | None = None) -> None:
+    """Frames over OVERSIZED times the base model's native side: a warning with the predicted
+    peak GPU memory of tuning `target` (a clip taken with `frames`, or a project), or an
+    OutOfMemoryError where that cannot fit `gpu` (default: this machine's). Frames of a
+    sensible size cost nothing: nothing is predicted for them."""
+    native = native_resolution(base)
+    if short_side <= OVERSIZED * native:
+        return
+    from vedit.memory.predict import (
+        out_of_memory_hint,
+        predict_tune,
+        prediction_or_none,
+        tune_plan,
+    )
+
+    on = gpu or target_gpu()
+    # The training step only: at such sizes it is the peak (the VAE encodes a tile at a time),
+    # and its trace takes as long at any size, where the encode's grows with the tiles.
+    with reporter.task("predicting the memory of these frames"):
+        prediction = prediction_or_none(lambda: predict_tune(
+            tune_plan(target, settings, frames).with_(encodes_frames=False), on))
+    what = (f"Frames of {short_side} px on the short side are {short_side / native:.1f}x the "
+            f"{native} px that {base.name} was trained at")
+    smaller = f"Give --size {native}, the model's own size."
+    if prediction is not None and prediction.fits is False:
+        raise OutOfMemoryError(
+            f"{what}: tuning on them would need a predicted {prediction.peak_gb:.1f} GB of GPU "
+            f"memory at its peak, more than {on.describe()} has.",
+            out_of_memory_hint(lambda: prediction, smaller))
+    memory = ("" if prediction is None else
+              f"; on a GPU its training steps would peak at a predicted "
+              f"{prediction.peak_gb:.1f} GB"
+              + ("" if prediction.fits is None else f", which fits {on.describe()}"))
+    reporter.warn(f"{what}: so far above it, Stable Diffusion repeats and breaks up what it "
+                  f"draws{memory}. {smaller} `--dry-run` predicts other settings' memory.")
+
+
 def _tune(project: Project | Path, settings: TuneSettings, resume: bool, reporter: Reporter, *,
           base: ModelSource | None) -> TuneResult:
-    """`base`: `settings.model` resolved already (the one-shot form sized the frames by it)."""
+    """`base`: `settings.model` resolved already (the one-shot form sized the frames by it and
+    checked their size before extracting them)."""
     _require_prompt(settings)
     if not isinstance(project, Project):
         project = Project.open(Path(project), replacing=TUNE_SECTIONS)
-    project.require("frames", "extract")
+    frames = project.require("frames", "extract")
+    if base is None:
+        base = resolve_model(settings.model, reporter=reporter)
+        check_frame_size(min(int(frames["width"]), int(frames["height"])), base,
+                         project.root, settings, None, reporter)
     accelerator = make_accelerator(settings)
     with _main_process_lock(project, accelerator):
         return _tune_locked(project, settings, resume, accelerator, reporter, base)
@@ -244,7 +295,6 @@ def _tune_locked(project: Project, settings: TuneSettings, resume: bool, acceler
                     "--gradient-checkpointing, or a lower --rank.")
         if not isinstance(exc, torch.OutOfMemoryError):  # the CPU's allocator: nothing to predict
             raise OutOfMemoryError("Tuning ran out of CPU memory.", fallback) from None
-        from vedit.memory.gpu import target_gpu
         from vedit.memory.predict import out_of_memory_hint, predict_tune, tune_plan
 
         hint = out_of_memory_hint(
@@ -283,7 +333,8 @@ def _prepare(project: Project, settings: TuneSettings, accelerator: Accelerator,
               "run": run_name, "vedit": __version__}
     if resuming is not None:
         check_compatible(resuming, record)
-    if min(frames["width"], frames["height"]) != components.native_resolution:
+    short_side, native = min(frames["width"], frames["height"]), components.native_resolution
+    if short_side != native and short_side <= OVERSIZED * native:  # larger: warned of already
         reporter.info(f"The frames are {frames['width']}x{frames['height']}; "
                       f"{components.model_id} was trained at {components.native_resolution} px.")
     with accelerator.main_process_first():

@@ -158,7 +158,7 @@ def measured_against_predicted(measured_gb: float, predict_run: Callable[[], Mem
                                ) -> dict[str, float] | None:
     """A real run's measured peak next to the prediction for it: the model's error on this GPU
     (None when the prediction cannot be made: a finished run must not fail for it)."""
-    prediction = _prediction_or_none(predict_run)
+    prediction = prediction_or_none(predict_run)
     if prediction is None:
         return None
     predicted = prediction.peak_gb
@@ -169,7 +169,7 @@ def measured_against_predicted(measured_gb: float, predict_run: Callable[[], Mem
 def out_of_memory_hint(predict_run: Callable[[], MemoryPrediction], fallback: str) -> str:
     """The hint of an out-of-memory error: the predicted peak and the settings that fit
     (`fallback` when the prediction cannot be made: the hint must never hide the error)."""
-    prediction = _prediction_or_none(predict_run)
+    prediction = prediction_or_none(predict_run)
     if prediction is None:
         return fallback
     text = f"The predicted peak is {prediction.peak_gb:.1f} GB on {prediction.gpu.describe()}."
@@ -179,7 +179,7 @@ def out_of_memory_hint(predict_run: Callable[[], MemoryPrediction], fallback: st
         f"{a.change} ({a.peak_gb:.1f} GB)" for a in prediction.advice) + "."
 
 
-def _prediction_or_none(predict_run: Callable[[], MemoryPrediction]) -> MemoryPrediction | None:
+def prediction_or_none(predict_run: Callable[[], MemoryPrediction]) -> MemoryPrediction | None:
     """The prediction, or None where it fails: for what reports a real run, which it must not
     break (a kernel the fake tensors lack, a model folder moved since)."""
     try:
