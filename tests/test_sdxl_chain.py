@@ -226,3 +226,10 @@ def test_the_lora_loads_into_diffusers_sdxl_pipeline(xl_project: Path, tiny_mode
     change = (tuned - base).abs().max()
     assert change > 1e-3  # the LoRA was trained: it changes the prediction
     torch.testing.assert_close(loaded, tuned, atol=change * 1e-2, rtol=0)
+
+
+def test_demo_sdxl_and_a_model_together_is_a_usage_error(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["demo", "--sdxl", "--model", "some/model", "-o",
+                                 str(tmp_path / "demo")])
+    assert result.exit_code == 2 and "--sdxl" in result.stderr
+    assert not (tmp_path / "demo").exists()
