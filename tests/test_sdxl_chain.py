@@ -233,3 +233,18 @@ def test_demo_sdxl_and_a_model_together_is_a_usage_error(tmp_path: Path) -> None
                                  str(tmp_path / "demo")])
     assert result.exit_code == 2 and "--sdxl" in result.stderr
     assert not (tmp_path / "demo").exists()
+
+
+@pytest.mark.slow  # traces the tiny SDXL's tuning and editing: seconds of fake-tensor ops
+def test_sdxl_dry_runs_trace_its_conditioning(xl_project: Path, tiny_model_xl: Path) -> None:
+    clip = next(xl_project.parent.glob("*.mp4"))
+    tuned = runner.invoke(app, ["tune", str(clip), "--model", str(tiny_model_xl), "-n", "2",
+                                "--project", str(xl_project.parent / "new"), "--dry-run",
+                                "--gpu-memory", "24", "--json"])
+    assert tuned.exit_code == 0, tuned.stderr
+    memory = json.loads(tuned.stdout)["memory"]
+    assert memory["fits"] is True and memory["peak_during"] == "the training step"
+    edited = runner.invoke(app, ["edit", str(xl_project), "--dry-run", "--gpu-memory", "24"])
+    assert edited.exit_code == 0, edited.stderr
+    assert "fits a 24 GB GPU" in edited.stdout
+    assert not (xl_project.parent / "new").exists()
