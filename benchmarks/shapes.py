@@ -8,6 +8,7 @@ has the shapes of `vedit.tiny_model`, so every benchmark also runs on a CPU in s
 
     python benchmarks/shapes.py            # SD 1.5: parameter counts and build time
     python benchmarks/shapes.py --tiny --device cpu
+    python benchmarks/shapes.py --sdxl-configs /tmp/sdxl   # SDXL 1.0's configs, no weights
 """
 
 from __future__ import annotations
@@ -59,6 +60,26 @@ SD15_TEXT: dict[str, Any] = dict(
 SCHEDULER: dict[str, Any] = dict(
     num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
     set_alpha_to_one=False, steps_offset=1, clip_sample=False, prediction_type="epsilon",
+)
+
+
+#: SDXL base 1.0's configs (stabilityai/stable-diffusion-xl-base-1.0), for the memory
+#: prediction of an SDXL run: UNet 2.6 B parameters, transformers 1, 2 and 10 deep.
+SDXL_UNET: dict[str, Any] = dict(
+    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
+    block_out_channels=(320, 640, 1280),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20),
+    cross_attention_dim=2048, use_linear_projection=True, norm_num_groups=32,
+    addition_embed_type="text_time", addition_embed_type_num_heads=64,
+    addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+)
+SDXL_VAE: dict[str, Any] = SD15_VAE | dict(sample_size=1024, scaling_factor=0.13025,
+                                           force_upcast=True)
+SDXL_TEXT_2: dict[str, Any] = SD15_TEXT | dict(
+    hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+    projection_dim=1280, hidden_act="gelu", pad_token_id=0,
 )
 
 
@@ -161,6 +182,13 @@ def write_configs(shapes: Shapes, folder: Path) -> Path:
                                text_encoder=shapes.text, scheduler=SCHEDULER)
 
 
+def write_sdxl_configs(folder: Path) -> Path:
+    """SDXL base 1.0's configs-only folder, for `vedit tune --dry-run --model FOLDER`."""
+    return write_config_folder(folder, unet=SDXL_UNET, vae=SDXL_VAE, text_encoder=SD15_TEXT,
+                               text_encoder_2=SDXL_TEXT_2,
+                               scheduler=SCHEDULER | dict(timestep_spacing="leading"))
+
+
 def parameter_count(module: torch.nn.Module) -> int:
     """All parameters, to check that the shapes are SD 1.5's (UNet 859.5 M)."""
     return sum(p.numel() for p in module.parameters())
@@ -172,7 +200,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tiny", action="store_true", help="vedit.tiny_model's shapes")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--sdxl-configs", type=Path, metavar="FOLDER",
+                        help="only write SDXL base 1.0's configs-only folder to FOLDER")
     args = parser.parse_args(argv)
+    if args.sdxl_configs:
+        print(write_sdxl_configs(args.sdxl_configs))
+        return
     shapes, dtype = shapes_for(args.tiny), getattr(torch, args.dtype)
     for name, build in (("unet", build_unet), ("vae", build_vae),
                         ("text_encoder", build_text_encoder)):

@@ -14,7 +14,7 @@ _vedit() {
                 --output|-o) COMPREPLY=($(compgen -f -- "$cur")); return ;;
                 --model|-m) return ;;
             esac
-            if [[ $cur == -* ]]; then COMPREPLY=($(compgen -W "--output -o --model -m --json --quiet -q --debug --help -h" -- "$cur")); else COMPREPLY=($(true)); fi ;;
+            if [[ $cur == -* ]]; then COMPREPLY=($(compgen -W "--output -o --model -m --sdxl --json --quiet -q --debug --help -h" -- "$cur")); else COMPREPLY=($(true)); fi ;;
         doctor)
             case "$prev" in
             esac

@@ -15,6 +15,7 @@ complete -c vedit -n __fish_use_subcommand -a status -d 'Say what a project hold
 complete -c vedit -n __fish_use_subcommand -a tune -d 'LoRA-tune the inflated UNet on a project\'s frames'
 complete -c vedit -n '__fish_seen_subcommand_from demo' -l output -s o -r -F -d 'A new folder for the demo\'s files'
 complete -c vedit -n '__fish_seen_subcommand_from demo' -l model -s m -x -d 'Run the chain on a real base model instead of the tiny one'
+complete -c vedit -n '__fish_seen_subcommand_from demo' -l sdxl -d 'Build the tiny model in SDXL\'s layout (two text encoders, size ids)'
 complete -c vedit -n '__fish_seen_subcommand_from demo' -l json -d 'Print one JSON document on stdout'
 complete -c vedit -n '__fish_seen_subcommand_from demo' -l quiet -s q -d 'No progress or notices'
 complete -c vedit -n '__fish_seen_subcommand_from demo' -l debug -d 'Show tracebacks (also VEDIT_DEBUG=1)'

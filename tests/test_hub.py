@@ -203,11 +203,25 @@ def test_a_corrupt_partial_file_is_caught_and_fetched_again(tiny_model: Path, fa
     assert (snapshot / UNET_FILE).read_bytes() == content
 
 
-def test_an_sdxl_repo_is_refused_before_its_weights(tiny_model: Path, fake_hub: FakeHub) -> None:
+def test_an_sdxl_repo_is_fetched_with_its_second_encoder(tiny_model_xl: Path,
+                                                         fake_hub: FakeHub) -> None:
+    sha = fake_hub.add_folder("stabilityai/tiny-sdxl", tiny_model_xl, extra=NOT_NEEDED)
+    snapshot = fetch_model("stabilityai/tiny-sdxl")
+    sdxl_needed = {f.replace("text_encoder/", "text_encoder_2/").replace("tokenizer/",
+                                                                         "tokenizer_2/")
+                   for f in NEEDED if f.startswith(("text_encoder/", "tokenizer/"))}
+    assert snapshot.name == sha and snapshot_files(snapshot) == NEEDED | sdxl_needed
+    assert not fake_hub.unexpected()
+    parts = load_components("stabilityai/tiny-sdxl", device="cpu")
+    assert parts.source.family == "sdxl" and parts.text_encoder_2 is not None
+
+
+def test_a_pipeline_that_is_neither_sd_nor_sdxl_is_refused_before_its_weights(
+        tiny_model: Path, fake_hub: FakeHub) -> None:
     config = json.loads((tiny_model / "unet/config.json").read_text())
-    config["addition_embed_type"] = "text_time"
+    config["addition_embed_type"] = "image"
     fake_hub.add_folder(REPO, tiny_model, extra={"unet/config.json": json.dumps(config).encode()})
-    with pytest.raises(BadInputError, match="SDXL"):
+    with pytest.raises(BadInputError, match="'image' added conditioning"):
         fetch_model(REPO)
     assert not [r for r in fake_hub.requests if r.path.endswith(".safetensors")
                 and r.method == "GET"]

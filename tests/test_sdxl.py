@@ -44,14 +44,11 @@ def test_tiny_sdxl_has_the_diffusers_layout_and_loads_as_an_sdxl_pipeline(
     assert pipe.unet.config.sample_size * pipe.vae_scale_factor == 64
 
 
-def test_sdxl_is_refused_by_default_and_loads_when_allowed(tiny_model_xl: Path) -> None:
+def test_sdxl_loads_with_its_second_encoder(tiny_model_xl: Path) -> None:
     from diffusers import DDIMScheduler
     from transformers import CLIPTextModelWithProjection
 
-    with pytest.raises(BadInputError, match="SDXL") as refused:
-        load_components(tiny_model_xl, device="cpu")
-    assert "1.x" in refused.value.hint
-    parts = load_components(tiny_model_xl, device="cpu", allow_sdxl=True)
+    parts = load_components(tiny_model_xl, device="cpu")
     assert parts.source.family == "sdxl"
     assert isinstance(parts.text_encoder_2, CLIPTextModelWithProjection)
     assert parts.tokenizer_2 is not None and parts.tokenizer_2.pad_token == "!"
@@ -68,15 +65,15 @@ def test_sdxl_is_refused_by_default_and_loads_when_allowed(tiny_model_xl: Path) 
 def test_sdxl_components_are_checked_and_fingerprinted(tiny_model_xl: Path,
                                                        tmp_path: Path) -> None:
     copy = Path(shutil.copytree(tiny_model_xl, tmp_path / "model"))
-    first = resolve_model(copy, allow_sdxl=True)
+    first = resolve_model(copy)
     assert set(first.components) >= {"text_encoder_2", "tokenizer_2"}
     fingerprint = first.fingerprint  # computed from the files as they are now
     config = copy / "text_encoder_2" / "config.json"
     config.write_text(config.read_text().replace('"hidden_act": "gelu"', '"hidden_act": "relu"'))
-    assert resolve_model(copy, allow_sdxl=True).fingerprint != fingerprint
+    assert resolve_model(copy).fingerprint != fingerprint
     shutil.rmtree(copy / "tokenizer_2")
     with pytest.raises(BadInputError, match="tokenizer_2") as missing:
-        resolve_model(copy, allow_sdxl=True)
+        resolve_model(copy)
     assert "SDXL" in missing.value.hint
 
 
@@ -96,7 +93,7 @@ def sdxl_pipeline(parts: Components, force_zeros: bool) -> StableDiffusionXLPipe
 
 @pytest.fixture(scope="module")
 def sdxl_parts(tiny_model_xl: Path) -> Components:
-    return load_components(tiny_model_xl, device="cpu", allow_sdxl=True)
+    return load_components(tiny_model_xl, device="cpu")
 
 
 @pytest.mark.parametrize("force_zeros", [True, False])

@@ -179,12 +179,15 @@ def demo(
     model: Annotated[str | None, typer.Option(
         "--model", "-m", help="Run the chain on a real base model instead of the tiny one.  "
         "[default: a tiny random model built here]", show_default=False)] = None,
+    sdxl: Annotated[bool, typer.Option(
+        "--sdxl", help="Build the tiny model in SDXL's layout (two text encoders, size ids).")
+    ] = False,
 ) -> None:
     """Run the whole chain offline, on a clip made here. Extract, tune, edit and remux with a
     tiny built-in model (or --model): does vedit work on this machine?"""
     from vedit.demo import run_demo
 
-    result = run_demo(output, model=model, reporter=out.reporter)
+    result = run_demo(output, model=model, sdxl=sdxl, reporter=out.reporter)
     total = sum(result.seconds.values())
     lines = [f"Done in {total:.0f} s. Watch, with sound:"]
     lines += [f"  {path}" for path in result.final_videos]

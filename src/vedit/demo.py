@@ -1,9 +1,10 @@
 """`vedit demo`: the whole chain on a clip made here, offline, to answer "does it work here?".
 
 It makes a short clip with sound (moving shapes, a tone), builds the tiny random Stable
-Diffusion the tests use (or takes a real base with `model`), and runs extract, tune, edit and
-remux through their public functions. With the tiny model the edits are noise-like, but every
-stage, file and format is the real one (README says how long it took on two CPU cores).
+Diffusion the tests use (its SDXL layout with `sdxl`; or takes a real base with `model`), and
+runs extract, tune, edit and remux through their public functions. With the tiny model the
+edits are noise-like, but every stage, file and format is the real one (README says how long
+it took on two CPU cores).
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from vedit.edit import edit
-from vedit.errors import ProjectError
+from vedit.errors import ProjectError, UsageError
 from vedit.extract import extract
-from vedit.models import resolve_model
+from vedit.models import native_resolution, resolve_model
 from vedit.progress import Reporter
 from vedit.remux import remux
 from vedit.settings import EditSettings, ExtractSettings, TuneSettings
@@ -46,20 +47,26 @@ class DemoResult:
                 "seconds": {k: round(v, 2) for k, v in self.seconds.items()}}
 
 
-def run_demo(folder: Path, *, model: str | None = None,
+def run_demo(folder: Path, *, model: str | None = None, sdxl: bool = False,
              reporter: Reporter | None = None) -> DemoResult:
-    """Run the chain in `folder` (new or empty): clip, model, project, edits with sound."""
+    """Run the chain in `folder` (new or empty): clip, model (the tiny SD, or with `sdxl` the
+    tiny SDXL, unless `model`), project, edits with sound."""
     reporter = reporter or Reporter()
     folder = Path(folder)
+    if model is not None and sdxl:
+        raise UsageError("--sdxl picks the tiny SDXL model; --model names another one.",
+                         "Give one of them (an SDXL --model runs as SDXL).")
     if folder.exists() and any(folder.iterdir()):
         raise ProjectError(f"{folder} exists and is not empty.",
                            "Give the demo a new folder with -o, or remove that one.")
-    if model is not None:
-        resolve_model(model, reporter=reporter)  # a missing model fails before any work
+    size = None
+    if model is not None:  # a missing model fails before any work
+        source = resolve_model(model, reporter=reporter)
+        size = str(native_resolution(source)) if source.family == "sdxl" else "512"
     created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
     try:
-        return _run_demo(folder, model, reporter)
+        return _run_demo(folder, model, size, sdxl, reporter)
     except BaseException:
         # Everything in the folder is the demo's own: a failed demo leaves none of it, so the
         # rerun starts clean instead of refusing a folder that "exists".
@@ -78,7 +85,9 @@ def _empty(folder: Path) -> None:
             entry.unlink()
 
 
-def _run_demo(folder: Path, model: str | None, reporter: Reporter) -> DemoResult:
+def _run_demo(folder: Path, model: str | None, size: str | None, sdxl: bool,
+              reporter: Reporter) -> DemoResult:
+    """`size`: a real `model`'s frame size (SDXL's native 1024 px, else 512)."""
     seconds: dict[str, float] = {}
 
     def timed(stage: str, run: Callable[[], T]) -> T:
@@ -90,11 +99,12 @@ def _run_demo(folder: Path, model: str | None, reporter: Reporter) -> DemoResult
 
     clip = timed("clip", lambda: make_clip(folder / "clip.mp4", width=160, height=96, fps=24,
                                            seconds=2.0))
-    if model is None:
-        model = str(timed("model", lambda: build_tiny_model(folder / "tiny-model")))
+    if model is None or size is None:
+        name = "tiny-sdxl" if sdxl else "tiny-model"
+        model = str(timed("model", lambda: build_tiny_model(folder / name, sdxl=sdxl)))
         size, tune_steps, edit_steps = str(TINY_RESOLUTION), 40, 15
     else:
-        size, tune_steps, edit_steps = "512", 200, 50
+        tune_steps, edit_steps = 200, 50
     project = folder / "clip.vedit"
     timed("extract", lambda: extract(clip, project, ExtractSettings(frames=8, size=size),
                                      reporter))

@@ -31,12 +31,20 @@ from vedit.checkpoints import Checkpoint, check_frames, find_checkpoint, tuned_u
 from vedit.errors import BadInputError, OutOfMemoryError, is_out_of_memory
 from vedit.inflate import InflatedUNet
 from vedit.invert import Inversion, cached_inversion, inversion_key
-from vedit.latents import clip_span, frame_latents, read_frame, span_images, span_latents
+from vedit.latents import (
+    check_finite,
+    clip_span,
+    frame_latents,
+    read_frame,
+    span_images,
+    span_latents,
+    upcast_if_overflowing,
+)
 from vedit.memory.gpu import measured_peak_gb
 from vedit.models import Components, load_components
 from vedit.progress import Reporter
 from vedit.project import EDIT_RECORD, EDIT_VIDEO, Project, atomic_dir, frame_file
-from vedit.prompts import encode_prompts
+from vedit.prompts import Conditioning, encode_conditioning, negative_conditioning
 from vedit.sampler import Denoiser, ddim_invert, ddim_sample
 from vedit.score import Frames, Scorer, VideoScore, video_frames
 from vedit.settings import EditSettings, ScoreSettings, as_record, edit_prompts
@@ -89,6 +97,7 @@ class EditClip:
     plan: WindowPlan
     sources: Callable[[], Iterator[np.ndarray]]
     full: dict[str, Any] | None  # --full's facts; None for the tuned frames
+    time_ids: torch.Tensor | None  # an SDXL base's size conditioning of the frames `(1, 6)`
 
     @property
     def num_frames(self) -> int:
@@ -221,7 +230,8 @@ def _render(project: Project, checkpoint: Checkpoint, jobs: list[tuple[str, str]
     outputs = []
     with state.split_between_processes(jobs) as mine:
         # The negative prompt is encoded once (and warned about once if cut short).
-        uncond = encode_prompts(components, [settings.negative_prompt], reporter)
+        uncond = negative_conditioning(components, settings.negative_prompt, clip.time_ids,
+                                       reporter)
         for start in range(0, len(mine), settings.batch):
             batch = mine[start:start + settings.batch]
             latents = _sample(components, unet, clip, inversion, [p for p, _ in batch], uncond,
@@ -246,7 +256,7 @@ def tuned_clip(project: Project, components: Components, reporter: Reporter) -> 
         times=[float(t) for t in frames["times"]], interval=float(frames["interval"]),
         plan=single_window(latents.num_frames),
         sources=lambda: (read_frame(p, frames["width"], frames["height"]) for p in paths),
-        full=None)
+        full=None, time_ids=_time_ids(project, components))
 
 
 def span_clip(project: Project, components: Components, settings: EditSettings,
@@ -273,7 +283,16 @@ def span_clip(project: Project, components: Components, settings: EditSettings,
     reporter.info(f"Editing all {span.num_frames} frames of the clip{apart} in {how}.")
     return EditClip(latents=latents.mean, latents_key=latents.key, times=span.times,
                     interval=span.interval, plan=plan, sources=lambda: span_images(span),
-                    full=facts)
+                    full=facts, time_ids=_time_ids(project, components))
+
+
+def _time_ids(project: Project, components: Components) -> torch.Tensor | None:
+    """The frames' size conditioning where the base is SDXL; None for SD 1.x/2.x."""
+    if components.text_encoder_2 is None:
+        return None
+    from vedit.sdxl import project_time_ids
+
+    return project_time_ids(project.record)
 
 
 def tuned_stride(source_indices: Sequence[int]) -> int:
@@ -299,7 +318,7 @@ def _inversion(project: Project, checkpoint: Checkpoint, components: Components,
                         components.scheduler.config, clip.plan)
 
     def compute(resume: ResumeFile) -> torch.Tensor:
-        embeds = encode_prompts(components, [prompt], reporter)
+        embeds = encode_conditioning(components, [prompt], clip.time_ids, reporter)
         return ddim_invert(unet, components.scheduler, clip.latents.float(), embeds,
                            settings.steps, reporter, plan=clip.plan, resume=resume)
 
@@ -330,15 +349,16 @@ def decoded_slices(vae: Any, latents: torch.Tensor, slice_size: int = DECODE_SLI
     """`decode_frames`' work on the device: each slice's frames `(f, H, W, 3)` uint8, on the
     CPU (the memory prediction traces this)."""
     reporter = reporter or Reporter()
-    if next(vae.parameters()).dtype == torch.float16 and vae.config.get("force_upcast", False):
-        vae.to(torch.float32)  # as diffusers' pipelines: this VAE overflows in fp16
+    upcast_if_overflowing(vae)
     weight = next(vae.parameters())
+    check_finite(latents, "Sampling gave latents with")
     frames = rearrange(latents, "c f h w -> f c h w") / vae.config.scaling_factor
     with reporter.task("decoding", total=len(frames)) as task:
         for start in range(0, len(frames), slice_size):
             chunk = frames[start:start + slice_size].to(weight.device, weight.dtype)
             with torch.no_grad():
                 image = vae.decode(chunk).sample.float()
+            check_finite(image, "The VAE decoded the latents to", weight.dtype)
             pixels = ((image / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).cpu()
             yield rearrange(pixels, "f c h w -> f h w c")
             task.advance(len(chunk))
@@ -351,12 +371,12 @@ def decode_latents(vae: AutoencoderKL, latents: torch.Tensor, slice_size: int = 
 
 
 def _sample(components: Components, unet: Denoiser, clip: EditClip, inversion: Inversion | None,
-            prompts: list[str], uncond: torch.Tensor, settings: EditSettings,
+            prompts: list[str], uncond: Conditioning, settings: EditSettings,
             reporter: Reporter) -> torch.Tensor:
     """The edited latents `(b, c, f, h, w)` of a batch of prompts, on the CPU; `uncond` is the
-    negative prompt's encoding, the same for every prompt."""
-    cond = encode_prompts(components, prompts, reporter)
-    uncond = uncond.expand(len(prompts), -1, -1)
+    negative prompt's conditioning, the same for every prompt."""
+    cond = encode_conditioning(components, prompts, clip.time_ids, reporter)
+    uncond = uncond.expand(len(prompts))
     noise = _start_noise(clip.latents.shape, inversion, len(prompts), settings.seed)
     label = f"sampling {prompts[0][:40]!r}" + (f" (+{len(prompts) - 1})" if len(prompts) > 1
                                                 else "")

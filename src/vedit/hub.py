@@ -43,6 +43,7 @@ from vedit.errors import BadInputError, DiskError, ModelNotFoundError
 from vedit.model_files import (
     COMPONENTS,
     DEFAULT_MODEL,
+    SDXL_EXTRA_COMPONENTS,
     WEIGHT_NAME,
     WEIGHTED_COMPONENTS,
     CachedModel,
@@ -213,7 +214,8 @@ def select_repo_files(repo_id: str, repo_files: Iterable[str], *,
 
 
 def _check_snapshot(snapshot: Path) -> None:
-    """Refuse, from its configs alone, a pipeline that isn't SD 1.x/2.x or a model not CLIP."""
+    """Refuse, from its configs alone, a pipeline that isn't SD 1.x/2.x or SDXL, or a model not
+    CLIP."""
     if is_clip_folder(snapshot):
         check_clip_config(snapshot)
     else:
@@ -235,10 +237,11 @@ def select_pipeline_files(repo_id: str, repo_files: Iterable[str], *,
     files = set(repo_files)
     if "model_index.json" not in files:
         raise BadInputError(f"{repo_id} is not a diffusers pipeline repo (no model_index.json).",
-                            "Pick a Stable Diffusion 1.x/2.x repo in diffusers format (or a "
-                            "CLIP model for scoring).")
+                            "Pick a Stable Diffusion 1.x/2.x or SDXL repo in diffusers format "
+                            "(or a CLIP model for scoring).")
     chosen = ["model_index.json"]
-    for name in COMPONENTS:
+    sdxl = any(f.startswith("text_encoder_2/") for f in files)  # checked by its UNet's config
+    for name in COMPONENTS + (SDXL_EXTRA_COMPONENTS if sdxl else ()):
         inside = sorted(f.split("/", 1)[1] for f in files
                         if f.startswith(f"{name}/") and f.count("/") == 1)
         chosen += [f"{name}/{f}" for f in inside if f.endswith((".json", ".txt"))]
@@ -250,7 +253,7 @@ def select_pipeline_files(repo_id: str, repo_files: Iterable[str], *,
 
 def _check_remote_component(repo_id: str, name: str, inside: list[str],
                             variant: str | None) -> None:
-    if name == "tokenizer":
+    if name.startswith("tokenizer"):
         ok, detail = has_tokenizer_files(inside), "no tokenizer files"
     elif name == "scheduler":
         ok, detail = "scheduler_config.json" in inside, "no scheduler_config.json"
@@ -261,8 +264,8 @@ def _check_remote_component(repo_id: str, name: str, inside: list[str],
         detail = "no .safetensors weights (vedit loads safetensors only, never pickle)"
     if not ok:
         raise BadInputError(f"{repo_id} cannot be used: its {name}/ has {detail}.",
-                            "Pick a Stable Diffusion 1.x/2.x repo in diffusers format with "
-                            "safetensors weights.")
+                            "Pick a Stable Diffusion 1.x/2.x or SDXL repo in diffusers format "
+                            "with safetensors weights.")
 
 
 def _select_config_files(repo_id: str, repo_files: Iterable[str], *,

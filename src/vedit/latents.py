@@ -111,6 +111,7 @@ def encode_frames(vae: AutoencoderKL, frames: torch.Tensor, *,
     """Encode `(f, 3, h, w)` frames a slice at a time (a large frame in tiles); scaled mean and
     std, `(f, c, h, w)`."""
     reporter = reporter or Reporter()
+    upcast_if_overflowing(vae)
     weight = next(vae.parameters())
     scale = float(vae.config.scaling_factor)
     tiles = _tiles_per_frame(vae, frames.shape[-2], frames.shape[-1])
@@ -121,11 +122,32 @@ def encode_frames(vae: AutoencoderKL, frames: torch.Tensor, *,
             chunk = frames[start:start + (1 if tiles else slice_size)].to(weight.device,
                                                                          weight.dtype)
             dist = vae.encode(chunk).latent_dist
+            check_finite(dist.mean, "The VAE encoded the frames to", weight.dtype)
             means.append(dist.mean.float() * scale)
             stds.append(dist.std.float() * scale)
             if not tiles:
                 task.advance(len(chunk))
     return torch.cat(means), torch.cat(stds)
+
+
+def upcast_if_overflowing(vae: AutoencoderKL) -> None:
+    """Move an fp16 VAE whose config says it overflows in fp16 (`force_upcast`: SDXL's) to fp32,
+    as diffusers' pipelines do; its frames would come out black or NaN otherwise."""
+    if next(vae.parameters()).dtype == torch.float16 and vae.config.get("force_upcast", False):
+        vae.to(torch.float32)
+
+
+def check_finite(values: torch.Tensor, what: str, dtype: torch.dtype | None = None) -> None:
+    """Refuse inf or NaN before they are cached or written as black frames; `what` names them
+    ("The VAE encoded the frames to"), `dtype` the precision that computed them."""
+    if not bool(torch.isfinite(values).logical_not().any()):  # (a memory trace reads False)
+        return
+    where = f" (computed in {str(dtype).removeprefix('torch.')})" if dtype is not None else ""
+    raise BadInputError(
+        f"{what} values that are not finite (inf or NaN){where}.",
+        "The model overflowed: tune with --mixed-precision bf16 (or no), or use a VAE that runs "
+        "in fp16 (e.g. an SDXL fine-tune with the fp16-fixed VAE); check the model's weights are "
+        "whole (vedit fetch-models MODEL).")
 
 
 def _tiles_per_frame(vae: AutoencoderKL, height: int, width: int) -> int:

@@ -27,7 +27,7 @@ DEFAULT_MODEL = "CompVis/stable-diffusion-v1-4"
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 #: An SDXL base adds a second text encoder (with a projection) and its tokenizer.
 SDXL_EXTRA_COMPONENTS = ("text_encoder_2", "tokenizer_2")
-WEIGHTED_COMPONENTS = ("unet", "vae", "text_encoder")
+WEIGHTED_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 CONFIG_FILE = {"unet": "config.json", "vae": "config.json", "text_encoder": "config.json",
                "scheduler": "scheduler_config.json"}
 SDXL_CONFIG_FILE = CONFIG_FILE | {"text_encoder_2": "config.json"}
@@ -117,10 +117,9 @@ def cached_snapshot(repo_id: str, revision: str | None) -> Path | None:
 
 
 def inspect_model_folder(path: Path, *, variant: str | None = None,
-                         allow_sdxl: bool = False, configs_only: bool = False
-                         ) -> dict[str, ComponentInfo]:
-    """Check a diffusers SD 1.x/2.x folder (or an SDXL one, where `allow_sdxl`) has every
-    component vedit needs; describe each. `configs_only`: the configs and tokenizer suffice
+                         configs_only: bool = False) -> dict[str, ComponentInfo]:
+    """Check a diffusers SD 1.x/2.x or SDXL folder has every component vedit needs; describe
+    each. `configs_only`: the configs and tokenizer suffice
     (no weights needed)."""
     path = Path(path)
     if not (path / "model_index.json").is_file():
@@ -129,7 +128,7 @@ def inspect_model_folder(path: Path, *, variant: str | None = None,
                             ".safetensors checkpoint.")
     components = {name: _inspect_component(path, name, variant, configs_only)
                   for name in COMPONENTS}
-    if check_is_sd_unet(path, allow_sdxl=allow_sdxl) == "sdxl":
+    if check_is_sd_unet(path) == "sdxl":
         components |= {name: _inspect_component(path, name, variant, configs_only)
                        for name in SDXL_EXTRA_COMPONENTS}
     return components
@@ -170,27 +169,22 @@ def _missing(root: Path, component: str, detail: str) -> BadInputError:
     return BadInputError(f"The model at {root} lacks its {component}: {detail}.", hint)
 
 
-def check_is_sd_unet(root: Path, *, allow_sdxl: bool = False) -> ModelFamily:
+def check_is_sd_unet(root: Path) -> ModelFamily:
     """The family of the model at `root`, from its UNet config: reject inpainting and other UNets
-    that look like SD's folder but aren't text-to-image SD 1.x/2.x, and SDXL unless
-    `allow_sdxl` (vedit's stages do not run on SDXL yet)."""
+    that look like SD's folder but aren't text-to-image SD 1.x/2.x or SDXL."""
     config = read_json(root / "unet" / "config.json")
     kind = config.get("_class_name", "UNet2DConditionModel")
     sdxl = kind == "UNet2DConditionModel" and config.get("addition_embed_type") == "text_time"
-    if sdxl and not allow_sdxl:
-        raise BadInputError(f"{root} is a Stable Diffusion XL (SDXL) model; vedit's stages "
-                            "run on Stable Diffusion 1.x and 2.x only for now.",
-                            "Use a Stable Diffusion 1.x or 2.x base model, e.g. "
-                            f"{DEFAULT_MODEL}.")
     if config.get("addition_embed_type") is not None and not sdxl:
         kind += f" with {config['addition_embed_type']!r} added conditioning"
     if kind != "UNet2DConditionModel":
-        raise BadInputError(f"{root} is not a Stable Diffusion 1.x/2.x model (its unet is {kind}).",
-                            "vedit supports Stable Diffusion 1.x and 2.x base models.")
+        raise BadInputError(f"{root} is not a Stable Diffusion 1.x/2.x or SDXL model (its unet is "
+                            f"{kind}).",
+                            "vedit supports Stable Diffusion 1.x, 2.x and SDXL base models.")
     if config.get("in_channels", 4) != 4:
         raise BadInputError(f"{root} is an inpainting or image-conditioned model "
                             f"({config['in_channels']} input channels).",
-                            "Use a text-to-image Stable Diffusion 1.x/2.x base model.")
+                            "Use a text-to-image Stable Diffusion 1.x/2.x or SDXL base model.")
     return "sdxl" if sdxl else "sd"
 
 

@@ -79,23 +79,22 @@ class Components:
 
 def resolve_model(spec: str | Path = DEFAULT_MODEL, *, revision: str | None = None,
                   variant: str | None = None, reporter: Reporter | None = None,
-                  allow_sdxl: bool = False, configs_only: bool = False) -> ModelSource:
+                  configs_only: bool = False) -> ModelSource:
     """Find `spec` on disk: a cached hub repo, a diffusers folder, or a single-file checkpoint
-    (converted on first use when configs for it are cached). Raises if it is not usable, or is
-    an SDXL base and not `allow_sdxl` (the stages run on SD 1.x/2.x only for now).
+    (converted on first use when configs for it are cached). Raises if it is not usable.
 
     `configs_only`: a folder or cached repo without weights will do (`vedit fetch-models
     --configs-only`), for what needs the model's shapes only (the memory prediction)."""
     path = Path(spec).expanduser()
     if path.is_dir():
         return ModelSource(str(path.resolve()), "folder", path.resolve(),
-                           inspect_model_folder(path, variant=variant, allow_sdxl=allow_sdxl,
+                           inspect_model_folder(path, variant=variant,
                                                 configs_only=configs_only))
     if path.is_file():
         return resolve_single_file(path.resolve(), variant=variant, reporter=reporter)
     repo_id = as_repo_id(str(spec))
     return _resolve_cached_repo(repo_id, revision=revision, variant=variant,
-                                allow_sdxl=allow_sdxl, configs_only=configs_only)
+                                configs_only=configs_only)
 
 
 def as_repo_id(spec: str) -> str:
@@ -112,7 +111,7 @@ def as_repo_id(spec: str) -> str:
 
 
 def _resolve_cached_repo(repo_id: str, *, revision: str | None, variant: str | None,
-                         allow_sdxl: bool, configs_only: bool = False) -> ModelSource:
+                         configs_only: bool = False) -> ModelSource:
     snapshot = cached_snapshot(repo_id, revision)
     if snapshot is None:
         raise ModelNotFoundError(
@@ -120,8 +119,7 @@ def _resolve_cached_repo(repo_id: str, *, revision: str | None, variant: str | N
             f"Run `vedit fetch-models {repo_id}` first (with network; the cache can then be "
             "copied to an offline machine).")
     try:
-        components = inspect_model_folder(snapshot, variant=variant, allow_sdxl=allow_sdxl,
-                                          configs_only=configs_only)
+        components = inspect_model_folder(snapshot, variant=variant, configs_only=configs_only)
     except BadInputError as error:
         raise ModelNotFoundError(f"The cached copy of {repo_id} is incomplete: {error.message}",
                                  f"Run `vedit fetch-models {repo_id}` to finish it.") from None
@@ -158,12 +156,12 @@ def native_bf16() -> bool:
 def load_components(model_spec: str | Path | ModelSource = DEFAULT_MODEL, *,
                     device: str | torch.device,
                     dtype: torch.dtype | None = None, revision: str | None = None,
-                    variant: str | None = None, reporter: Reporter | None = None,
-                    allow_sdxl: bool = False) -> Components:
+                    variant: str | None = None, reporter: Reporter | None = None
+                    ) -> Components:
     """Load the UNet, VAE, text encoder(s), tokenizer(s) and a DDIM scheduler of a base model
     from local files, frozen and in eval mode, on `device` in `dtype` (default:
-    `default_dtype`). `model_spec` is resolved first (`resolve_model`, which refuses SDXL unless
-    `allow_sdxl`), unless it is a resolved `ModelSource`."""
+    `default_dtype`). `model_spec` is resolved first (`resolve_model`), unless it is a resolved
+    `ModelSource`."""
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
@@ -172,8 +170,7 @@ def load_components(model_spec: str | Path | ModelSource = DEFAULT_MODEL, *,
 
     reporter = reporter or Reporter()
     source = (model_spec if isinstance(model_spec, ModelSource)
-              else resolve_model(model_spec, revision=revision, variant=variant, reporter=reporter,
-                                 allow_sdxl=allow_sdxl))
+              else resolve_model(model_spec, revision=revision, variant=variant, reporter=reporter))
     device = torch.device(device)
     dtype = dtype or default_dtype(device)
     folder = str(source.path)

@@ -1,18 +1,20 @@
 """Prompts: read from a file, encoded to text-encoder states with a warning (not silence) when
-one is cut short."""
+one is cut short; with an SDXL base, to its whole conditioning (`Conditioning`)."""
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+import torch
 
 from vedit.errors import BadInputError
 from vedit.progress import Reporter
 
 if TYPE_CHECKING:
-    import torch
     from transformers import CLIPTokenizer
 
     from vedit.models import Components
@@ -48,8 +50,6 @@ def encode_prompts(components: Components, prompts: Sequence[str],
         warn_if_truncated(tokenizer, prompt, limit, reporter)
     ids = tokenizer(list(prompts), padding="max_length", max_length=limit, truncation=True,
                     return_tensors="pt").input_ids
-    import torch
-
     device = next(encoder.parameters()).device
     with torch.no_grad():
         states: torch.Tensor = encoder(ids.to(device))[0]
@@ -64,3 +64,55 @@ def warn_if_truncated(tokenizer: CLIPTokenizer, prompt: str, limit: int,
     kept = tokenizer.decode(ids[1:limit - 1])
     reporter.warn(f"The prompt is {len(ids)} tokens; the text encoder reads {limit}, so it was "
                   f"cut after: {kept!r}.")
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """What the UNet is conditioned on, for `b` clips: the prompts' states `(b, n, d)` and, for an
+    SDXL base, the added conditioning its UNet takes (`text_embeds` `(b, d')`, `time_ids`
+    `(b, 6)`); None for SD 1.x/2.x."""
+
+    states: torch.Tensor
+    added: Mapping[str, torch.Tensor] | None = None
+
+    def to(self, device: torch.device | str) -> Conditioning:
+        return Conditioning(self.states.to(device), None if self.added is None else {
+            name: value.to(device) for name, value in self.added.items()})
+
+    def expand(self, count: int) -> Conditioning:
+        """One clip's conditioning for `count` clips."""
+        return Conditioning(self.states.expand(count, -1, -1), None if self.added is None else {
+            name: value.expand(count, -1) for name, value in self.added.items()})
+
+    def cat(self, other: Conditioning) -> Conditioning:
+        """These clips', then `other`'s, as one batch."""
+        states = torch.cat([self.states, other.states])
+        if self.added is None or other.added is None:
+            return Conditioning(states)
+        return Conditioning(states, {name: torch.cat([value, other.added[name]])
+                                     for name, value in self.added.items()})
+
+
+def encode_conditioning(components: Components, prompts: Sequence[str],
+                        time_ids: torch.Tensor | None = None,
+                        reporter: Reporter | None = None) -> Conditioning:
+    """The conditioning of `prompts` on this base: SD 1.x/2.x's text states, or SDXL's states,
+    pooled text and the clip's size ids `time_ids` `(1, 6)` (`sdxl.project_time_ids`)."""
+    if components.text_encoder_2 is None:
+        return Conditioning(encode_prompts(components, prompts, reporter))
+    from vedit.sdxl import encode_sdxl_prompts, sdxl_conditioning
+
+    return sdxl_conditioning(encode_sdxl_prompts(components, prompts, reporter), time_ids)
+
+
+def negative_conditioning(components: Components, negative_prompt: str,
+                          time_ids: torch.Tensor | None = None,
+                          reporter: Reporter | None = None) -> Conditioning:
+    """The unconditional branch of guidance for one clip: the negative prompt's conditioning; on
+    an SDXL base with no negative prompt, its own empty conditioning (zeros where the model
+    forces them)."""
+    if components.text_encoder_2 is None or negative_prompt:
+        return encode_conditioning(components, [negative_prompt], time_ids, reporter)
+    from vedit.sdxl import sdxl_conditioning, unconditional_sdxl
+
+    return sdxl_conditioning(unconditional_sdxl(components), time_ids)

@@ -8,6 +8,7 @@ or a test's exact denoiser of a known clip.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Protocol
 
@@ -15,18 +16,30 @@ import torch
 from diffusers import DDIMScheduler
 
 from vedit.progress import Reporter
+from vedit.prompts import Conditioning
 from vedit.windows import ResumeFile, StepFn, WindowPlan, denoise_in_windows, single_window
 
 
 class Denoiser(Protocol):
     """A model of clips: latents `(b, c, f, h, w)` at a timestep, under prompt states
-    `(b, n, d)`, to the noise (or velocity) in them, in the same shape."""
+    `(b, n, d)` (and an SDXL UNet's added conditioning, which is passed only to a model of an
+    SDXL base), to the noise (or velocity) in them, in the same shape."""
 
     @property
     def dtype(self) -> torch.dtype: ...
 
     def __call__(self, sample: torch.Tensor, timestep: torch.Tensor,
-                 encoder_hidden_states: torch.Tensor, /) -> torch.Tensor: ...
+                 encoder_hidden_states: torch.Tensor,
+                 added_cond_kwargs: Mapping[str, torch.Tensor] | None = None, /
+                 ) -> torch.Tensor: ...
+
+
+#: What the sampler conditions on: prompt states alone, or a whole `Conditioning`.
+Condition = torch.Tensor | Conditioning
+
+
+def as_conditioning(condition: Condition) -> Conditioning:
+    return condition if isinstance(condition, Conditioning) else Conditioning(condition)
 
 
 def ddim_scheduler(model_folder: Path) -> DDIMScheduler:
@@ -83,10 +96,15 @@ def ddim_inverse_step(scheduler: DDIMScheduler, model_output: torch.Tensor,
 
 
 def predict(unet: Denoiser, latents: torch.Tensor, timestep: torch.Tensor,
-            prompt_embeds: torch.Tensor) -> torch.Tensor:
+            condition: Condition) -> torch.Tensor:
     """One model call in the model's dtype; the result in fp32 for the scheduler's arithmetic."""
     dtype = unet.dtype
-    return unet(latents.to(dtype), timestep, prompt_embeds.to(dtype)).float()
+    condition = as_conditioning(condition)
+    states = condition.states.to(dtype)
+    if condition.added is None:
+        return unet(latents.to(dtype), timestep, states).float()
+    added = {name: value.to(dtype) for name, value in condition.added.items()}
+    return unet(latents.to(dtype), timestep, states, added).float()
 
 
 def unet_device(unet: Denoiser, fallback: torch.device) -> torch.device:
@@ -97,7 +115,7 @@ def unet_device(unet: Denoiser, fallback: torch.device) -> torch.device:
 
 @torch.no_grad()
 def ddim_invert(unet: Denoiser, scheduler: DDIMScheduler, latents: torch.Tensor,
-                prompt_embeds: torch.Tensor, steps: int, reporter: Reporter | None = None, *,
+                prompt_embeds: Condition, steps: int, reporter: Reporter | None = None, *,
                 plan: WindowPlan | None = None, resume: ResumeFile | None = None
                 ) -> torch.Tensor:
     """Latents `(b, c, f, h, w)` to the noise that DDIM sampling with `scheduler` in `steps`
@@ -105,7 +123,7 @@ def ddim_invert(unet: Denoiser, scheduler: DDIMScheduler, latents: torch.Tensor,
     stays on the latents' device; each window runs on the model's."""
     device = unet_device(unet, latents.device)
     timesteps = inversion_timesteps(scheduler, steps, device)
-    embeds = prompt_embeds.to(device)
+    embeds = as_conditioning(prompt_embeds).to(device)
 
     def step(sample: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
         return ddim_inverse_step(scheduler, predict(unet, sample, timestep, embeds), timestep,
@@ -118,7 +136,7 @@ def ddim_invert(unet: Denoiser, scheduler: DDIMScheduler, latents: torch.Tensor,
 
 @torch.no_grad()
 def ddim_sample(unet: Denoiser, scheduler: DDIMScheduler, noise: torch.Tensor,
-                cond: torch.Tensor, uncond: torch.Tensor, guidance: float, steps: int,
+                cond: Condition, uncond: Condition, guidance: float, steps: int,
                 reporter: Reporter | None = None, label: str = "sampling", *,
                 plan: WindowPlan | None = None) -> torch.Tensor:
     """DDIM from `noise` `(b, c, f, h, w)` with classifier-free guidance (one batched call for
@@ -127,14 +145,15 @@ def ddim_sample(unet: Denoiser, scheduler: DDIMScheduler, noise: torch.Tensor,
     noise's device; each window runs on the model's."""
     device = unet_device(unet, noise.device)
     scheduler.set_timesteps(steps, device=device)
-    step = guided_step(unet, scheduler, cond.to(device), uncond.to(device), guidance)
+    step = guided_step(unet, scheduler, as_conditioning(cond).to(device),
+                       as_conditioning(uncond).to(device), guidance)
     return denoise_in_windows(noise, scheduler.timesteps, step,
                               plan or single_window(noise.shape[2]), device=device,
                               label=label, reporter=reporter)
 
 
-def guided_step(unet: Denoiser, scheduler: DDIMScheduler, cond: torch.Tensor,
-                uncond: torch.Tensor, guidance: float) -> StepFn:
+def guided_step(unet: Denoiser, scheduler: DDIMScheduler, cond: Conditioning,
+                uncond: Conditioning, guidance: float) -> StepFn:
     """One DDIM step of a window's latents under classifier-free guidance; a guidance of 1 or
     less is no guidance, as in diffusers and Tune-A-Video: the conditional prediction alone."""
 
@@ -142,8 +161,7 @@ def guided_step(unet: Denoiser, scheduler: DDIMScheduler, cond: torch.Tensor,
         if guidance <= 1.0:
             model_output = predict(unet, sample, timestep, cond)
         else:
-            both = predict(unet, torch.cat([sample, sample]), timestep,
-                           torch.cat([uncond, cond]))
+            both = predict(unet, torch.cat([sample, sample]), timestep, uncond.cat(cond))
             unconditional, conditional = both.chunk(2)
             model_output = unconditional + guidance * (conditional - unconditional)
         previous: torch.Tensor = scheduler.step(model_output, timestep, sample).prev_sample

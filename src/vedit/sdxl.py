@@ -4,14 +4,14 @@ the target size), each computed as diffusers' `StableDiffusionXLPipeline` does."
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from vedit.progress import Reporter
-from vedit.prompts import warn_if_truncated
+from vedit.prompts import Conditioning, warn_if_truncated
 from vedit.video import cover_and_crop
 
 if TYPE_CHECKING:
@@ -79,6 +79,23 @@ def clip_time_ids(source_width: int, source_height: int, width: int,
     picture, and the frame size."""
     _, (left, top) = cover_and_crop(source_width, source_height, width, height)
     return add_time_ids((source_height, source_width), (top, left), (height, width))
+
+
+def project_time_ids(record: Mapping[str, Any]) -> torch.Tensor:
+    """The time ids of a project's frames (those tuned, and those of its `--full` span, which
+    extract sizes alike), from its record's `source` and `frames` sections."""
+    video, frames = record["source"]["video"], record["frames"]
+    return clip_time_ids(int(video["width"]), int(video["height"]), int(frames["width"]),
+                         int(frames["height"]))
+
+
+def sdxl_conditioning(text: SDXLText, time_ids: torch.Tensor | None) -> Conditioning:
+    """The UNet's conditioning for the prompts of `text`, all on a clip of `time_ids` `(1, 6)`;
+    the ids in the states' dtype, as diffusers' pipeline passes them."""
+    if time_ids is None:
+        raise ValueError("an SDXL base needs the clip's time ids")
+    ids = time_ids.to(text.states.device, text.states.dtype).expand(len(text.states), -1)
+    return Conditioning(text.states, {"text_embeds": text.pooled, "time_ids": ids})
 
 
 def _second_encoder(components: Components) -> tuple[CLIPTextModelWithProjection, CLIPTokenizer]:

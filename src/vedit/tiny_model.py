@@ -116,29 +116,37 @@ def unet_config(sd2: bool = False) -> dict[str, Any]:
 
 
 def write_config_folder(path: Path, *, unet: dict[str, Any], vae: dict[str, Any],
-                        text_encoder: dict[str, Any], scheduler: dict[str, Any]) -> Path:
+                        text_encoder: dict[str, Any], scheduler: dict[str, Any],
+                        text_encoder_2: dict[str, Any] | None = None) -> Path:
     """Write a diffusers SD folder that holds only configs and a tokenizer, no weights, as
     `vedit fetch-models --configs-only` leaves one: what the memory prediction needs of a
-    model of any shape (SD 1.5's, in the benchmarks). The tokenizer is the tiny one; the text
-    encoder's special token ids are set to match it."""
+    model of any shape (SD 1.5's and SDXL's, in the benchmarks); with `text_encoder_2`, in
+    SDXL's layout. The tokenizers are the tiny ones; the text encoders' special token ids are
+    set to match them."""
     from transformers import CLIPTextConfig
 
     path = Path(path)
     with atomic_dir(path) as staging:
-        vocab = _write_tokenizer(staging / "tokenizer", sd2=False)
+        encoders = [("text_encoder", text_encoder, False)]
+        if text_encoder_2 is not None:
+            encoders.append(("text_encoder_2", text_encoder_2, True))
+        for name, config, sd2 in encoders:
+            vocab = _write_tokenizer(staging / name.replace("text_encoder", "tokenizer"), sd2=sd2)
+            (staging / name).mkdir()
+            CLIPTextConfig(**config | {"bos_token_id": vocab[BOS_TOKEN],
+                                       "eos_token_id": vocab[EOS_TOKEN],
+                                       "pad_token_id": vocab[_pad_token(sd2)]}).to_json_file(
+                staging / name / "config.json")
         for name, config, cls in (("unet", unet, "UNet2DConditionModel"),
                                   ("vae", vae, "AutoencoderKL")):
             (staging / name).mkdir()
             _write_json(staging / name / "config.json", {"_class_name": cls, **config})
-        (staging / "text_encoder").mkdir()
-        CLIPTextConfig(**text_encoder | {"bos_token_id": vocab[BOS_TOKEN],
-                                         "eos_token_id": vocab[EOS_TOKEN],
-                                         "pad_token_id": vocab[EOS_TOKEN]}).to_json_file(
-            staging / "text_encoder" / "config.json")
         (staging / "scheduler").mkdir()
         _write_json(staging / "scheduler" / "scheduler_config.json",
                     {"_class_name": "DDIMScheduler", **scheduler})
-        _write_json(staging / "model_index.json", _model_index("DDIMScheduler"))
+        index = _model_index("DDIMScheduler")
+        _write_json(staging / "model_index.json",
+                    index if text_encoder_2 is None else _sdxl_model_index(index))
     return path
 
 

@@ -17,7 +17,7 @@ import signal
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,7 +60,7 @@ from vedit.model_files import ModelSource
 from vedit.models import load_components, native_bf16, native_resolution, resolve_model
 from vedit.progress import Reporter
 from vedit.project import TUNE_SECTIONS, Project, open_no_follow, write_text_atomic
-from vedit.prompts import encode_prompts
+from vedit.prompts import encode_conditioning
 from vedit.settings import ExtractSettings, TuneSettings, as_record
 from vedit.video import check_clip
 
@@ -137,6 +137,8 @@ class TrainingRun:
     #: short after its draws.
     step_start_rng: torch.Tensor
     step: int = 0  # optimizer steps done
+    #: An SDXL base's added conditioning of the clip (`text_embeds`, `time_ids`, batch 1).
+    added: Mapping[str, torch.Tensor] | None = None
 
 
 def mixed_precision_for(setting: str, device: torch.device, bf16: bool | None = None) -> str:
@@ -340,22 +342,30 @@ def _prepare(project: Project, settings: TuneSettings, accelerator: Accelerator,
     with accelerator.main_process_first():
         latents = frame_latents(project, components.vae, components.fingerprint, reporter)
     latents = latents.to(accelerator.device)
-    prompt_embeds = encode_prompts(components, [settings.prompt], reporter)
-    components.vae.to("cpu")
-    components.text_encoder.to("cpu")
+    time_ids = None
+    if components.text_encoder_2 is not None:
+        from vedit.sdxl import project_time_ids
+
+        time_ids = project_time_ids(project.record)
+    conditioning = encode_conditioning(components, [settings.prompt], time_ids, reporter)
+    for encoder in (components.vae, components.text_encoder, components.text_encoder_2):
+        if encoder is not None:
+            encoder.to("cpu")
     return build_run(components.unet, components.scheduler, components.prediction_type,
-                     latents, prompt_embeds, settings, accelerator, record)
+                     latents, conditioning.states, settings, accelerator, record,
+                     added=conditioning.added)
 
 
 def build_run(unet2d: UNet2DConditionModel, scheduler: DDPMScheduler, prediction_type: str,
               latents: FrameLatents, prompt_embeds: torch.Tensor, settings: TuneSettings,
               accelerator: Accelerator, record: dict[str, Any] | None = None, *,
-              fused: bool | None = None,
+              added: Mapping[str, torch.Tensor] | None = None, fused: bool | None = None,
               inflate: Callable[[UNet2DConditionModel], InflatedUNet] = inflate_unet
               ) -> TrainingRun:
     """Inflate the base UNet, add LoRA, keep the trained weights in fp32 (the frozen rest stays
     in its dtype), set checkpointing, build AdamW (`fused`: default on a GPU) and let
-    accelerate prepare it all. `inflate` makes the video UNet; the benchmarks pass one that
+    accelerate prepare it all. `added`: an SDXL base's added conditioning of the clip. `inflate`
+    makes the video UNet; the benchmarks pass one that
     leaves it 2D, to price inflation with everything else equal."""
     # The new layers' random initial weights follow --seed, so a run is reproducible.
     with torch.random.fork_rng(devices=[]):
@@ -380,7 +390,8 @@ def build_run(unet2d: UNet2DConditionModel, scheduler: DDPMScheduler, prediction
         settings.seed + accelerator.process_index)
     record = (record or {}) | {"gradient_checkpointing": gradient_checkpointing}
     return TrainingRun(prepared, scheduler, prediction_type, latents, prompt_embeds, optimizer,
-                       generator, accelerator, settings, record, trained, generator.get_state())
+                       generator, accelerator, settings, record, trained, generator.get_state(),
+                       added=added)
 
 
 def train_step(run: TrainingRun) -> torch.Tensor:
@@ -454,7 +465,11 @@ def noisy_batch(run: TrainingRun, generator: torch.Generator, batch: int
 def training_loss(run: TrainingRun, generator: torch.Generator, batch: int) -> torch.Tensor:
     noisy, timesteps, target = noisy_batch(run, generator, batch)
     prompts = run.prompt_embeds.expand(batch, -1, -1)
-    prediction = run.unet(noisy, timesteps, prompts)
+    if run.added is None:
+        prediction = run.unet(noisy, timesteps, prompts)
+    else:
+        added = {name: value.expand(batch, -1) for name, value in run.added.items()}
+        prediction = run.unet(noisy, timesteps, prompts, added)
     return F.mse_loss(prediction.float(), target.float())
 
 

@@ -6,7 +6,7 @@ fetch-models --configs-only` will do):
 
 - tune, in `tune._prepare`'s order: the three models loaded in the frozen dtype, the clip
   encoded by `latents.encode_frames` (when its latents are not cached yet), the prompt by
-  `prompts.encode_prompts`, the VAE and text encoder moved off the GPU, then
+  `prompts.encode_conditioning`, the VAE and text encoders moved off the GPU, then
   `tune.build_run` and one `tune.train_step` (a batch per accumulated step) with the
   optimizer's state already made, as at every step after the first;
 - edit: the models loaded, the UNet inflated with its LoRA adapters as `tuned_unet` makes it,
@@ -35,7 +35,7 @@ from einops import rearrange
 from vedit.memory.accelerator import prime_optimizer
 from vedit.memory.gpu import GIB, Gpu
 from vedit.memory.trace import Simulation, Trace, simulated_gpu
-from vedit.model_files import ModelSource
+from vedit.model_files import ModelSource, read_json
 from vedit.models import Components, native_resolution, resolve_model
 from vedit.sampler import ddim_scheduler
 from vedit.settings import EditSettings, ExtractSettings, TuneSettings, parse_targets
@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     from diffusers import UNet2DConditionModel
 
     from vedit.latents import FrameLatents
+    from vedit.prompts import Conditioning
 
 _CUDA = torch.device("cuda")
 #: Inversion and sampling steps traced: every step is the same, two show the steady state.
@@ -195,25 +196,47 @@ def _build_components(source: ModelSource, dtype: torch.dtype) -> Components:
     """What `models.load_components` returns, built from the configs (no weights read), frozen,
     in `dtype`, on the device of the mode in force (fake tensors inside a simulation)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import (
+        CLIPTextConfig,
+        CLIPTextModel,
+        CLIPTextModelWithProjection,
+        CLIPTokenizer,
+    )
 
     folder = str(source.path)
     unet = UNet2DConditionModel.from_config(
         UNet2DConditionModel.load_config(folder, subfolder="unet"))
     vae = AutoencoderKL.from_config(AutoencoderKL.load_config(folder, subfolder="vae"))
     text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(folder, subfolder="text_encoder"))
-    for module in (unet, vae, text_encoder):
+    sdxl = source.family == "sdxl"
+    text_encoder_2 = CLIPTextModelWithProjection(
+        CLIPTextConfig.from_pretrained(folder, subfolder="text_encoder_2")) if sdxl else None
+    for module in (unet, vae, text_encoder, text_encoder_2):
         # nn.Module.to: diffusers' own `to` warns about models built without a torch_dtype.
-        torch.nn.Module.to(module, dtype=dtype).eval().requires_grad_(False)
+        if module is not None:
+            torch.nn.Module.to(module, dtype=dtype).eval().requires_grad_(False)
     scheduler = ddim_scheduler(source.path)
+    tokenizers = {name: CLIPTokenizer.from_pretrained(folder, subfolder=name,
+                                                      local_files_only=True)
+                  for name in ("tokenizer", "tokenizer_2")[:1 + sdxl]}
+    index = read_json(source.path / "model_index.json")
     return Components(
-        unet=unet, vae=vae, text_encoder=text_encoder,
-        tokenizer=CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer",
-                                                local_files_only=True),
+        unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizers["tokenizer"],
         scheduler=scheduler, source=source, device=torch.device("cuda"), dtype=dtype,
         prediction_type=scheduler.config.prediction_type,
         vae_scale_factor=2 ** (len(vae.config.block_out_channels) - 1),
-        native_resolution=native_resolution(source))
+        native_resolution=native_resolution(source), text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizers.get("tokenizer_2"),
+        force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", False)))
+
+
+def _time_ids(components: Components, height: int, width: int) -> torch.Tensor | None:
+    """An SDXL base's size ids of frames `height` x `width` (their values change no memory)."""
+    if components.text_encoder_2 is None:
+        return None
+    from vedit.sdxl import add_time_ids
+
+    return add_time_ids((height, width), (0, 0), (height, width))
 
 
 def _latent_shape(components: Components, frames: int, height: int, width: int
@@ -234,11 +257,12 @@ def trace_tune(plan: TunePlan, gpu: Gpu) -> Trace:
     precision = mixed_precision_for(settings.mixed_precision, _CUDA, bf16=gpu.bf16)
     with simulated_gpu(gpu) as sim:
         unet, scheduler, latents, embeds = _tune_inputs(plan, weight_dtype(precision), sim)
-        gc.collect()  # the VAE and text encoder are gone: tune moves them to the CPU now
+        gc.collect()  # the VAE and text encoders are gone: tune moves them to the CPU now
         accelerator = sim.accelerator(precision, settings.grad_accum)
         with sim.trace.section("preparing the training"):
             run = build_run(unet, scheduler, scheduler.config.prediction_type, latents,
-                            embeds, settings, accelerator, fused=True)
+                            embeds.states, settings, accelerator, added=embeds.added,
+                            fused=True)
         with sim.untraced():
             prime_optimizer(run.optimizer)
         with sim.trace.section("the training step"):
@@ -248,11 +272,11 @@ def trace_tune(plan: TunePlan, gpu: Gpu) -> Trace:
 
 
 def _tune_inputs(plan: TunePlan, dtype: torch.dtype, sim: Simulation
-                 ) -> tuple[UNet2DConditionModel, Any, FrameLatents, torch.Tensor]:
+                 ) -> tuple[UNet2DConditionModel, Any, FrameLatents, Conditioning]:
     """`tune._prepare` up to `build_run`: the models loaded, the clip's latents (encoded by
     `latents.encode_frames` unless cached) and the prompt's embeddings; only the UNet is kept."""
     from vedit.latents import FrameLatents, encode_frames
-    from vedit.prompts import encode_prompts
+    from vedit.prompts import encode_conditioning
 
     # The clip's frames and cached latents live on the CPU: real tensors, not counted.
     pixels = torch.zeros(plan.frames, 3, plan.height, plan.width) if plan.encodes_frames else None
@@ -267,7 +291,8 @@ def _tune_inputs(plan: TunePlan, dtype: torch.dtype, sim: Simulation
                          for t in encode_frames(components.vae, pixels))
     latents = FrameLatents(mean, std, "traced", Path("latents"), reused=pixels is None)
     with sim.trace.section("encoding the prompt"):
-        embeds = encode_prompts(components, [plan.settings.prompt or "a video"])
+        embeds = encode_conditioning(components, [plan.settings.prompt or "a video"],
+                                     _time_ids(components, plan.height, plan.width))
     return components.unet, components.scheduler, latents, embeds
 
 
@@ -316,7 +341,7 @@ def trace_edit(plan: EditPlan, gpu: Gpu) -> Trace:
     from vedit.edit import decoded_slices
     from vedit.inflate import inflate_unet
     from vedit.lora import add_lora
-    from vedit.prompts import encode_prompts
+    from vedit.prompts import encode_conditioning, negative_conditioning
     from vedit.sampler import ddim_invert, ddim_sample
     from vedit.tune import mixed_precision_for, weight_dtype
     from vedit.windows import single_window
@@ -333,17 +358,18 @@ def trace_edit(plan: EditPlan, gpu: Gpu) -> Trace:
             unet = unet.to(dtype=dtype).eval().requires_grad_(False)
         # The clip's latents and noise stay on the CPU, as edit keeps them: real tensors.
         latents = torch.zeros(_latent_shape(components, plan.frames, plan.height, plan.width))
+        time_ids = _time_ids(components, plan.height, plan.width)
         if settings.inversion:
             with sim.trace.section("the inversion"):
-                embeds = encode_prompts(components, [""])
+                embeds = encode_conditioning(components, [""], time_ids)
                 noise = ddim_invert(unet, components.scheduler, latents, embeds, steps,
                                     plan=window)
         else:
             noise = latents
         with sim.trace.section("sampling"):
-            cond = encode_prompts(components, ["a video"] * settings.batch)
-            uncond = encode_prompts(components, [settings.negative_prompt]).expand(settings.batch,
-                                                                                -1, -1)
+            cond = encode_conditioning(components, ["a video"] * settings.batch, time_ids)
+            uncond = negative_conditioning(components, settings.negative_prompt,
+                                           time_ids).expand(settings.batch)
             start = noise.expand(settings.batch, *noise.shape[1:]).clone()
             sample = ddim_sample(unet, components.scheduler, start, cond, uncond,
                                  settings.guidance, steps, plan=window)
