@@ -375,6 +375,46 @@ def test_a_new_run_interrupted_at_any_phase_loses_no_checkpoint(tmp_path: Path,
         assert result.exit_code == 0, result.stderr
 
 
+#: An edit, then a remux, stopped at each of their phases in turn: (command, the function whose
+#: call the signal comes before, which call, the signal).
+EDIT_AND_REMUX_PHASES = [
+    ("edit", "vedit.edit:load_components", 1, "SIGTERM"),  # loading the models
+    ("edit", "vedit.edit:ddim_invert", 1, "SIGINT"),  # inverting the frames
+    ("edit", "vedit.edit:ddim_sample", 1, "SIGTERM"),  # sampling
+    ("edit", "vedit.edit:Mp4Writer", 1, "SIGINT"),  # opening video.mp4
+    ("edit", "vedit.edit:side_by_side", 3, "SIGTERM"),  # two frames of each video written
+    ("remux", "vedit.remux:mux", 1, "SIGINT"),  # before muxing
+    ("remux", "vedit.audio:_video_packets", 1, "SIGTERM"),  # final.mp4's file open, half written
+]
+
+
+@pytest.mark.slow
+def test_an_edit_or_remux_interrupted_at_any_phase_leaves_no_half_result(
+        tmp_path: Path, project: Path) -> None:
+    """Real signals in a real process at every phase of edit and of remux: each ends 130, no
+    edit folder or final video is left half made, nor a temporary file, and both then run."""
+    commands = {"edit": ["edit", str(project), "-p", "a dog", "--steps", "2", "--name", "dog",
+                         "-q"],
+                "remux": ["remux", str(project), "dog", "-q"]}
+    plan: list[dict[str, object]] = []
+    for command, phase, call, name in EDIT_AND_REMUX_PHASES:
+        if command == "remux" and not any(step["args"] == commands["edit"] and "phase" not in step
+                                          for step in plan):
+            plan.append({"args": commands["edit"]})  # remux needs the edit, whole
+        plan.append({"args": commands[command], "phase": phase, "call": call, "signal": name})
+    plan.append({"args": commands["remux"]})
+    done = interrupted(tmp_path, plan)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    codes = [130 if "phase" in step else 0 for step in plan]
+    assert json.loads((tmp_path / "codes.json").read_text()) == codes
+    assert [p.name for p in (project / "edits").iterdir()] == ["dog"]  # one edit, the whole one
+    folder = project / "edits" / "dog"
+    assert probe(folder / "video.mp4").frame_count == 4
+    assert probe(folder / "final.mp4").audio is not None
+    assert not list(project.rglob(".*.tmp-*")) and not list(project.rglob("*.tmp"))
+    still_usable(project)
+
+
 def extracted(project: Path) -> dict[str, object]:
     """What a project's record says of its frames and sound, but where they lie, and the bytes
     of the frames and sound packets it names: equal for two projects only when both hold the

@@ -28,6 +28,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from vedit import __version__, tomlio
 from vedit.checkpoints import Checkpoint, check_frames, find_checkpoint, tuned_unet
+from vedit.conditioning import Conditioning
 from vedit.errors import BadInputError, OutOfMemoryError, is_out_of_memory
 from vedit.inflate import InflatedUNet
 from vedit.invert import Inversion, cached_inversion, inversion_key
@@ -44,7 +45,7 @@ from vedit.memory.gpu import measured_peak_gb
 from vedit.models import Components, load_components
 from vedit.progress import Reporter
 from vedit.project import EDIT_RECORD, EDIT_VIDEO, Project, atomic_dir, frame_file
-from vedit.prompts import Conditioning, encode_conditioning, negative_conditioning
+from vedit.prompts import encode_conditioning, negative_conditioning
 from vedit.sampler import Denoiser, ddim_invert, ddim_sample
 from vedit.score import Frames, Scorer, VideoScore, video_frames
 from vedit.settings import EditSettings, ScoreSettings, as_record, edit_prompts

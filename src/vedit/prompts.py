@@ -1,21 +1,20 @@
 """Prompts: read from a file, encoded to text-encoder states with a warning (not silence) when
-one is cut short; with an SDXL base, to its whole conditioning (`Conditioning`)."""
+one is cut short; with an SDXL base, to its whole conditioning (`Conditioning`). Reading them
+needs no torch (the CLI reads a prompts file before the project's lock is checked)."""
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
-
+from vedit.conditioning import Conditioning, warn_if_truncated
 from vedit.errors import BadInputError
 from vedit.progress import Reporter
 
 if TYPE_CHECKING:
-    from transformers import CLIPTokenizer
+    import torch
 
     from vedit.models import Components
 
@@ -50,47 +49,12 @@ def encode_prompts(components: Components, prompts: Sequence[str],
         warn_if_truncated(tokenizer, prompt, limit, reporter)
     ids = tokenizer(list(prompts), padding="max_length", max_length=limit, truncation=True,
                     return_tensors="pt").input_ids
+    import torch
+
     device = next(encoder.parameters()).device
     with torch.no_grad():
         states: torch.Tensor = encoder(ids.to(device))[0]
     return states
-
-
-def warn_if_truncated(tokenizer: CLIPTokenizer, prompt: str, limit: int,
-                      reporter: Reporter) -> None:
-    ids = tokenizer(prompt, truncation=False).input_ids
-    if len(ids) <= limit:
-        return
-    kept = tokenizer.decode(ids[1:limit - 1])
-    reporter.warn(f"The prompt is {len(ids)} tokens; the text encoder reads {limit}, so it was "
-                  f"cut after: {kept!r}.")
-
-
-@dataclass(frozen=True)
-class Conditioning:
-    """What the UNet is conditioned on, for `b` clips: the prompts' states `(b, n, d)` and, for an
-    SDXL base, the added conditioning its UNet takes (`text_embeds` `(b, d')`, `time_ids`
-    `(b, 6)`); None for SD 1.x/2.x."""
-
-    states: torch.Tensor
-    added: Mapping[str, torch.Tensor] | None = None
-
-    def to(self, device: torch.device | str) -> Conditioning:
-        return Conditioning(self.states.to(device), None if self.added is None else {
-            name: value.to(device) for name, value in self.added.items()})
-
-    def expand(self, count: int) -> Conditioning:
-        """One clip's conditioning for `count` clips."""
-        return Conditioning(self.states.expand(count, -1, -1), None if self.added is None else {
-            name: value.expand(count, -1) for name, value in self.added.items()})
-
-    def cat(self, other: Conditioning) -> Conditioning:
-        """These clips', then `other`'s, as one batch."""
-        states = torch.cat([self.states, other.states])
-        if self.added is None or other.added is None:
-            return Conditioning(states)
-        return Conditioning(states, {name: torch.cat([value, other.added[name]])
-                                     for name, value in self.added.items()})
 
 
 def encode_conditioning(components: Components, prompts: Sequence[str],

@@ -15,8 +15,8 @@ from typing import Protocol
 import torch
 from diffusers import DDIMScheduler
 
+from vedit.conditioning import Conditioning
 from vedit.progress import Reporter
-from vedit.prompts import Conditioning
 from vedit.windows import ResumeFile, StepFn, WindowPlan, denoise_in_windows, single_window
 
 

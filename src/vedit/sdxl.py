@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from vedit.conditioning import Conditioning, warn_if_truncated
 from vedit.progress import Reporter
-from vedit.prompts import Conditioning, warn_if_truncated
 from vedit.video import cover_and_crop
 
 if TYPE_CHECKING:

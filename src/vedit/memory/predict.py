@@ -43,8 +43,8 @@ from vedit.settings import EditSettings, ExtractSettings, TuneSettings, parse_ta
 if TYPE_CHECKING:
     from diffusers import UNet2DConditionModel
 
+    from vedit.conditioning import Conditioning
     from vedit.latents import FrameLatents
-    from vedit.prompts import Conditioning
 
 _CUDA = torch.device("cuda")
 #: Inversion and sampling steps traced: every step is the same, two show the steady state.
