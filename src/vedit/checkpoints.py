@@ -136,8 +136,8 @@ def _folders_named(project: Project, text: str) -> list[Path]:
     step = step.removeprefix("step-")
     if not step.isdigit():
         return []
-    runs = [run] if run else project.run_names()
-    return [project.checkpoint_dir(r, int(step)) for r in runs if r in project.run_names()]
+    known = project.run_names()
+    return [project.checkpoint_dir(r, int(step)) for r in known if not run or r == run]
 
 
 def read_checkpoint(path: Path, run: str = FLAT_RUN) -> Checkpoint:
