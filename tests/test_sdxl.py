@@ -109,7 +109,7 @@ def test_sdxl_conditioning_equals_diffusers_encode_prompt(sdxl_parts: Components
                               strict=True):
         assert actual.shape == wanted.shape and actual.dtype == wanted.dtype
         assert torch.equal(actual, wanted)
-    assert text.states.shape == (2, 77, 64) and text.pooled.shape == (2, 32)
+    assert text.states.shape == (2, 77, 32 + 48) and text.pooled.shape == (2, 48)
     assert bool(empty.states.any()) is not force_zeros
 
 
@@ -119,7 +119,7 @@ def test_time_ids_come_from_the_clip_size_and_crop(sdxl_parts: Components) -> No
     ids = clip_time_ids(1280, 720, 112, 64)
     assert ids.tolist() == [[720, 1280, 0, 1, 64, 112]]
     expected = pipe._get_add_time_ids((720, 1280), (0, 1), (64, 112), dtype=torch.float32,
-                                      text_encoder_projection_dim=32)
+                                      text_encoder_projection_dim=48)
     assert torch.equal(ids, expected)
     # A portrait clip cropped square: scaled to 64 x 114, the crop starts at y = 25.
     assert clip_time_ids(720, 1280, 64, 64).tolist() == [[1280, 720, 25, 0, 64, 64]]
@@ -133,8 +133,8 @@ def sdxl_inputs(num_frames: int, batch: int = 2) -> tuple[torch.Tensor, torch.Te
     """(sample, timestep, prompt states, added conditioning) for the tiny SDXL UNet."""
     generator = torch.Generator().manual_seed(2)
     sample = torch.randn(batch, 4, num_frames, 8, 8, generator=generator)
-    prompts = torch.randn(batch, 7, 64, generator=generator)
-    added = {"text_embeds": torch.randn(batch, 32, generator=generator),
+    prompts = torch.randn(batch, 7, 80, generator=generator)
+    added = {"text_embeds": torch.randn(batch, 48, generator=generator),
              "time_ids": torch.cat([clip_time_ids(1280, 720, 112, 64),
                                     clip_time_ids(720, 1280, 64, 64)])[:batch]}
     return sample, torch.tensor([10, 500][:batch]), prompts, added

@@ -89,7 +89,7 @@ def test_sdxl_edit_of_two_prompts_in_windows_on_the_clip_size_then_remux(
     assert [len(added["time_ids"]) for added in seen] == [3] * windows + [6] * 2 * windows
     for added in seen:
         assert added["time_ids"].tolist() == [TIME_IDS] * len(added["time_ids"])
-        assert added["text_embeds"].shape == (len(added["time_ids"]), 32)
+        assert added["text_embeds"].shape == (len(added["time_ids"]), 48)
     # SDXL base forces the unconditional half to zeros.
     sampling = seen[-1]["text_embeds"]
     assert not sampling[:3].any() and sampling[3:].abs().sum() > 0
@@ -206,8 +206,8 @@ def test_the_lora_loads_into_diffusers_sdxl_pipeline(xl_project: Path, tiny_mode
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny_model_xl, use_safetensors=True)
     generator = torch.Generator().manual_seed(5)
     sample = torch.randn(2, 4, 8, 8, generator=generator)
-    states = torch.randn(2, 7, 64, generator=generator)
-    added = {"text_embeds": torch.randn(2, 32, generator=generator),
+    states = torch.randn(2, 7, 32 + 48, generator=generator)
+    added = {"text_embeds": torch.randn(2, 48, generator=generator),
              "time_ids": torch.tensor([TIME_IDS] * 2)}
     timestep = torch.tensor([10, 700])
     with torch.no_grad():

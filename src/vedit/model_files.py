@@ -22,6 +22,8 @@ from typing import Any, Literal
 from vedit.errors import BadInputError
 
 DEFAULT_MODEL = "CompVis/stable-diffusion-v1-4"
+#: The SDXL base: whose configs and tokenizers an SDXL single-file checkpoint borrows.
+SDXL_BASE_MODEL = "stabilityai/stable-diffusion-xl-base-1.0"
 
 #: The pipeline components vedit uses, in model_index.json's names; the safety checker is not one.
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")

@@ -1,7 +1,8 @@
 """Original single-file `.safetensors` checkpoints: recognise them, convert each once.
 
-A CompVis/LDM checkpoint holds the UNet, VAE and text encoder in one file but no configs or
-tokenizer, so converting borrows those from a cached diffusers repo of the same family. The
+A CompVis/LDM checkpoint holds the UNet, VAE and text encoder(s) in one file but no configs or
+tokenizer, so converting borrows those from a cached diffusers repo of the same family (SD 1.x,
+SD 2.x or SDXL base). The
 result is a diffusers folder in vedit's cache, keyed by the file's content and then used like any
 folder. Nothing here talks to the network: `vedit.hub.fetch_model` passes `fetch_configs` when
 the configs may be downloaded.
@@ -22,6 +23,9 @@ from vedit.model_files import (
     CONFIG_FILE,
     DEFAULT_MODEL,
     SAFETENSORS_DTYPES,
+    SDXL_BASE_MODEL,
+    SDXL_CONFIG_FILE,
+    SDXL_EXTRA_COMPONENTS,
     CachedModel,
     ModelSource,
     cached_snapshot,
@@ -37,12 +41,22 @@ if TYPE_CHECKING:
 
 #: Diffusers configs (and tokenizer) to borrow when converting an original checkpoint, by family.
 #: Any SD 1.x folder fits any SD 1.x checkpoint; SD 2.x 768-v and 512-base differ in prediction
-#: type, so only diffusers' own default is trusted there.
+#: type, so only diffusers' own default is trusted there; SDXL fine-tunes share the base's configs.
 CONFIG_REPOS = {
     "v1": ("stable-diffusion-v1-5/stable-diffusion-v1-5", DEFAULT_MODEL,
            "runwayml/stable-diffusion-v1-5"),
     "v2": ("stabilityai/stable-diffusion-2-1",),
+    "xl": (SDXL_BASE_MODEL,),
 }
+
+#: What each family is called in messages.
+FAMILY_NAMES = {"v1": "SD 1.x", "v2": "SD 2.x", "xl": "SDXL"}
+
+#: The tensors that mark an original SDXL checkpoint: its CLIP ViT-L and OpenCLIP bigG encoders
+#: (the refiner has only the second, as embedder 0).
+_SDXL_CLIP = "conditioner.embedders.0.transformer.text_model.embeddings.position_embedding.weight"
+_SDXL_OPEN_CLIP = "conditioner.embedders.1.model.positional_embedding"
+_SDXL_REFINER = "conditioner.embedders.0.model.positional_embedding"
 
 #: Downloads the configs and tokenizer of a hub repo: (repo id, hint if it cannot) -> folder.
 FetchConfigs = Callable[[str, str], Path]
@@ -72,8 +86,8 @@ def resolve_single_file(path: Path, *, variant: str | None = None,
     target = vedit_cache_dir() / "converted" / _file_key(path)
     if not (target / "model_index.json").is_file():
         shutil.rmtree(target, ignore_errors=True)  # a damaged earlier conversion
-        config = _config_folder(_checkpoint_family(path), fetch_configs)
-        _convert(path, target, config, reporter)
+        family = _checkpoint_family(path)
+        _convert(path, target, _config_folder(family, fetch_configs), family, reporter)
     return ModelSource(str(path), "single_file", target,
                        inspect_model_folder(target, variant=variant), source_file=path)
 
@@ -88,20 +102,32 @@ def _file_key(path: Path) -> str:
 
 
 def _checkpoint_family(path: Path) -> str:
-    """"v1" or "v2" from an original SD checkpoint's tensor names and shapes; else raise."""
+    """"v1", "v2" or "xl" from an original SD checkpoint's tensor names and shapes; else raise."""
     header = read_safetensors_header(path)
     conv_in = header.get("model.diffusion_model.input_blocks.0.0.weight")
-    if conv_in is None or any(k.startswith("conditioner.") for k in header):
-        raise BadInputError(f"{path.name} is not an original Stable Diffusion 1.x/2.x checkpoint.",
-                            "Single files must be full SD 1.x/2.x checkpoints (unet, vae and text "
-                            "encoder); SDXL and lone UNet or LoRA files are not supported.")
+    conditioned = any(k.startswith("conditioner.") for k in header)
+    if conv_in is None:
+        raise BadInputError(f"{path.name} is not an original Stable Diffusion 1.x/2.x or SDXL "
+                            "checkpoint (it has no UNet).",
+                            "Single files must be full checkpoints (UNet, VAE and text encoders); "
+                            "lone UNet, VAE or LoRA files are not supported.")
+    if conditioned and _SDXL_REFINER in header:
+        raise BadInputError(f"{path.name} is an SDXL refiner checkpoint.",
+                            "The refiner only polishes SDXL images; use an SDXL base checkpoint "
+                            "or fine-tune.")
+    if conditioned and not {_SDXL_CLIP, _SDXL_OPEN_CLIP} <= header.keys():
+        raise BadInputError(f"{path.name} is not an original Stable Diffusion 1.x/2.x or SDXL "
+                            "checkpoint (its text conditioning is neither).",
+                            "Use a full SD 1.x/2.x or SDXL base checkpoint in safetensors.")
     if len(conv_in["shape"]) != 4:
-        raise BadInputError(f"{path.name} is not an original Stable Diffusion 1.x/2.x checkpoint "
-                            "(its first convolution is not 4-D).",
-                            "Use a full SD 1.x/2.x checkpoint in safetensors.")
+        raise BadInputError(f"{path.name} is not an original Stable Diffusion 1.x/2.x or SDXL "
+                            "checkpoint (its first convolution is not 4-D).",
+                            "Use a full SD 1.x/2.x or SDXL checkpoint in safetensors.")
     if conv_in["shape"][1] != 4:
         raise BadInputError(f"{path.name} is an inpainting or image-conditioned checkpoint.",
-                            "Use a text-to-image Stable Diffusion 1.x/2.x checkpoint.")
+                            "Use a text-to-image Stable Diffusion 1.x/2.x or SDXL checkpoint.")
+    if conditioned:
+        return "xl"
     # diffusers' own test: SD 2.x cross-attends to 1024-wide OpenCLIP states, SD 1.x to 768.
     to_k = header.get("model.diffusion_model.input_blocks.2.1.transformer_blocks.0.attn2.to_k"
                       ".weight")
@@ -109,33 +135,38 @@ def _checkpoint_family(path: Path) -> str:
 
 
 def _config_folder(family: str, fetch_configs: FetchConfigs | None) -> Path:
-    """A diffusers folder with the configs and tokenizer for this family of checkpoint: a cached
-    one when there is; otherwise what `fetch_configs` brings of diffusers' default repo."""
-    candidates = CONFIG_REPOS[family]
+    """A diffusers folder with the configs and tokenizer(s) for this family of checkpoint: a
+    cached one when there is; otherwise what `fetch_configs` brings of diffusers' default repo."""
+    candidates, name = CONFIG_REPOS[family], FAMILY_NAMES[family]
     for repo_id in candidates:
         snapshot = cached_snapshot(repo_id, None)
-        if snapshot is not None and _has_configs(snapshot):
+        if snapshot is not None and _has_configs(snapshot, sdxl=family == "xl"):
             return snapshot
-    hint = (f"Run `vedit fetch-models {candidates[0]}` (or any SD {family[1]}.x diffusers repo) "
-            "once with network: its configs and tokenizer are needed to convert the file.")
+    hint = (f"Run `vedit fetch-models {candidates[0]} --configs-only` (or any {name} diffusers "
+            "repo) once with network: its configs and tokenizers are needed to convert the file.")
     if fetch_configs is None:
         raise ModelNotFoundError("Converting a single-file checkpoint needs the configs of a "
-                                 f"diffusers SD {family[1]}.x model, and none is cached.", hint)
+                                 f"diffusers {name} model, and none is cached.", hint)
     return fetch_configs(candidates[0], hint)
 
 
-def _has_configs(folder: Path) -> bool:
+def _has_configs(folder: Path, *, sdxl: bool) -> bool:
+    configs = SDXL_CONFIG_FILE if sdxl else CONFIG_FILE
+    tokenizers = ("tokenizer",) + (SDXL_EXTRA_COMPONENTS[1:] if sdxl else ())
     return ((folder / "model_index.json").is_file()
-            and all((folder / n / CONFIG_FILE[n]).is_file() for n in CONFIG_FILE)
-            and has_tokenizer_files(p.name for p in files_in(folder / "tokenizer")))
+            and all((folder / n / configs[n]).is_file() for n in configs)
+            and all(has_tokenizer_files(p.name for p in files_in(folder / t))
+                    for t in tokenizers))
 
 
-def _convert(path: Path, target: Path, config: Path, reporter: Reporter) -> None:
+def _convert(path: Path, target: Path, config: Path, family: str, reporter: Reporter) -> None:
     """Convert with diffusers' `from_single_file`, offline, keeping the checkpoint's dtype, and
     save as a diffusers folder (written aside, then renamed into place)."""
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
     from diffusers.loaders.single_file_utils import SingleFileComponentError
 
+    pipeline_class = StableDiffusionXLPipeline if family == "xl" else StableDiffusionPipeline
+    extra = {} if family == "xl" else {"safety_checker": None, "requires_safety_checker": False}
     staging = target.parent / f".{target.name}.converting-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
@@ -143,12 +174,13 @@ def _convert(path: Path, target: Path, config: Path, reporter: Reporter) -> None
         converting = reporter.task(f"Converting {path.name} (once)")
         with quiet_library_progress(), converting as task:
             try:
-                pipe = StableDiffusionPipeline.from_single_file(
-                    str(path), config=str(config), local_files_only=True, safety_checker=None,
-                    requires_safety_checker=False, torch_dtype=_checkpoint_torch_dtype(path))
+                pipe = pipeline_class.from_single_file(
+                    str(path), config=str(config), local_files_only=True,
+                    torch_dtype=_checkpoint_torch_dtype(path), **extra)
             except (SingleFileComponentError, ValueError, KeyError) as error:
                 raise BadInputError(f"{path.name} could not be converted: {error}",
-                                    "Check it is a complete SD 1.x/2.x checkpoint.") from None
+                                    f"Check it is a complete {FAMILY_NAMES[family]} "
+                                    "checkpoint.") from None
             task.update(status="saving")
             pipe.save_pretrained(staging, safe_serialization=True)
         record = {"source_file": str(path), "size": path.stat().st_size, "config": str(config)}

@@ -183,8 +183,11 @@ def build_tiny_clip(path: Path, *, seed: int = 0) -> Path:
     return path
 
 
-#: The tiny SDXL's text encoders are each this wide; their states are concatenated.
+#: The widths of the tiny text encoders: SD's (and SDXL's first), and SDXL's second. They differ
+#: as SDXL's 768 and 1280 do, which is how diffusers' single-file conversion tells them apart;
+#: SDXL's UNet cross-attends to both encoders' states concatenated.
 _TEXT_WIDTH = 32
+_TEXT_WIDTH_2 = 48
 
 
 def sdxl_unet_config() -> dict[str, Any]:
@@ -197,11 +200,11 @@ def sdxl_unet_config() -> dict[str, Any]:
         "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
         "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
         "transformer_layers_per_block": (1, 2),
-        "cross_attention_dim": 2 * _TEXT_WIDTH,
+        "cross_attention_dim": _TEXT_WIDTH + _TEXT_WIDTH_2,
         "upcast_attention": False,
         "addition_embed_type": "text_time",
         "addition_time_embed_dim": time_embed_dim,
-        "projection_class_embeddings_input_dim": 6 * time_embed_dim + _TEXT_WIDTH,
+        "projection_class_embeddings_input_dim": 6 * time_embed_dim + _TEXT_WIDTH_2,
     }
 
 
@@ -245,16 +248,17 @@ def _calibrated(vae: Any) -> Any:
 
 def text_encoder_config(sd2: bool = False, *, projection: bool = False) -> dict[str, Any]:
     """A small CLIP text encoder over `tiny_clip_vocab()`, as `CLIPTextConfig` keywords; with
-    `projection`, SDXL's second encoder, one layer deeper."""
+    `projection`, SDXL's second encoder, wider and one layer deeper."""
     vocab = tiny_clip_vocab()
+    width = _TEXT_WIDTH_2 if projection else _TEXT_WIDTH
     return {
         "vocab_size": len(vocab),
-        "hidden_size": _TEXT_WIDTH,
+        "hidden_size": width,
         "intermediate_size": 64,
         "num_hidden_layers": 3 if projection else 2,
         "num_attention_heads": 4,
         "max_position_embeddings": 77,
-        "projection_dim": _TEXT_WIDTH,
+        "projection_dim": width,
         "hidden_act": "gelu" if sd2 else "quick_gelu",
         "bos_token_id": vocab[BOS_TOKEN],
         "eos_token_id": vocab[EOS_TOKEN],
