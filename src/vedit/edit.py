@@ -40,6 +40,8 @@ from vedit.latents import (
     span_images,
     span_latents,
     upcast_if_overflowing,
+    vae_scale,
+    vae_slice,
 )
 from vedit.memory.gpu import measured_peak_gb
 from vedit.models import Components, load_components
@@ -60,8 +62,6 @@ from vedit.windows import (
 if TYPE_CHECKING:
     from accelerate import PartialState
     from diffusers import AutoencoderKL
-
-DECODE_SLICE = 8  # frames the VAE decodes at once: bounded memory for long clips
 
 
 @dataclass
@@ -337,15 +337,16 @@ def _start_noise(shape: torch.Size, inversion: Inversion | None, count: int,
     return torch.randn((count, *shape[1:]), generator=generator)
 
 
-def decode_frames(vae: AutoencoderKL, latents: torch.Tensor, slice_size: int = DECODE_SLICE,
+def decode_frames(vae: AutoencoderKL, latents: torch.Tensor, slice_size: int | None = None,
                   reporter: Reporter | None = None) -> Iterator[np.ndarray]:
     """Latents `(c, f, h, w)` to RGB frames `(H, W, 3)` uint8, one at a time, the VAE decoding a
-    slice of frames at once: memory holds a slice, not the clip."""
+    slice of frames at once (`vae_slice` frames unless `slice_size`): memory holds a slice, not
+    the clip."""
     for pixels in decoded_slices(vae, latents, slice_size, reporter):
         yield from pixels.numpy()
 
 
-def decoded_slices(vae: Any, latents: torch.Tensor, slice_size: int = DECODE_SLICE,
+def decoded_slices(vae: Any, latents: torch.Tensor, slice_size: int | None = None,
                    reporter: Reporter | None = None) -> Iterator[torch.Tensor]:
     """`decode_frames`' work on the device: each slice's frames `(f, H, W, 3)` uint8, on the
     CPU (the memory prediction traces this)."""
@@ -354,6 +355,8 @@ def decoded_slices(vae: Any, latents: torch.Tensor, slice_size: int = DECODE_SLI
     weight = next(vae.parameters())
     check_finite(latents, "Sampling gave latents with")
     frames = rearrange(latents, "c f h w -> f c h w") / vae.config.scaling_factor
+    factor = vae_scale(vae)
+    slice_size = slice_size or vae_slice(vae, frames.shape[-2] * factor, frames.shape[-1] * factor)
     with reporter.task("decoding", total=len(frames)) as task:
         for start in range(0, len(frames), slice_size):
             chunk = frames[start:start + slice_size].to(weight.device, weight.dtype)
@@ -365,7 +368,7 @@ def decoded_slices(vae: Any, latents: torch.Tensor, slice_size: int = DECODE_SLI
             task.advance(len(chunk))
 
 
-def decode_latents(vae: AutoencoderKL, latents: torch.Tensor, slice_size: int = DECODE_SLICE,
+def decode_latents(vae: AutoencoderKL, latents: torch.Tensor, slice_size: int | None = None,
                    reporter: Reporter | None = None) -> np.ndarray:
     """All frames of `decode_frames` as one array `(f, H, W, 3)`."""
     return np.stack(list(decode_frames(vae, latents, slice_size, reporter)))

@@ -37,7 +37,13 @@ if TYPE_CHECKING:
 
 #: Bump when latents for the same frames and model would come out differently.
 LATENTS_VERSION = 1
-ENCODE_SLICE = 8  # frames the VAE encodes at once: bounded memory for long clips
+ENCODE_SLICE = 8  # frames read from the clip at once: bounded memory for long clips
+#: The frame pixels the VAE encodes or decodes at once, in bytes of its dtype: four 512 x 512
+#: frames in fp16. Its activations grow with the pixels (SD's VAE decode holds about 0.9 GB a
+#: 512 px frame in fp16), so a slice of this size bounds them at any frame size and precision:
+#: SD at 512 px in fp16 gets 4 frames a call, SDXL's fp32 VAE at 1024 px one.
+VAE_SLICE_BYTES = 4 * 512 * 512 * 2
+VAE_SLICE_MAX = 8  # frames a call at most, however small they are
 #: A frame over this many times the VAE's tile area (512 x 512 for SD) is encoded in tiles, one
 #: frame at a time: no single operation then runs for minutes, so Ctrl-C and SIGTERM are
 #: honoured between tiles, the bar moves tile by tile and memory stays bounded. Frames at a
@@ -95,7 +101,7 @@ def load_frames(paths: list[Path], width: int, height: int) -> torch.Tensor:
 def latent_shape(vae: AutoencoderKL, num_frames: int, width: int, height: int
                  ) -> tuple[int, int, int, int, int]:
     """The shape `(1, c, f, h, w)` of `num_frames` frames' latents under `vae`."""
-    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    factor = vae_scale(vae)
     return (1, int(vae.config.latent_channels), num_frames, height // factor, width // factor)
 
 
@@ -104,15 +110,28 @@ def images_to_tensor(images: Sequence[np.ndarray]) -> torch.Tensor:
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
+def vae_scale(vae: AutoencoderKL) -> int:
+    """How many pixels a latent spans on each side under `vae` (8 for SD's and SDXL's)."""
+    return int(2 ** (len(vae.config.block_out_channels) - 1))
+
+
+def vae_slice(vae: AutoencoderKL, height: int, width: int) -> int:
+    """Frames of `height` x `width` pixels the VAE takes in one call at its dtype: as many as fit
+    `VAE_SLICE_BYTES`, at least one and at most `VAE_SLICE_MAX`."""
+    itemsize = int(next(vae.parameters()).element_size())
+    return max(1, min(VAE_SLICE_MAX, VAE_SLICE_BYTES // (height * width * itemsize)))
+
+
 @torch.no_grad()
 def encode_frames(vae: AutoencoderKL, frames: torch.Tensor, *,
-                  slice_size: int = ENCODE_SLICE, reporter: Reporter | None = None
+                  slice_size: int | None = None, reporter: Reporter | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Encode `(f, 3, h, w)` frames a slice at a time (a large frame in tiles); scaled mean and
-    std, `(f, c, h, w)`."""
+    """Encode `(f, 3, h, w)` frames a slice at a time (`vae_slice` frames unless `slice_size`;
+    a large frame in tiles); scaled mean and std, `(f, c, h, w)`."""
     reporter = reporter or Reporter()
     upcast_if_overflowing(vae)
     weight = next(vae.parameters())
+    slice_size = slice_size or vae_slice(vae, frames.shape[-2], frames.shape[-1])
     scale = float(vae.config.scaling_factor)
     tiles = _tiles_per_frame(vae, frames.shape[-2], frames.shape[-1])
     means, stds = [], []
@@ -289,7 +308,7 @@ def span_latents(project: Project, span: Span, vae: AutoencoderKL, model_fingerp
         means = []
         with reporter.task(f"encoding {span.num_frames} frames", total=span.num_frames) as task:
             for chunk in _slices(span_images(span), ENCODE_SLICE):
-                mean, _ = encode_frames(vae, images_to_tensor(chunk), slice_size=ENCODE_SLICE)
+                mean, _ = encode_frames(vae, images_to_tensor(chunk))
                 means.append(mean.half().cpu())
                 task.advance(len(chunk))
         return {"mean": rearrange(torch.cat(means), "f c h w -> 1 c f h w").contiguous()}
