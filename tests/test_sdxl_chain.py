@@ -20,8 +20,15 @@ from vedit import edit as edit_stage
 from vedit.cli import app
 from vedit.errors import BadInputError
 from vedit.extract import extract
+from vedit.memory.predict import tune_plan
 from vedit.project import Project
-from vedit.settings import EditSettings, ExtractSettings, TuneSettings
+from vedit.settings import (
+    DEFAULT_FRAMES,
+    SDXL_DEFAULT_FRAMES,
+    EditSettings,
+    ExtractSettings,
+    TuneSettings,
+)
 from vedit.synthetic import make_clip
 from vedit.tiny_model import sdxl_unet_config, text_encoder_config, vae_config, write_model
 from vedit.tune import tune
@@ -226,6 +233,24 @@ def test_the_lora_loads_into_diffusers_sdxl_pipeline(xl_project: Path, tiny_mode
     change = (tuned - base).abs().max()
     assert change > 1e-3  # the LoRA was trained: it changes the prediction
     torch.testing.assert_close(loaded, tuned, atol=change * 1e-2, rtol=0)
+
+
+def test_the_one_shot_tune_takes_fewer_frames_on_sdxl_unless_told(
+        tmp_path: Path, tiny_model_xl: Path, tiny_model: Path) -> None:
+    clip = make_clip(tmp_path / "walk.mp4", width=128, height=72, fps=25, seconds=2.0)
+    on_xl = TuneSettings(prompt=PROMPT, model=str(tiny_model_xl))
+    assert SDXL_DEFAULT_FRAMES < DEFAULT_FRAMES
+    assert tune_plan(clip, on_xl).frames == SDXL_DEFAULT_FRAMES
+    assert tune_plan(clip, on_xl, ExtractSettings(frames=DEFAULT_FRAMES)).frames == DEFAULT_FRAMES
+    assert tune_plan(clip, TuneSettings(prompt=PROMPT, model=str(tiny_model))).frames == 24
+
+    tuned = runner.invoke(app, ["tune", str(clip), "--prompt", PROMPT, "--model",
+                                str(tiny_model_xl), "--steps", "1", "--no-eval", "--json"])
+    assert tuned.exit_code == 0, tuned.stderr
+    assert json.loads(tuned.stdout)["extract"]["frame_count"] == SDXL_DEFAULT_FRAMES
+    extracted = runner.invoke(app, ["extract", str(clip), "-o", str(tmp_path / "plain"),
+                                    "--json"])  # no base model: extract's own default
+    assert json.loads(extracted.stdout)["frame_count"] == DEFAULT_FRAMES
 
 
 def test_demo_sdxl_and_a_model_together_is_a_usage_error(tmp_path: Path) -> None:

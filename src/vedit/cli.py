@@ -24,7 +24,9 @@ from vedit.project import (
     locked_early,
 )
 from vedit.settings import (
+    DEFAULT_FRAMES,
     DEFAULT_SIZE,
+    SDXL_DEFAULT_FRAMES,
     EditSettings,
     ExtractSettings,
     ScoreSettings,
@@ -128,7 +130,8 @@ ConfigOpt = Annotated[Path | None, typer.Option(
 
 # Frame options, shared by `extract` and the one-shot `tune CLIP`.
 FramesOpt = Annotated[int | None, typer.Option(
-    "--frames", "-n", help=f"Frames to take.  [default: {ExtractSettings.frames}]",
+    "--frames", "-n", help=f"Frames to take.  [default: {DEFAULT_FRAMES}; "
+    f"{SDXL_DEFAULT_FRAMES} with tune on an SDXL base]",
     show_default=False, parser=ASCII_INT)]
 StrideOpt = Annotated[int | None, typer.Option(
     "--stride", help=f"Take every K-th source frame.  [default: {ExtractSettings.stride}]",

@@ -8,6 +8,7 @@ they divide the span evenly; each target takes the frame shown nearest to it.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import os
 import shutil
 import time
@@ -90,15 +91,15 @@ def select_frames(frame_times: list[float], fps: Fraction, settings: ExtractSett
             "Choose --start/--end inside the clip.")
     if settings.spread:
         span_end = settings.end if settings.end is not None else window[-1] + float(1 / fps)
-        interval = (span_end - window[0]) / settings.frames
+        interval = (span_end - window[0]) / settings.frame_count
         available = len(window)
     else:
         interval = float(settings.stride / fps)
         available = _available(window, interval)
-    if settings.frames > available:
+    if settings.frame_count > available:
         raise BadInputError(_too_few_message(name, frame_times, window, fps, settings, available),
                             _too_few_hint(window, fps, settings, available))
-    targets = [window[0] + i * interval for i in range(settings.frames)]
+    targets = [window[0] + i * interval for i in range(settings.frame_count)]
     return [first + _nearest(window, t) for t in targets], interval
 
 
@@ -121,7 +122,7 @@ def _too_few_message(name: str, frame_times: list[float], window: list[float], f
     span = f"{len(window)} frames from {window[0]:.2f} s" if window else "no frames"
     how = "spread evenly" if settings.spread else f"at stride {settings.stride}"
     return (f"{name} has {span} ({len(frame_times)} in all, {float(fps):.4g} fps): "
-            f"{how} that gives {available} frames, but {settings.frames} were asked.")
+            f"{how} that gives {available} frames, but {settings.frame_count} were asked.")
 
 
 def _available(window: list[float], interval: float) -> int:
@@ -134,7 +135,7 @@ def _too_few_hint(window: list[float], fps: Fraction, settings: ExtractSettings,
     options = [f"--frames {available}"]
     if not settings.spread:
         fitting = [s for s in range(settings.stride - 1, 0, -1)
-                   if _available(window, float(s / fps)) >= settings.frames]
+                   if _available(window, float(s / fps)) >= settings.frame_count]
         if fitting:
             options.append(f"--stride {fitting[0]}")
     if settings.start > 0:
@@ -188,6 +189,7 @@ def extract(clip: Path, project_dir: Path | None = None, settings: ExtractSettin
     """Take frames of `clip` into the project at `project_dir` (made if needed; default: the
     clip's name + .vedit, beside it), with its audio."""
     settings = settings or ExtractSettings()
+    settings = dataclasses.replace(settings, frames=settings.frame_count)  # recorded as a number
     reporter = reporter or Reporter()
     project_dir = Path(project_dir) if project_dir is not None else default_project_dir(clip)
     Project.check_usable(project_dir, replacing=EXTRACT_SECTIONS)

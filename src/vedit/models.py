@@ -9,6 +9,7 @@ no pickle, no remote code.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,7 @@ from vedit.model_files import (
     read_json,
 )
 from vedit.progress import Reporter, quiet_library_progress
+from vedit.settings import SDXL_DEFAULT_FRAMES, ExtractSettings
 from vedit.single_file import resolve_single_file
 
 if TYPE_CHECKING:
@@ -212,3 +214,13 @@ def native_resolution(source: ModelSource) -> int:
     vae = read_json(source.path / "vae" / "config.json")
     downscale: int = 2 ** (len(vae["block_out_channels"]) - 1)
     return int(unet["sample_size"]) * downscale
+
+
+def frames_for_base(frames: ExtractSettings, source: ModelSource) -> ExtractSettings:
+    """What the one-shot `tune CLIP` extracts on this base where the user said nothing: frames
+    at its native size, and on SDXL `SDXL_DEFAULT_FRAMES` of them (what fits a 24 GB card)."""
+    if frames.size is None:
+        frames = dataclasses.replace(frames, size=str(native_resolution(source)))
+    if frames.frames is None and source.family == "sdxl":
+        frames = dataclasses.replace(frames, frames=SDXL_DEFAULT_FRAMES)
+    return frames

@@ -30,6 +30,13 @@ T = TypeVar("T", bound="DataclassInstance")
 
 #: The short side of frames when neither --size nor a base model says otherwise (SD 1.x's).
 DEFAULT_SIZE = 512
+#: The frames extract takes unless --frames says otherwise (Tune-A-Video took 8 to 24).
+DEFAULT_FRAMES = 24
+#: The frames the one-shot tune takes on an SDXL base unless --frames says otherwise. vedit's
+#: memory predictor fits at most 13 on a 24 GB card at SDXL's native 1024 x 1024 (README's
+#: "Base models"; 12 predict 18.2 GB, 22.4 GB reserved): one less leaves it a margin. SDXL's
+#: UNet is 2.6 B parameters and its latents are 4x SD 1.5's.
+SDXL_DEFAULT_FRAMES = 12
 #: Largest frame side vedit accepts; beyond it Stable Diffusion is both useless and out of memory.
 MAX_SIDE = 4096
 MIN_SIDE = 16
@@ -133,7 +140,7 @@ def edit_prompts(prompts: Sequence[str]) -> list[str]:
 class ExtractSettings:
     """Which frames `extract` takes from a clip and at what size."""
 
-    frames: int = 24
+    frames: int | None = None  # None: DEFAULT_FRAMES, or SDXL_DEFAULT_FRAMES with tune on SDXL
     stride: int = 2
     start: float = 0.0
     end: float | None = None
@@ -142,7 +149,7 @@ class ExtractSettings:
     crop: bool = False
 
     def __post_init__(self) -> None:
-        if self.frames < 1:
+        if self.frames is not None and self.frames < 1:
             raise BadInputError(f"--frames {self.frames}: at least one frame is needed.",
                                 "Tune-A-Video uses 8 to 24 frames; try --frames 24.")
         if self.stride < 1:
@@ -168,6 +175,10 @@ class ExtractSettings:
     @property
     def frame_size(self) -> FrameSize:
         return parse_size(DEFAULT_SIZE if self.size is None else self.size)
+
+    @property
+    def frame_count(self) -> int:
+        return DEFAULT_FRAMES if self.frames is None else self.frames
 
 
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")

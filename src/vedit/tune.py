@@ -9,7 +9,6 @@ weights stay in half precision on a GPU, and only the trained weights are checkp
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -57,7 +56,13 @@ from vedit.lora import (
 )
 from vedit.memory.gpu import Gpu, measured_peak_gb, target_gpu
 from vedit.model_files import ModelSource
-from vedit.models import load_components, native_bf16, native_resolution, resolve_model
+from vedit.models import (
+    frames_for_base,
+    load_components,
+    native_bf16,
+    native_resolution,
+    resolve_model,
+)
 from vedit.progress import Reporter
 from vedit.project import TUNE_SECTIONS, Project, open_no_follow, write_text_atomic
 from vedit.prompts import encode_conditioning
@@ -184,13 +189,11 @@ def tune_clip(clip: Path, settings: TuneSettings, frames: ExtractSettings | None
     check_clip(clip)  # the clip and the prompt first: they are the user's, and cheap to check
     _require_prompt(settings)
     base = resolve_model(settings.model, reporter=reporter)
-    if frames.size is None:
-        frames = dataclasses.replace(frames, size=str(native_resolution(base)))
-    else:
+    if frames.size is not None:
         size = frames.frame_size
         check_frame_size(size.short_side or min(size.width or 0, size.height or 0), base,
                          clip, settings, frames, reporter)
-    extracted = extract(clip, project_dir, frames, reporter)
+    extracted = extract(clip, project_dir, frames_for_base(frames, base), reporter)
     return extracted, _tune(extracted.project, settings, resume, reporter, base=base)
 
 

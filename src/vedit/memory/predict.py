@@ -36,7 +36,7 @@ from vedit.memory.accelerator import prime_optimizer
 from vedit.memory.gpu import GIB, Gpu
 from vedit.memory.trace import Simulation, Trace, simulated_gpu
 from vedit.model_files import ModelSource, read_json
-from vedit.models import Components, native_resolution, resolve_model
+from vedit.models import Components, frames_for_base, native_resolution, resolve_model
 from vedit.sampler import ddim_scheduler
 from vedit.settings import EditSettings, ExtractSettings, TuneSettings, parse_targets
 
@@ -483,11 +483,8 @@ def tune_plan(target: Path, settings: TuneSettings,
                                                  source.fingerprint))
         return TunePlan(source, int(frames["count"]), int(frames["height"]),
                         int(frames["width"]), settings, encodes_frames=not latents.is_file())
-    extract_settings = extract_settings or ExtractSettings()
-    if extract_settings.size is None:
-        extract_settings = dataclasses.replace(extract_settings,
-                                               size=str(native_resolution(source)))
-    chosen = plan_frames(probe(Path(target)), extract_settings)
+    chosen = plan_frames(probe(Path(target)),
+                         frames_for_base(extract_settings or ExtractSettings(), source))
     return TunePlan(source, len(chosen.indices), chosen.height, chosen.width, settings)
 
 
