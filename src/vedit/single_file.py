@@ -20,17 +20,12 @@ from typing import TYPE_CHECKING
 
 from vedit.errors import BadInputError, ModelNotFoundError
 from vedit.model_files import (
-    CONFIG_FILE,
     DEFAULT_MODEL,
     SAFETENSORS_DTYPES,
     SDXL_BASE_MODEL,
-    SDXL_CONFIG_FILE,
-    SDXL_EXTRA_COMPONENTS,
     CachedModel,
     ModelSource,
     cached_snapshot,
-    files_in,
-    has_tokenizer_files,
     inspect_model_folder,
     read_safetensors_header,
 )
@@ -140,7 +135,7 @@ def _config_folder(family: str, fetch_configs: FetchConfigs | None) -> Path:
     candidates, name = CONFIG_REPOS[family], FAMILY_NAMES[family]
     for repo_id in candidates:
         snapshot = cached_snapshot(repo_id, None)
-        if snapshot is not None and _has_configs(snapshot, sdxl=family == "xl"):
+        if snapshot is not None and _has_configs(snapshot):
             return snapshot
     hint = (f"Run `vedit fetch-models {candidates[0]} --configs-only` (or any {name} diffusers "
             "repo) once with network: its configs and tokenizers are needed to convert the file.")
@@ -150,13 +145,13 @@ def _config_folder(family: str, fetch_configs: FetchConfigs | None) -> Path:
     return fetch_configs(candidates[0], hint)
 
 
-def _has_configs(folder: Path, *, sdxl: bool) -> bool:
-    configs = SDXL_CONFIG_FILE if sdxl else CONFIG_FILE
-    tokenizers = ("tokenizer",) + (SDXL_EXTRA_COMPONENTS[1:] if sdxl else ())
-    return ((folder / "model_index.json").is_file()
-            and all((folder / n / configs[n]).is_file() for n in configs)
-            and all(has_tokenizer_files(p.name for p in files_in(folder / t))
-                    for t in tokenizers))
+def _has_configs(folder: Path) -> bool:
+    """Whether `folder` has every config and tokenizer its family needs (SDXL's second ones too)."""
+    try:
+        inspect_model_folder(folder, configs_only=True)
+    except BadInputError:
+        return False
+    return True
 
 
 def _convert(path: Path, target: Path, config: Path, family: str, reporter: Reporter) -> None:
